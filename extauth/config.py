@@ -1,0 +1,343 @@
+"""The configuration file: one validated, immutable object built once and passed explicitly.
+
+Key names are a public contract: new keys may be added, existing ones are never
+renamed. Every validation error names the key path (``policies[0].jwt.issuer``)
+and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from extauth.origin import parse_origin_pattern
+
+# Algorithms we verify. "none" is absent on purpose and can never be configured.
+RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+EC_ALGS = ("ES256", "ES384", "ES512")
+OKP_ALGS = ("EdDSA",)
+HMAC_ALGS = ("HS256", "HS384", "HS512")
+ALGORITHMS = RSA_ALGS + EC_ALGS + OKP_ALGS + HMAC_ALGS
+Algorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_SOURCE_RE = re.compile(r"^(query:[A-Za-z0-9_.-]+|header:[A-Za-z0-9-]+|cookie:[A-Za-z0-9_.-]+|subprotocol)$")
+_TEMPLATE_FIELD_RE = re.compile(r"\{([^{}]*)\}")
+# Headers an upstream identity header must never overwrite.
+_RESERVED_HEADERS = frozenset(
+    {"host", "connection", "upgrade", "content-length", "transfer-encoding", "te",
+     "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
+     "sec-websocket-extensions", "authorization", "cookie", "origin"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+class _Model(BaseModel):
+    # Unknown keys are refused: a typo in a security config must not be ignored silently.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class Match(_Model):
+    hosts: list[str] = Field(default_factory=list)
+    path_prefix: str = "/"
+
+    @field_validator("hosts")
+    @classmethod
+    def _lower_hosts(cls, v: list[str]) -> list[str]:
+        return [h.strip().lower() for h in v]
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slash(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+
+class JwtConfig(_Model):
+    issuer: str = Field(min_length=1)
+    audiences: list[str] = Field(min_length=1)
+    algorithms: list[Algorithm] = Field(default_factory=lambda: ["RS256"], min_length=1)
+    jwks_file: str | None = None
+    jwks_uri: str | None = None
+    hmac_secret_env: str | None = None
+    token_sources: list[str] = Field(default_factory=lambda: ["header:authorization"], min_length=1)
+    leeway_seconds: int = Field(default=30, ge=0, le=600)
+    max_lifetime_seconds: int = Field(default=86400, ge=1)
+    user_claim: str = "sub"
+    # JWKS caching: refresh on TTL; an unknown kid refetches at most once per
+    # cooldown; stale keys serve while the endpoint is down, then fail closed.
+    jwks_refresh_seconds: float = Field(default=300, gt=0)
+    jwks_refetch_cooldown_seconds: float = Field(default=30, ge=0)
+    jwks_max_stale_seconds: float = Field(default=3600, ge=0)
+    jwks_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+    jwks_max_bytes: int = Field(default=256 * 1024, gt=0)
+
+    @field_validator("token_sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not _SOURCE_RE.match(s):
+                raise ValueError(
+                    f"bad token source {s!r}: use query:NAME, header:NAME, cookie:NAME or subprotocol"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate token source")
+        return v
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtConfig:
+        given = [k for k in ("jwks_file", "jwks_uri", "hmac_secret_env") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("exactly one of jwks_file, jwks_uri, hmac_secret_env is required")
+        hmac = [a for a in self.algorithms if a in HMAC_ALGS]
+        if self.hmac_secret_env and len(hmac) != len(self.algorithms):
+            raise ValueError("hmac_secret_env works with HS256/HS384/HS512 only")
+        if self.hmac_secret_env and len(self.algorithms) != 1:
+            raise ValueError("a shared secret is one key: list exactly one algorithm")
+        if not self.hmac_secret_env and hmac:
+            # Key confusion: an HMAC algorithm next to public keys lets a forger
+            # sign with the public key as the shared secret.
+            raise ValueError("HS* algorithms need hmac_secret_env, never a JWKS")
+        return self
+
+    @property
+    def jwks_backed(self) -> bool:
+        return self.jwks_uri is not None
+
+
+class Quotas(_Model):
+    connections_per_user: int | None = Field(default=None, ge=1)
+    connections_per_ip: int | None = Field(default=None, ge=1)
+    attempts_per_ip_per_minute: int | None = Field(default=None, ge=1)
+    attempts_per_user_per_minute: int | None = Field(default=None, ge=1)
+
+    @property
+    def any(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.connections_per_user,
+                self.connections_per_ip,
+                self.attempts_per_ip_per_minute,
+                self.attempts_per_user_per_minute,
+            )
+        )
+
+
+class Policy(_Model):
+    name: str
+    match: Match | None = None
+    websocket_only: bool = True
+    origins: list[str] = Field(default_factory=list)
+    allow_missing_origin: bool = False
+    jwt: JwtConfig | None = None
+    quotas: Quotas = Field(default_factory=Quotas)
+    upstream_headers: dict[str, str] = Field(default_factory=dict)
+    # Allow everything, but log, count and tag what would have been denied.
+    shadow: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("letters, digits, '_', '.', '-' only (max 64)")
+        return v
+
+    @field_validator("origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for o in v:
+            parse_origin_pattern(o)  # raises ValueError with a precise message
+        return v
+
+    @field_validator("upstream_headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, template in v.items():
+            low = name.lower()
+            if not _HEADER_RE.match(low) or low.startswith(":"):
+                raise ValueError(f"bad header name {name!r}")
+            if low in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is reserved")
+            for field in _TEMPLATE_FIELD_RE.findall(template):
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:-]*", field):
+                    raise ValueError(f"bad claim placeholder {{{field}}} in {name!r}")
+            out[low] = template
+        return out
+
+    @model_validator(mode="after")
+    def _quota_needs_user(self) -> Policy:
+        q = self.quotas
+        if self.jwt is None and (q.connections_per_user or q.attempts_per_user_per_minute):
+            raise ValueError("per-user quotas need a jwt section (there is no user without one)")
+        if self.jwt is None and any(_TEMPLATE_FIELD_RE.search(t) for t in self.upstream_headers.values()):
+            raise ValueError("claim placeholders in upstream_headers need a jwt section")
+        return self
+
+
+class StoreBreaker(_Model):
+    # Consecutive failures that open the breaker, and how long it stays open
+    # before one probe call is let through.
+    failure_threshold: int = Field(default=3, ge=1)
+    reset_seconds: float = Field(default=2.0, gt=0)
+
+
+class Abuse(_Model):
+    enabled: bool = True
+    threshold: int = Field(default=5, ge=1)
+    window_seconds: int = Field(default=300, ge=1)
+    ban_seconds: int = Field(default=900, ge=1)
+    never_ban: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    dry_run: bool = False
+
+    @field_validator("never_ban")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for c in v:
+            ipaddress.ip_network(c, strict=False)
+        return v
+
+
+ClientIp = Annotated[str, Field(pattern=r"^(source|xff:[0-9]{1,2})$")]
+
+
+class Config(_Model):
+    listen: str = "127.0.0.1:9001"
+    store: str = "memory://"
+    client_ip: ClientIp = "source"
+    lease_ttl_seconds: float = Field(default=60, gt=0)
+    store_timeout_ms: float = Field(default=50, gt=0, le=10_000)
+    store_on_error: Literal["deny", "allow"] = "deny"
+    store_breaker: StoreBreaker = Field(default_factory=StoreBreaker)
+    max_token_bytes: int = Field(default=8192, ge=256, le=65536)
+    token_cache_size: int = Field(default=10_000, ge=0, le=10_000_000)
+    admin_listen: str = "127.0.0.1:9002"
+    admin_token_env: str = "EXTAUTH_ADMIN_TOKEN"
+    metrics_listen: str | None = None
+    abuse: Abuse = Field(default_factory=Abuse)
+    drain_seconds: float = Field(default=5.0, ge=0, le=300)
+    watch_config: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    policies: list[Policy] = Field(min_length=1)
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _hostport(v)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics(cls, v: str | None) -> str | None:
+        return None if v is None else _hostport(v)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if not v.startswith(("memory://", "redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
+            raise ValueError("use memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://")
+        return v
+
+    @field_validator("policies")
+    @classmethod
+    def _unique(cls, v: list[Policy]) -> list[Policy]:
+        names = [p.name for p in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate policy name(s): {', '.join(sorted(dup))}")
+        return v
+
+    @property
+    def xff_hops(self) -> int:
+        """0 means use the connection's source address."""
+        return 0 if self.client_ip == "source" else int(self.client_ip.split(":", 1)[1])
+
+    def policy(self, name: str) -> Policy | None:
+        for p in self.policies:
+            if p.name == name:
+                return p
+        return None
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ""
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None) -> Config:
+    """Validate a mapping (already parsed YAML) into a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError("<root>: the config must be a mapping")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+    if base_dir is not None:
+        cfg = _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
+    """Make jwks_file paths relative to the config file, not the working directory."""
+    policies = []
+    for p in cfg.policies:
+        if p.jwt and p.jwt.jwks_file and not os.path.isabs(p.jwt.jwks_file):
+            jwt = p.jwt.model_copy(update={"jwks_file": str(base_dir / p.jwt.jwks_file)})
+            p = p.model_copy(update={"jwt": jwt})
+        policies.append(p)
+    return cfg.model_copy(update={"policies": policies})
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a YAML config file. Raises ConfigError."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, base_dir=p.resolve().parent)

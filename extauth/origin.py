@@ -1,0 +1,140 @@
+"""Origin allow lists compared in canonical form (RFC 6454 serialization).
+
+A browser sends ``Origin`` on every WebSocket upgrade; that header is the only
+defence against Cross-Site WebSocket Hijacking, because cookies ride along on
+cross-site upgrades. So the comparison is exact: the header must be one
+well-formed serialized origin, it is canonicalized (lower-case scheme and host,
+default port dropped), and then looked up. No substring search and no hostname
+extraction, which is how ``https://example.com.evil.net`` slips through elsewhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+# scheme "://" host [":" port], nothing else: no path, userinfo, query or spaces.
+_ORIGIN_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(\[[0-9A-Fa-f:.]+\]|[^\[\]/:@?#\s,]+)(?::([0-9]{1,5}))?$")
+_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    def serialize(self) -> str:
+        if _DEFAULT_PORTS.get(self.scheme) == self.port:
+            return f"{self.scheme}://{self.host}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def _canonical_host(raw: str) -> str | None:
+    host = raw.lower()
+    if host.startswith("["):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            return None
+    if host.endswith("."):
+        return None  # "example.com." is a different origin to a browser; refuse it
+    labels = host.split(".")
+    if not all(_LABEL_RE.match(label) for label in labels):
+        return None
+    if all(label.isdigit() for label in labels):
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            return None
+    return host
+
+
+def parse_origin(value: str) -> Origin | None:
+    """Parse one serialized origin; None for anything that is not exactly one."""
+    m = _ORIGIN_RE.match(value)
+    if m is None:
+        return None
+    scheme = m.group(1).lower()
+    if scheme not in _DEFAULT_PORTS:
+        return None
+    host = _canonical_host(m.group(2))
+    if host is None:
+        return None
+    port_text = m.group(3)
+    port = int(port_text) if port_text is not None else _DEFAULT_PORTS[scheme]
+    if not 0 < port <= 65535:
+        return None
+    return Origin(scheme, host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class _Wildcard:
+    scheme: str
+    suffix: str  # ".example.com": matches one or more labels in front of it
+    port: int
+
+
+def parse_origin_pattern(pattern: str) -> Origin | _Wildcard | None:
+    """Validate a configured allow-list entry; raises ValueError when invalid.
+
+    Returns None for the literal ``null`` (opaque origins, sandboxed frames).
+    """
+    if pattern == "null":
+        return None
+    wildcard = "://*." in pattern
+    text = pattern.replace("://*.", "://", 1) if wildcard else pattern
+    origin = parse_origin(text)
+    if origin is None or "*" in text:
+        raise ValueError(
+            f"bad origin {pattern!r}: use scheme://host[:port], optionally scheme://*.domain, or null"
+        )
+    if wildcard:
+        if origin.host.startswith("[") or "." not in origin.host:
+            raise ValueError(f"bad origin {pattern!r}: a wildcard needs a domain with at least two labels")
+        return _Wildcard(origin.scheme, "." + origin.host, origin.port)
+    return origin
+
+
+class OriginPolicy:
+    """An allow list compiled once per config."""
+
+    __slots__ = ("_allow_null", "_exact", "_wildcards")
+
+    def __init__(self, patterns: list[str]) -> None:
+        self._exact: frozenset[str] = frozenset()
+        exact: set[str] = set()
+        self._wildcards: tuple[_Wildcard, ...] = ()
+        wildcards: list[_Wildcard] = []
+        self._allow_null = False
+        for p in patterns:
+            parsed = parse_origin_pattern(p)
+            if parsed is None:
+                self._allow_null = True
+            elif isinstance(parsed, _Wildcard):
+                wildcards.append(parsed)
+            else:
+                exact.add(parsed.serialize())
+        self._exact = frozenset(exact)
+        self._wildcards = tuple(wildcards)
+
+    def allows(self, header_value: str) -> bool:
+        """True only for exactly one well-formed origin on the list."""
+        if header_value == "null":
+            return self._allow_null
+        origin = parse_origin(header_value)
+        if origin is None:
+            return False
+        if origin.serialize() in self._exact:
+            return True
+        for w in self._wildcards:
+            if (
+                origin.scheme == w.scheme
+                and origin.port == w.port
+                and origin.host.endswith(w.suffix)
+                and len(origin.host) > len(w.suffix)
+            ):
+                return True
+        return False

@@ -1,0 +1,125 @@
+"""The store seam: leases (concurrent connections), attempt rate limits and bans.
+
+Every replica of extauth shares one store, so the limits hold across every
+Envoy and every replica. Two implementations: ``MemoryStore`` (``memory://``,
+one replica) and ``RedisStore`` (standalone, TLS, Cluster).
+
+A *lease* is one counted WebSocket. It is listed under its user and its client
+IP with an expiry; a slot is counted only while its lease is live, so a crashed
+Envoy or a lost access-log entry can never hold a slot longer than the TTL.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from extauth.reasons import Reason
+
+
+class StoreError(Exception):
+    """The store could not answer (down, timeout, breaker open)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    connections_per_user: int | None = None
+    connections_per_ip: int | None = None
+    attempts_per_user_per_minute: int | None = None
+    attempts_per_ip_per_minute: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRef:
+    """Enough to find a lease again; this is what travels in Envoy dynamic metadata."""
+
+    lease_id: str
+    policy: str
+    user: str | None
+    ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    lease_id: str
+    policy: str
+    user: str | None
+    ip: str
+    expires_at: float  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireResult:
+    """Either a granted lease or a denial with an honest retry delay."""
+
+    granted: bool
+    denied: Reason | None = None  # QUOTA_USER, QUOTA_IP, RATE_IP, RATE_USER or BANNED
+    retry_after: float | None = None  # seconds; for rate limits exact, for quotas a hint
+
+
+@dataclass(frozen=True, slots=True)
+class BanInfo:
+    ip: str
+    expires_at: float
+    reason: str
+
+
+class Store(abc.ABC):
+    """All methods are coroutines and may raise StoreError; none may hang (callers add timeouts)."""
+
+    @abc.abstractmethod
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+        """Atomically: refuse a banned IP; check and count the attempt-rate windows
+        (sliding, 60 s; only admitted attempts are recorded, so Retry-After is exact);
+        drop expired leases; check the user's and the IP's live leases against the
+        limits; then add the lease under both with expiry now+ttl.
+        One round trip on a standalone Redis. The user part is skipped when ref.user is None.
+        """
+
+    @abc.abstractmethod
+    async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
+        """Extend live leases to now+ttl; never resurrects an expired one. Returns how many were live."""
+
+    @abc.abstractmethod
+    async def release(self, refs: Sequence[LeaseRef]) -> int:
+        """Remove leases; idempotent. Returns how many were present."""
+
+    @abc.abstractmethod
+    async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
+        """Live leases of one user or one IP under one policy (exactly one of user/ip)."""
+
+    @abc.abstractmethod
+    async def list_leases(
+        self, policy: str, *, user: str | None = None, ip: str | None = None
+    ) -> list[LeaseInfo]:
+        """Live leases of one user or one IP under one policy (exactly one of user/ip)."""
+
+    @abc.abstractmethod
+    async def count_all(self) -> int:
+        """Every live lease in the store (for metrics and stats; may scan)."""
+
+    @abc.abstractmethod
+    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
+        """Sliding-window rate limit on an arbitrary key. None when admitted, else seconds to wait."""
+
+    @abc.abstractmethod
+    async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
+                             dry_run: bool) -> bool:
+        """Count one hostile signal for ip in a sliding window; ban (unless dry_run) when the
+        count reaches threshold. Returns True when this call reached the threshold."""
+
+    @abc.abstractmethod
+    async def ban(self, ip: str, seconds: float, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    async def unban(self, ip: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_bans(self) -> list[BanInfo]: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

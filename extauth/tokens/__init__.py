@@ -1,0 +1,16 @@
+"""Bearer tokens: where they travel (extract), and how they are verified (jwt, jwks, cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """What survives verification. Never holds the raw token."""
+
+    claims: Mapping[str, Any]
+    user: str
+    expires_at: float  # unix seconds (the token's exp)
