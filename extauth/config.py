@@ -84,7 +84,7 @@ class Match(_Model):
 class JwtConfig(_Model):
     issuer: str = Field(min_length=1)
     audiences: list[str] = Field(min_length=1)
-    algorithms: list[Algorithm] = Field(default_factory=lambda: ["RS256"], min_length=1)
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list[Algorithm](["RS256"]), min_length=1)
     jwks_file: str | None = None
     jwks_uri: str | None = None
     hmac_secret_env: str | None = None

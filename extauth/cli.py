@@ -1,0 +1,98 @@
+"""The ``extauth`` command: a thin shell over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from extauth.config import ConfigError, load_config
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from extauth.logs import configure_logging
+    from extauth.server import serve
+
+    cfg = load_config(args.config)
+    if args.listen:
+        cfg = cfg.model_copy(update={"listen": args.listen})
+    configure_logging(cfg.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(cfg, config_path=args.config))
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    # Key material is part of the config: load it now so a bad JWKS file or a
+    # missing secret fails here, not at the first request.
+    from extauth.runtime import build_runtime
+
+    build_runtime(cfg)
+    print(f"{args.config}: ok ({len(cfg.policies)} polic{'y' if len(cfg.policies) == 1 else 'ies'})")
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from extauth.tokens.mint import mint_token
+
+    claims: dict[str, object] = {"sub": args.sub, "iss": args.iss, "aud": args.aud}
+    for extra in args.claim:
+        name, sep, value = extra.partition("=")
+        if not sep:
+            raise SystemExit(f"--claim expects KEY=VALUE, got {extra!r}")
+        is_json = value[:1] in "[{0123456789" or value in ("true", "false")
+        claims[name] = json.loads(value) if is_json else value
+    if args.secret_env:
+        import os
+
+        secret = os.environ.get(args.secret_env)
+        if not secret:
+            raise SystemExit(f"environment variable {args.secret_env} is empty")
+        key: str | bytes = secret.encode()
+    elif args.key:
+        key = Path(args.key).read_bytes()
+    else:
+        raise SystemExit("give --key PEM_FILE or --secret-env NAME")
+    print(mint_token(key=key, alg=args.alg, claims=claims, kid=args.kid, lifetime=args.lifetime))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extauth", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the ext_authz + access-log gRPC server")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--listen", help="override the config's listen address")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file (and its key material)")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("token", help="mint a development token (never for production use)")
+    p.add_argument("--key", help="PEM private key file")
+    p.add_argument("--secret-env", help="environment variable holding an HMAC secret")
+    p.add_argument("--alg", default="RS256")
+    p.add_argument("--kid")
+    p.add_argument("--sub", required=True)
+    p.add_argument("--iss", required=True)
+    p.add_argument("--aud", required=True)
+    p.add_argument("--lifetime", type=int, default=3600)
+    p.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"config error:\n{e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,22 @@
+"""The request as the pipeline sees it: a plain, Envoy-independent value.
+
+``extauth.envoy`` builds it from a CheckRequest; tests and benchmarks build it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInput:
+    method: str
+    host: str
+    path: str  # without the query string
+    query: str  # raw query string without '?'; may hold a token: never log it
+    headers: Mapping[str, str]  # lower-case names; duplicates already joined with ","
+    source_ip: str
+    context: Mapping[str, str] = field(default_factory=dict)  # Envoy per-route context_extensions
+    request_id: str = ""
+    scheme: str = "http"

@@ -1,0 +1,150 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extauth.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "extauth.yaml"
+
+
+def base() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    return str(e.value)
+
+
+def test_example_loads_with_contract_keys() -> None:
+    cfg = load_config(EXAMPLE)
+    chat = cfg.policy("chat")
+    assert chat is not None and chat.jwt is not None
+    assert chat.quotas.connections_per_user == 10
+    assert chat.jwt.token_sources[-1] == "subprotocol"
+    # jwks_file is resolved relative to the config file, not the working directory
+    assert Path(chat.jwt.jwks_file or "").is_file()
+    assert cfg.store == "memory://" and cfg.store_on_error == "deny"
+
+
+def test_error_names_the_key_path() -> None:
+    data = base()
+    del data["policies"][0]["jwt"]["issuer"]
+    assert "policies[0].jwt.issuer" in error_of(data)
+
+
+def test_unknown_key_refused() -> None:
+    data = base()
+    data["policies"][0]["origns"] = []
+    msg = error_of(data)
+    assert "policies[0].origns" in msg
+
+
+def test_bad_origin_named() -> None:
+    data = base()
+    data["policies"][0]["origins"] = ["https://app.example.com/path"]
+    assert "policies[0].origins" in error_of(data)
+
+
+def test_alg_none_cannot_be_configured() -> None:
+    data = base()
+    data["policies"][0]["jwt"]["algorithms"] = ["none"]
+    assert "policies[0].jwt.algorithms" in error_of(data)
+
+
+def test_hmac_next_to_jwks_refused() -> None:
+    data = base()
+    data["policies"][0]["jwt"]["algorithms"] = ["RS256", "HS256"]
+    assert "HS*" in error_of(data)
+
+
+def test_exactly_one_key_source() -> None:
+    data = base()
+    data["policies"][0]["jwt"]["jwks_uri"] = "https://issuer.example.com/jwks"
+    assert "exactly one of" in error_of(data)
+
+
+def test_bad_token_source() -> None:
+    data = base()
+    data["policies"][0]["jwt"]["token_sources"] = ["body:token"]
+    assert "bad token source" in error_of(data)
+
+
+def test_duplicate_policy_names() -> None:
+    data = base()
+    data["policies"][1]["name"] = "chat"
+    assert "duplicate policy" in error_of(data)
+
+
+def test_per_user_quota_needs_jwt() -> None:
+    assert "per-user quotas need a jwt" in error_of(
+        {"policies": [{"name": "x", "quotas": {"connections_per_user": 1}}]}
+    )
+
+
+def test_reserved_upstream_header_refused() -> None:
+    data = base()
+    data["policies"][0]["upstream_headers"] = {"Authorization": "{sub}"}
+    assert "reserved" in error_of(data)
+
+
+def test_bad_store_and_client_ip() -> None:
+    data = base()
+    data["store"] = "mysql://x"
+    data["client_ip"] = "xff"
+    msg = error_of(data)
+    assert "store" in msg and "client_ip" in msg
+
+
+def test_xff_hops() -> None:
+    data = base()
+    data["client_ip"] = "xff:2"
+    assert parse_config(data).xff_hops == 2
+
+
+def test_top_level_contract_keys_have_defaults() -> None:
+    cfg = parse_config({"policies": [{"name": "p"}]})
+    assert cfg.listen == "127.0.0.1:9001"
+    assert cfg.lease_ttl_seconds > 0 and cfg.store_timeout_ms == 50
+    assert cfg.abuse.never_ban == ["127.0.0.0/8", "::1/128"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extauth", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_check_config_cli_ok_and_error(tmp_path: Path) -> None:
+    ok = _cli("check-config", "-c", str(EXAMPLE))
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+    data = base()
+    data["policies"][0]["quotas"]["connections_per_user"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    res = _cli("check-config", "-c", str(bad))
+    assert res.returncode == 2
+    assert "policies[0].quotas.connections_per_user" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_check_config_missing_jwks_file(tmp_path: Path) -> None:
+    data = base()
+    data["policies"][0]["jwt"]["jwks_file"] = str(tmp_path / "nope.json")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    res = _cli("check-config", "-c", str(bad))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "nope.json" in res.stderr
+
+
+def test_not_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "x.yaml"
+    p.write_text("policies: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)

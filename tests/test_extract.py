@@ -1,0 +1,74 @@
+import pytest
+
+from extauth.reasons import DenyError, Reason
+from extauth.tokens.extract import TokenSources
+
+ALL = TokenSources(["query:token", "header:authorization", "cookie:access_token", "subprotocol"])
+TOK = "aaa.bbb.ccc"
+
+
+def test_query_token_and_stripping() -> None:
+    e = ALL.extract({}, f"a=1&token={TOK}&b=2")
+    assert e.token == TOK and e.source == "query"
+    assert e.stripping.query_params_to_remove == ["token"]
+
+
+def test_header_bearer_case_insensitive_scheme() -> None:
+    e = ALL.extract({"authorization": f"bEaReR {TOK}"}, "")
+    assert e.token == TOK and e.source == "header"
+    assert e.stripping.headers_to_remove == ["authorization"]
+
+
+def test_authorization_basic_is_not_a_token_but_is_still_stripped() -> None:
+    e = ALL.extract({"authorization": "Basic dXNlcjpwYXNz"}, "")
+    assert e.token is None
+    assert "authorization" in e.stripping.headers_to_remove
+
+
+def test_cookie_cut_out_other_cookies_kept() -> None:
+    e = ALL.extract({"cookie": f"theme=dark; access_token={TOK}; lang=en"}, "")
+    assert e.token == TOK and e.source == "cookie"
+    assert e.stripping.headers_to_set["cookie"] == "theme=dark; lang=en"
+
+
+def test_cookie_only_cookie_removed() -> None:
+    e = ALL.extract({"cookie": f"access_token={TOK}"}, "")
+    assert e.stripping.headers_to_remove == ["cookie"]
+
+
+def test_subprotocol_token_removed_real_protocols_forwarded() -> None:
+    e = ALL.extract({"sec-websocket-protocol": f"chat.v2, bearer.{TOK}, json"}, "")
+    assert e.token == TOK and e.source == "subprotocol"
+    assert e.stripping.headers_to_set["sec-websocket-protocol"] == "chat.v2, json"
+    assert TOK not in str(e.stripping.headers_to_set)
+
+
+def test_subprotocol_only_token_removes_header() -> None:
+    e = ALL.extract({"sec-websocket-protocol": f"bearer.{TOK}"}, "")
+    assert e.stripping.headers_to_remove == ["sec-websocket-protocol"]
+
+
+def test_first_source_wins_and_every_copy_is_stripped() -> None:
+    e = ALL.extract({"authorization": "Bearer other.tok.en", "sec-websocket-protocol": f"x, bearer.{TOK}"},
+                    f"token={TOK}")
+    assert e.token == TOK and e.source == "query"
+    assert e.stripping.query_params_to_remove == ["token"]
+    assert "authorization" in e.stripping.headers_to_remove
+    assert e.stripping.headers_to_set["sec-websocket-protocol"] == "x"
+
+
+def test_two_different_tokens_in_one_transport_is_malformed() -> None:
+    with pytest.raises(DenyError) as err:
+        ALL.extract({}, "token=a.b.c&token=d.e.f")
+    assert err.value.reason is Reason.TOKEN_MALFORMED
+
+
+def test_missing() -> None:
+    e = ALL.extract({"cookie": "theme=dark"}, "a=1")
+    assert e.token is None and e.source is None
+    assert e.stripping.headers_to_remove == [] and e.stripping.headers_to_set == {}
+
+
+def test_unconfigured_transport_ignored() -> None:
+    only_header = TokenSources(["header:authorization"])
+    assert only_header.extract({}, f"token={TOK}").token is None
