@@ -1,0 +1,506 @@
+"""Key sources for JWT verification: a JWKS file, a JWKS URL, or an HMAC secret.
+
+Every key in a key set is bound to exactly ONE algorithm when the set is built
+(its JWKS ``alg`` if present, otherwise the single configured algorithm that fits
+its ``kty``/``crv``). The token's header never chooses a key type or algorithm.
+
+URL sources refresh in the background when older than ``jwks_refresh_seconds``,
+refetch at most once per ``jwks_refetch_cooldown_seconds`` for an unknown kid,
+share one in-flight fetch between all waiters, keep serving the last good keys
+while the endpoint is down, and fail closed (``jwks_unavailable``) once those
+keys are older than ``jwks_max_stale_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jwt import PyJWK
+
+from extauth.config import EC_ALGS, HMAC_ALGS, OKP_ALGS, RSA_ALGS, ConfigError, JwtConfig
+from extauth.reasons import DenyError, Reason
+
+__all__ = [
+    "FileKeySource",
+    "HmacKeySource",
+    "JwksError",
+    "KeyEntry",
+    "KeySet",
+    "KeySource",
+    "UrlKeySource",
+    "build_key_set",
+    "hmac_min_bytes",
+    "make_key_source",
+]
+
+log = logging.getLogger("extauth.jwks")
+
+_EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
+# Private (and multi-prime) members; a JWKS must only publish public keys.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+# How often a file source looks at the file's mtime.
+_FILE_CHECK_SECONDS = 1.0
+
+
+class JwksError(Exception):
+    """A key set document that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    kid: str | None
+    alg: str
+    jwk: PyJWK
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    keys: tuple[KeyEntry, ...]
+    by_kid: Mapping[str, KeyEntry] = field(default_factory=dict)
+    # A shared secret is one key without a kid: the token's kid is not consulted.
+    single_secret: bool = False
+
+    def select(self, kid: str | None) -> KeyEntry | None:
+        """The key for ``kid``; with no kid, the only key if there is exactly one."""
+        if self.single_secret:
+            return self.keys[0]
+        if kid is None:
+            return self.keys[0] if len(self.keys) == 1 else None
+        return self.by_kid.get(kid)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def hmac_min_bytes(alg: str) -> int:
+    return _HMAC_MIN_BYTES[alg]
+
+
+def _compatible(alg: str, kty: str, crv: Any) -> bool:
+    if kty == "RSA":
+        return alg in RSA_ALGS
+    if kty == "EC":
+        return alg in EC_ALGS and _EC_CURVES[alg] == crv
+    if kty == "OKP":
+        return alg in OKP_ALGS and crv in _OKP_CURVES
+    return False
+
+
+def _bind_alg(jwk: Mapping[str, Any], algorithms: Sequence[str]) -> tuple[str | None, str]:
+    """(alg, "") for a usable key, else (None, why-skipped)."""
+    kty = jwk.get("kty")
+    crv = jwk.get("crv")
+    if not isinstance(kty, str):
+        return None, "no kty"
+    if kty == "oct":
+        return None, "symmetric keys are never accepted from a JWKS"
+    declared = jwk.get("alg")
+    if declared is not None:
+        if not isinstance(declared, str):
+            return None, "alg is not a string"
+        if declared not in algorithms:
+            return None, f"alg {declared} is not in the configured algorithms"
+        if not _compatible(declared, kty, crv):
+            return None, f"alg {declared} does not fit kty {kty}"
+        return declared, ""
+    fits = [a for a in algorithms if _compatible(a, kty, crv)]
+    if not fits:
+        return None, f"no configured algorithm fits kty {kty}"
+    if len(fits) > 1:
+        return None, f"ambiguous: {', '.join(fits)} all fit kty {kty}; publish an alg"
+    return fits[0], ""
+
+
+def build_key_set(data: Any, algorithms: Sequence[str], *, source: str) -> KeySet:
+    """Build a KeySet from a parsed JWKS document; unusable keys are skipped with a warning.
+
+    Raises JwksError when the document is not a JWKS or has no usable key.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise JwksError("not a JWKS document (expected an object with a 'keys' list)")
+    entries: list[KeyEntry] = []
+    by_kid: dict[str, KeyEntry] = {}
+    for i, raw in enumerate(data["keys"]):
+        if not isinstance(raw, dict):
+            log.warning("jwks %s: key #%d skipped: not an object", source, i)
+            continue
+        kid = raw.get("kid")
+        label = f"key #{i}" + (f" (kid {kid!r})" if isinstance(kid, str) else "")
+        if kid is not None and not isinstance(kid, str):
+            log.warning("jwks %s: %s skipped: kid is not a string", source, label)
+            continue
+        use = raw.get("use")
+        if use is not None and use != "sig":
+            log.warning("jwks %s: %s skipped: use is %r, not 'sig'", source, label, use)
+            continue
+        ops = raw.get("key_ops")
+        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+            log.warning("jwks %s: %s skipped: key_ops does not allow 'verify'", source, label)
+            continue
+        alg, why = _bind_alg(raw, algorithms)
+        if alg is None:
+            log.warning("jwks %s: %s skipped: %s", source, label, why)
+            continue
+        public = {k: v for k, v in raw.items() if k not in _PRIVATE_MEMBERS}
+        if len(public) != len(raw):
+            log.warning("jwks %s: %s publishes private key material; only the public part is used",
+                        source, label)
+        try:
+            jwk = PyJWK(public, algorithm=alg)
+        except Exception as e:
+            log.warning("jwks %s: %s skipped: %s", source, label, type(e).__name__)
+            continue
+        if kid is not None and kid in by_kid:
+            log.warning("jwks %s: %s skipped: duplicate kid", source, label)
+            continue
+        entry = KeyEntry(kid=kid, alg=alg, jwk=jwk)
+        entries.append(entry)
+        if kid is not None:
+            by_kid[kid] = entry
+    if not entries:
+        raise JwksError("no usable signing key")
+    return KeySet(keys=tuple(entries), by_kid=by_kid)
+
+
+def parse_jwks_bytes(body: bytes, algorithms: Sequence[str], *, source: str) -> KeySet:
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise JwksError(f"not valid JSON: {type(e).__name__}") from None
+    return build_key_set(data, algorithms, source=source)
+
+
+class KeySource(Protocol):
+    async def keys(self) -> KeySet:
+        """The key set in use; raises DenyError(JWKS_UNAVAILABLE) when there is none."""
+        ...
+
+    async def refetch_for_unknown_kid(self) -> bool:
+        """Try to pick up new keys for an unknown kid; True if the key set may have changed."""
+        ...
+
+    def key_age_seconds(self) -> float | None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class HmacKeySource:
+    """One shared secret read from an environment variable at construction."""
+
+    def __init__(self, env_name: str, alg: str) -> None:
+        if alg not in HMAC_ALGS:
+            raise ConfigError(f"hmac_secret_env: algorithm {alg} is not an HMAC algorithm")
+        secret = os.environ.get(env_name, "")
+        if not secret:
+            raise ConfigError(f"hmac_secret_env: environment variable {env_name} is empty or not set")
+        raw = secret.encode("utf-8")
+        need = _HMAC_MIN_BYTES[alg]
+        if len(raw) < need:
+            raise ConfigError(
+                f"hmac_secret_env: the secret in {env_name} is {len(raw)} bytes; {alg} needs at least {need}"
+            )
+        k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        jwk = PyJWK({"kty": "oct", "k": k}, algorithm=alg)
+        self._set = KeySet(keys=(KeyEntry(kid=None, alg=alg, jwk=jwk),), single_secret=True)
+
+    async def keys(self) -> KeySet:
+        return self._set
+
+    async def refetch_for_unknown_kid(self) -> bool:
+        return False
+
+    def key_age_seconds(self) -> float | None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @property
+    def key_set(self) -> KeySet:
+        return self._set
+
+
+class FileKeySource:
+    """A JWKS file: loaded at construction, reloaded when its mtime changes."""
+
+    def __init__(self, path: str, algorithms: Sequence[str], clock: Callable[[], float] = time.time) -> None:
+        self._path = path
+        self._algorithms = tuple(algorithms)
+        self._clock = clock
+        try:
+            self._stamp = self._stat()
+            self._set = self._load()
+        except (OSError, JwksError) as e:
+            raise ConfigError(f"jwks_file: {path}: {_describe(e)}") from None
+        self._loaded_at = clock()
+        self._checked_at = self._loaded_at
+        log.info("jwks %s: loaded %d key(s)", path, len(self._set))
+
+    def _stat(self) -> tuple[int, int]:
+        st = os.stat(self._path)
+        return st.st_mtime_ns, st.st_size
+
+    def _load(self) -> KeySet:
+        with open(self._path, "rb") as f:
+            body = f.read()
+        return parse_jwks_bytes(body, self._algorithms, source=self._path)
+
+    def _maybe_reload(self) -> None:
+        now = self._clock()
+        if now - self._checked_at < _FILE_CHECK_SECONDS:
+            return
+        self._checked_at = now
+        try:
+            stamp = self._stat()
+        except OSError as e:
+            log.warning("jwks %s: cannot stat, keeping %d key(s): %s",
+                        self._path, len(self._set), _describe(e))
+            return
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            new = self._load()
+        except (OSError, JwksError) as e:
+            log.warning("jwks %s: reload failed, keeping %d key(s): %s",
+                        self._path, len(self._set), _describe(e))
+            return
+        self._set = new
+        self._loaded_at = now
+        log.info("jwks %s: reloaded %d key(s)", self._path, len(new))
+
+    async def keys(self) -> KeySet:
+        self._maybe_reload()
+        return self._set
+
+    async def refetch_for_unknown_kid(self) -> bool:
+        before = self._set
+        self._maybe_reload()
+        return self._set is not before
+
+    def key_age_seconds(self) -> float | None:
+        return max(0.0, self._clock() - self._loaded_at)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # Returning None makes urllib raise HTTPError for the 3xx: never followed.
+    def redirect_request(self, req: Any, fp: Any, code: Any, msg: Any, headers: Any, newurl: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
+    if not uri.startswith(("https://", "http://")):
+        raise JwksError("only http(s) URLs are fetched")
+    req = urllib.request.Request(  # noqa: S310 - scheme checked above
+        uri, headers={"Accept": "application/json", "User-Agent": "extauth-jwks"}
+    )
+    with _OPENER.open(req, timeout=timeout) as resp:
+        status = resp.status
+        if status != 200:
+            raise JwksError(f"HTTP {status}")
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise JwksError(f"response larger than {max_bytes} bytes")
+        body: bytes = resp.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise JwksError(f"response larger than {max_bytes} bytes")
+    return body
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code}"
+    if isinstance(e, urllib.error.URLError):
+        return f"unreachable: {e.reason}"
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return str(e) or type(e).__name__
+
+
+class UrlKeySource:
+    """A JWKS URL with background refresh, bounded refetches and stale serving."""
+
+    def __init__(self, cfg: JwtConfig, clock: Callable[[], float] = time.time) -> None:
+        if cfg.jwks_uri is None:
+            raise ConfigError("jwks_uri: required for a URL key source")
+        self._uri = cfg.jwks_uri
+        self._algorithms = tuple(cfg.algorithms)
+        self._clock = clock
+        self._refresh = cfg.jwks_refresh_seconds
+        self._cooldown = cfg.jwks_refetch_cooldown_seconds
+        self._max_stale = cfg.jwks_max_stale_seconds
+        self._timeout = cfg.jwks_timeout_seconds
+        self._max_bytes = cfg.jwks_max_bytes
+        # After a failed fetch, wait this long before the next attempt so a down
+        # endpoint is not hammered by every request.
+        self._retry_after_failure = min(self._refresh, max(self._cooldown, 1.0))
+        self._set: KeySet | None = None
+        self._fetched_at: float | None = None  # last success
+        self._attempted_at: float | None = None  # start of the last attempt
+        self._failed_at: float | None = None  # end of the last failed attempt
+        self._inflight: asyncio.Task[bool] | None = None
+        self._closed = False
+        self.fetches = 0
+        self.fetch_failures = 0
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @property
+    def fetching(self) -> bool:
+        return self._inflight is not None
+
+    def key_age_seconds(self) -> float | None:
+        if self._fetched_at is None:
+            return None
+        return max(0.0, self._clock() - self._fetched_at)
+
+    def _usable(self, now: float) -> KeySet | None:
+        if self._set is None or self._fetched_at is None:
+            return None
+        if now - self._fetched_at > self._max_stale:
+            return None
+        return self._set
+
+    def _may_attempt(self, now: float) -> bool:
+        if self._closed:
+            return False
+        return self._failed_at is None or now - self._failed_at >= self._retry_after_failure
+
+    # -- fetching ------------------------------------------------------------
+
+    def _start_fetch(self) -> asyncio.Task[bool]:
+        if self._inflight is None:
+            self._attempted_at = self._clock()
+            self._inflight = asyncio.get_running_loop().create_task(self._fetch())
+        return self._inflight
+
+    async def _fetch(self) -> bool:
+        self.fetches += 1
+        try:
+            try:
+                body = await asyncio.wait_for(
+                    asyncio.to_thread(_http_get, self._uri, self._timeout, self._max_bytes),
+                    timeout=self._timeout,
+                )
+                new = parse_jwks_bytes(body, self._algorithms, source=self._uri)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.fetch_failures += 1
+                self._failed_at = self._clock()
+                kept = len(self._set) if self._set is not None else 0
+                log.warning("jwks %s: fetch failed (%s); keeping %d key(s)", self._uri, _describe(e), kept)
+                return False
+            old = self._set
+            self._set = new
+            self._fetched_at = self._clock()
+            self._failed_at = None
+            if old is None or set(old.by_kid) != set(new.by_kid) or len(old) != len(new):
+                log.info("jwks %s: fetched %d key(s)", self._uri, len(new))
+            else:
+                log.debug("jwks %s: refreshed %d key(s)", self._uri, len(new))
+            return True
+        finally:
+            self._inflight = None
+
+    async def refresh(self) -> bool:
+        """Fetch now (or join the fetch in flight); True on success. Never raises."""
+        if self._closed:
+            return False
+        return await asyncio.shield(self._start_fetch())
+
+    async def wait_idle(self) -> None:
+        """Wait for the fetch in flight, if any (tests, orderly shutdown)."""
+        task = self._inflight
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+
+    # -- KeySource -----------------------------------------------------------
+
+    async def keys(self) -> KeySet:
+        now = self._clock()
+        usable = self._usable(now)
+        if usable is not None:
+            assert self._fetched_at is not None
+            if now - self._fetched_at >= self._refresh and self._inflight is None and self._may_attempt(now):
+                self._start_fetch()  # background: keep serving the current keys meanwhile
+            return usable
+        # Never loaded, or too stale to use: wait for a fetch (shared), if one may run.
+        if self._inflight is not None or self._may_attempt(now):
+            await self.refresh()
+        usable = self._usable(self._clock())
+        if usable is None:
+            if self._set is None:
+                raise DenyError(Reason.JWKS_UNAVAILABLE, f"jwks {self._uri}: never loaded")
+            raise DenyError(Reason.JWKS_UNAVAILABLE, f"jwks {self._uri}: keys stale beyond max_stale")
+        return usable
+
+    async def refetch_for_unknown_kid(self) -> bool:
+        if self._inflight is not None:
+            return await asyncio.shield(self._inflight)
+        now = self._clock()
+        if self._attempted_at is not None and now - self._attempted_at < self._cooldown:
+            return False
+        if not self._may_attempt(now):
+            return False
+        return await self.refresh()
+
+    async def start(self) -> None:
+        try:
+            await self.keys()
+        except Exception as e:
+            log.warning("jwks %s: warm-up failed: %s", self._uri, _describe(e))
+
+    async def close(self) -> None:
+        self._closed = True
+        task = self._inflight
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._inflight = None
+
+
+def make_key_source(cfg: JwtConfig, clock: Callable[[], float] = time.time) -> KeySource:
+    """The key source a JwtConfig describes. Raises ConfigError."""
+    if cfg.hmac_secret_env:
+        return HmacKeySource(cfg.hmac_secret_env, cfg.algorithms[0])
+    if cfg.jwks_file:
+        return FileKeySource(cfg.jwks_file, cfg.algorithms, clock)
+    if cfg.jwks_uri:
+        return UrlKeySource(cfg, clock)
+    raise ConfigError("jwt: one of jwks_file, jwks_uri, hmac_secret_env is required")

@@ -1,0 +1,307 @@
+"""JWT verification: cheap structural checks, our key selection, signature, then claims.
+
+Order matters and is part of the security contract:
+
+1. length (before any parsing), ASCII, three base64url segments;
+2. header: a JSON object without ``jku``/``x5u``/``jwk``/``x5c``/``crit``
+   (never followed; their presence is an injection attempt), an ``alg`` that is
+   not ``none`` in any spelling and is configured;
+3. key selection by ``kid`` from OUR key set (an unknown kid refetches a JWKS
+   URL at most once per cooldown), and the token's ``alg`` must equal the one
+   algorithm bound to that key;
+4. the signature (PyJWT, with exactly that key and that one algorithm);
+5. only then the claims, so nobody can probe claim checks without a valid
+   signature, and an expired-but-authentic token is ``token_expired`` (not hostile).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+import jwt as pyjwt
+from jwt.exceptions import (
+    DecodeError,
+    ExpiredSignatureError,
+    ImmatureSignatureError,
+    InvalidAlgorithmError,
+    InvalidAudienceError,
+    InvalidIssuerError,
+    InvalidSignatureError,
+    MissingRequiredClaimError,
+    PyJWTError,
+)
+
+from extauth.config import JwtConfig
+from extauth.reasons import DenyError, Reason
+from extauth.tokens import VerifiedToken
+from extauth.tokens.cache import TokenCache
+from extauth.tokens.jwks import KeyEntry, KeySource, UrlKeySource, make_key_source
+
+__all__ = ["FORBIDDEN_HEADERS", "JwtVerifier"]
+
+log = logging.getLogger("extauth.jwt")
+
+# Header parameters that point at, or embed, keys (or demand extensions). We
+# never follow them; a token that carries one is an injection attempt.
+FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]*")
+_MAX_KID_CHARS = 256
+_JWS = pyjwt.PyJWS()
+_SIG_ONLY: Any = {"verify_signature": True}
+
+
+def _deny(reason: Reason, detail: str) -> DenyError:
+    return DenyError(reason, detail)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate member {k!r}")
+        out[k] = v
+    return out
+
+
+def _strict_json(raw: bytes) -> Any:
+    """JSON without duplicate members or NaN/Infinity (parsers disagree on both)."""
+    return json.loads(
+        raw.decode("utf-8"), object_pairs_hook=_unique_object, parse_constant=_reject_constant
+    )
+
+
+def _b64url(segment: str) -> bytes:
+    # Unpadded base64url only; the regex already excluded other characters.
+    if len(segment) % 4 == 1:
+        raise ValueError("bad base64url length")
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    # Reject non-canonical encodings (trailing bits set): PyJWT does too.
+    if base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii") != segment:
+        raise ValueError("non-canonical base64url")
+    return data
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class JwtVerifier:
+    """Verifies bearer JWTs for one policy; raises DenyError(Reason.X, detail)."""
+
+    def __init__(
+        self,
+        cfg: JwtConfig,
+        *,
+        max_token_bytes: int,
+        cache_size: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.max_token_bytes = max_token_bytes
+        self._clock = clock
+        self._algorithms = frozenset(cfg.algorithms)
+        self._audiences = frozenset(cfg.audiences)
+        self._source: KeySource = make_key_source(cfg, clock)  # raises ConfigError
+        self.cache = TokenCache(cache_size, clock)
+        # Counters for metrics/tests: signature verifications actually run.
+        self.verifications = 0
+
+    # -- metrics ---------------------------------------------------------------
+
+    @property
+    def key_source(self) -> KeySource:
+        return self._source
+
+    @property
+    def jwks_fetches(self) -> int:
+        return self._source.fetches if isinstance(self._source, UrlKeySource) else 0
+
+    @property
+    def jwks_fetch_failures(self) -> int:
+        return self._source.fetch_failures if isinstance(self._source, UrlKeySource) else 0
+
+    @property
+    def key_age_seconds(self) -> float | None:
+        """Age of the key set in use; None if never loaded (or an HMAC secret)."""
+        return self._source.key_age_seconds()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Warm URL keys; never raises (a failure is logged and retried lazily)."""
+        try:
+            await self._source.start()
+        except Exception:
+            log.warning("jwt: key warm-up failed", exc_info=True)
+
+    async def close(self) -> None:
+        await self._source.close()
+
+    # -- verification ----------------------------------------------------------
+
+    def verify_cached(self, token: str) -> VerifiedToken | None:
+        """The cached result for a token, without any verification work."""
+        if len(token) > self.max_token_bytes:
+            return None
+        return self.cache.get(token)
+
+    async def verify(self, token: str) -> VerifiedToken:
+        try:
+            if len(token) > self.max_token_bytes:
+                raise _deny(Reason.TOKEN_MALFORMED, f"token longer than {self.max_token_bytes} bytes")
+            cached = self.cache.get(token)
+            if cached is not None:
+                return cached
+            verified = await self._verify(token)
+        except DenyError:
+            raise
+        except Exception as e:
+            # Never propagate: an internal bug is not evidence of forgery, so it
+            # is not reported with a hostile reason.
+            log.error("jwt: unexpected error during verification: %s", type(e).__name__, exc_info=True)
+            raise _deny(Reason.INTERNAL_ERROR, f"unexpected {type(e).__name__}") from None
+        self.cache.put(token, verified)
+        return verified
+
+    async def _verify(self, token: str) -> VerifiedToken:
+        header = self._parse_header(token)
+        entry = await self._select_key(header.get("kid"))
+        alg = header["alg"]
+        if alg != entry.alg:
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, f"alg {alg} is not the algorithm bound to the key")
+        payload = self._check_signature(token, entry)
+        try:
+            claims = _strict_json(payload)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise _deny(Reason.TOKEN_MALFORMED, "payload is not valid JSON") from None
+        if not isinstance(claims, dict):
+            raise _deny(Reason.TOKEN_MALFORMED, "payload is not a JSON object")
+        return self._check_claims(claims)
+
+    def _parse_header(self, token: str) -> dict[str, Any]:
+        if not token.isascii():
+            raise _deny(Reason.TOKEN_MALFORMED, "token is not ASCII")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise _deny(Reason.TOKEN_MALFORMED, f"expected 3 segments, got {len(parts)}")
+        h64, p64, s64 = parts
+        for name, seg in (("header", h64), ("payload", p64), ("signature", s64)):
+            if not _SEGMENT_RE.fullmatch(seg):
+                raise _deny(Reason.TOKEN_MALFORMED, f"{name} is not base64url")
+        if not h64 or not p64:
+            raise _deny(Reason.TOKEN_MALFORMED, "empty header or payload")
+        try:
+            header = _strict_json(_b64url(h64))
+        except (binascii.Error, UnicodeDecodeError, ValueError, RecursionError):
+            raise _deny(Reason.TOKEN_MALFORMED, "header is not base64url JSON") from None
+        if not isinstance(header, dict):
+            raise _deny(Reason.TOKEN_MALFORMED, "header is not a JSON object")
+        injected = FORBIDDEN_HEADERS.intersection(header)
+        if injected:
+            names = ", ".join(sorted(injected))
+            raise _deny(Reason.TOKEN_MALFORMED, f"forbidden header parameter(s): {names}")
+        if "b64" in header:
+            raise _deny(Reason.TOKEN_MALFORMED, "b64 header parameter is not supported")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID_CHARS):
+            raise _deny(Reason.TOKEN_MALFORMED, "kid is not a short string")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or not alg:
+            # alg missing: nothing is signed in a way we could check.
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "alg missing")
+        if alg.strip().lower() == "none":
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "alg none")
+        if alg not in self._algorithms:
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "alg not allowed by the policy")
+        if not s64:
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "empty signature")
+        return header
+
+    async def _select_key(self, kid: str | None) -> KeyEntry:
+        keys = await self._source.keys()  # may raise jwks_unavailable
+        entry = keys.select(kid)
+        if entry is None and kid is not None and await self._source.refetch_for_unknown_kid():
+            entry = (await self._source.keys()).select(kid)
+        if entry is None:
+            if kid is None:
+                raise _deny(Reason.TOKEN_BAD_SIGNATURE, "no kid and the key set has several keys")
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "unknown kid")
+        return entry
+
+    def _check_signature(self, token: str, entry: KeyEntry) -> bytes:
+        self.verifications += 1
+        try:
+            decoded = _JWS.decode_complete(token, key=entry.jwk, algorithms=[entry.alg], options=_SIG_ONLY)
+        except InvalidSignatureError:
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "signature does not verify") from None
+        except InvalidAlgorithmError:
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "algorithm not allowed for the key") from None
+        except ExpiredSignatureError:
+            raise _deny(Reason.TOKEN_EXPIRED, "expired") from None
+        except ImmatureSignatureError:
+            raise _deny(Reason.TOKEN_NOT_YET_VALID, "not yet valid") from None
+        except (InvalidAudienceError, InvalidIssuerError, MissingRequiredClaimError):
+            raise _deny(Reason.TOKEN_CLAIMS, "claims") from None
+        except DecodeError:
+            raise _deny(Reason.TOKEN_MALFORMED, "cannot decode") from None
+        except PyJWTError as e:
+            raise _deny(Reason.TOKEN_MALFORMED, type(e).__name__) from None
+        payload: bytes = decoded["payload"]
+        return payload
+
+    def _check_claims(self, claims: dict[str, Any]) -> VerifiedToken:
+        cfg = self.cfg
+        now = self._clock()
+        leeway = cfg.leeway_seconds
+        for name in ("exp", "nbf", "iat"):
+            if name in claims and not _is_number(claims[name]):
+                raise _deny(Reason.TOKEN_CLAIMS, f"{name} is not a number")
+        if "exp" not in claims:
+            raise _deny(Reason.TOKEN_CLAIMS, "exp missing")
+        exp = float(claims["exp"])
+        iat = float(claims["iat"]) if "iat" in claims else None
+        nbf = float(claims["nbf"]) if "nbf" in claims else None
+
+        iss = claims.get("iss")
+        if not isinstance(iss, str) or iss != cfg.issuer:
+            raise _deny(Reason.TOKEN_CLAIMS, "issuer not accepted")
+        aud = claims.get("aud")
+        if isinstance(aud, str):
+            auds = [aud]
+        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+            auds = aud
+        else:
+            raise _deny(Reason.TOKEN_CLAIMS, "aud missing or not a string/list of strings")
+        if self._audiences.isdisjoint(auds):
+            raise _deny(Reason.TOKEN_CLAIMS, "audience not accepted")
+
+        if now >= exp + leeway:
+            raise _deny(Reason.TOKEN_EXPIRED, "expired")
+        if nbf is not None and nbf > now + leeway:
+            raise _deny(Reason.TOKEN_NOT_YET_VALID, "nbf in the future")
+        if iat is not None and iat > now + leeway:
+            raise _deny(Reason.TOKEN_NOT_YET_VALID, "iat in the future")
+        lifetime = exp - (iat if iat is not None else now)
+        if lifetime > cfg.max_lifetime_seconds:
+            raise _deny(Reason.TOKEN_CLAIMS, f"lifetime over {cfg.max_lifetime_seconds}s")
+
+        raw_user = claims.get(cfg.user_claim)
+        if isinstance(raw_user, bool) or not isinstance(raw_user, str | int):
+            raise _deny(Reason.TOKEN_CLAIMS, f"{cfg.user_claim} missing or not a string/integer")
+        user = str(raw_user)
+        if not user:
+            raise _deny(Reason.TOKEN_CLAIMS, f"{cfg.user_claim} is empty")
+        return VerifiedToken(claims=MappingProxyType(claims), user=user, expires_at=exp)
