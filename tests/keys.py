@@ -127,11 +127,12 @@ def sign(
     kid: str | None = None,
     headers: dict[str, Any] | None = None,
 ) -> str:
-    """A signed JWT exactly as given (no iat/exp filled in)."""
-    h: dict[str, Any] = dict(headers or {})
+    """A signed JWT with exactly these claims (no iat/exp filled in, no type checks)."""
+    h: dict[str, Any] = {"typ": "JWT", **(headers or {})}
     if kid is not None:
         h["kid"] = kid
-    return pyjwt.encode(claims, key, algorithm=alg, headers=h or None)  # type: ignore[arg-type]
+    payload = json.dumps(claims, separators=(",", ":")).encode()
+    return pyjwt.PyJWS().encode(payload, key, algorithm=alg, headers=h)  # type: ignore[arg-type]
 
 
 def b64url(data: bytes) -> str:
