@@ -1,0 +1,125 @@
+"""Envoy's gRPC access-log service: how leases learn that a WebSocket is alive or gone.
+
+ext_authz sees only the upgrade, never the close. With the HCM's
+``access_log_options`` (``flush_log_on_tunnel_successfully_established`` and a
+periodic ``access_log_flush_interval``) Envoy streams an entry when the tunnel
+is up, one per interval while it lives, and one at the end, each carrying the
+ext_authz dynamic metadata we returned, so the lease id comes back to us:
+
+- DownstreamTunnelSuccessfullyEstablished: confirm (refresh) the lease
+- DownstreamPeriodic: refresh it
+- DownstreamEnd: release it, whatever the response code (an upgrade that failed
+  upstream after we allowed it must free its slot too)
+
+The stream is lossy by design and Envoy can die: leases expire on their own, so
+a lost entry costs at most one TTL of a slot, never a leak.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from extauth.envoy_api import METADATA_NAMESPACE
+from extauth.logs import log_event
+from extauth.metrics import Metrics
+from extauth.store.base import LeaseRef, Store
+
+log = logging.getLogger("extauth.accesslog")
+
+_T = accesslog_pb2.AccessLogType
+_REFRESH = {_T.DownstreamTunnelSuccessfullyEstablished, _T.DownstreamPeriodic}
+_RELEASE = {_T.DownstreamEnd}
+_TYPE_NAMES = {
+    _T.DownstreamTunnelSuccessfullyEstablished: "tunnel_established",
+    _T.DownstreamPeriodic: "periodic",
+    _T.DownstreamEnd: "end",
+}
+
+
+def lease_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LeaseRef | None:
+    """Our lease from an entry's ext_authz metadata; None for entries that are not ours."""
+    fm = entry.common_properties.metadata.filter_metadata
+    if METADATA_NAMESPACE not in fm:
+        return None
+    fields = fm[METADATA_NAMESPACE].fields
+    lease = fields.get("lease_id")
+    policy = fields.get("policy")
+    ip = fields.get("client_ip")
+    if lease is None or policy is None or ip is None:
+        return None
+    user = fields.get("user")
+    return LeaseRef(
+        lease_id=lease.string_value,
+        policy=policy.string_value,
+        user=user.string_value if user is not None else None,
+        ip=ip.string_value,
+    )
+
+
+def classify(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
+    """"refresh", "release" or None (an entry type we do not act on)."""
+    common = entry.common_properties
+    kind = common.access_log_type
+    if kind in _REFRESH:
+        return "refresh"
+    if kind in _RELEASE:
+        return "release"
+    if kind == _T.NotSet:
+        # Older Envoys leave the type unset: an intermediate entry means alive.
+        return "refresh" if common.intermediate_log_entry else "release"
+    return None
+
+
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    def __init__(self, store_of: Callable[[], Store | None], ttl_of: Callable[[], float],
+                 metrics: Metrics) -> None:
+        # Callables, so a config reload or store swap is seen by open streams.
+        self._store_of = store_of
+        self._ttl_of = ttl_of
+        self._metrics = metrics
+
+    async def StreamAccessLogs(  # gRPC method name
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for message in request_iterator:
+            if message.HasField("http_logs"):
+                await self.handle_entries(message.http_logs.log_entry)
+        return als_pb2.StreamAccessLogsResponse()
+
+    async def handle_entries(self, entries: Any) -> None:
+        """One batch: refreshes in one pipelined call, releases in another."""
+        refresh: list[LeaseRef] = []
+        release: list[LeaseRef] = []
+        for entry in entries:
+            ref = lease_of(entry)
+            action = classify(entry) if ref is not None else None
+            kind = _TYPE_NAMES.get(entry.common_properties.access_log_type, "other")
+            if ref is None or action is None:
+                self._metrics.accesslog_entries.labels(kind, "ignored").inc()
+                continue
+            (refresh if action == "refresh" else release).append(ref)
+            self._metrics.accesslog_entries.labels(kind, action).inc()
+        store = self._store_of()
+        if store is None:
+            return
+        if release:
+            # A lease that ends in the same batch as its refresh must not be refreshed.
+            gone = {r.lease_id for r in release}
+            refresh = [r for r in refresh if r.lease_id not in gone]
+        await self._apply(store, refresh, release)
+
+    async def _apply(self, store: Store, refresh: list[LeaseRef], release: list[LeaseRef]) -> None:
+        try:
+            if refresh:
+                await store.refresh(refresh, self._ttl_of())
+            if release:
+                await store.release(release)
+        except Exception as e:
+            # The lease TTL is the safety net: log and move on, never break the stream.
+            log_event(log, logging.WARNING, "lease update failed; leases will expire by TTL",
+                      refresh=len(refresh), release=len(release), error=type(e).__name__)

@@ -1,0 +1,288 @@
+"""The decision pipeline: classify, pick the policy, validate the handshake, check
+the origin, verify the token, take a lease.
+
+Everything up to the token is pure and synchronous. The token step awaits only
+when keys must be fetched (a cache hit never does), and the lease step is one
+store round trip. The pipeline never raises: every outcome is a ``Decision``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from extauth.handshake import is_upgrade_attempt, validate_handshake
+from extauth.logs import log_event
+from extauth.metrics import Metrics
+from extauth.policy import select_policy
+from extauth.reasons import DenyError, Reason
+from extauth.request import CheckInput
+from extauth.runtime import CompiledPolicy, Runtime
+from extauth.store.base import LeaseRef, Store, StoreError
+from extauth.tokens import VerifiedToken
+
+log = logging.getLogger("extauth.decision")
+
+# Retry-After when the store gives no better hint (a held slot frees whenever its
+# owner disconnects, which we cannot predict).
+_QUOTA_RETRY_HINT = 5
+
+
+class JailLike(Protocol):
+    def is_banned(self, ip: str) -> bool: ...
+    def observe(self, ip: str, reason: Reason) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    status: int  # 200 when allowed
+    decision_id: str
+    reason: Reason | None = None
+    policy: str | None = None
+    user: str | None = None
+    client_ip: str = ""
+    websocket: bool = False
+    headers_to_set: Mapping[str, str] = field(default_factory=dict)
+    headers_to_remove: tuple[str, ...] = ()
+    query_params_to_remove: tuple[str, ...] = ()
+    deny_headers: Mapping[str, str] = field(default_factory=dict)
+    lease: LeaseRef | None = None
+    shadow_reason: Reason | None = None
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """What the pipeline has learned so far; used to build the final Decision."""
+
+    decision_id: str
+    client_ip: str
+    websocket: bool = False
+    policy: CompiledPolicy | None = None
+    verified: VerifiedToken | None = None
+    headers_to_set: dict[str, str] = field(default_factory=dict)
+    headers_to_remove: list[str] = field(default_factory=list)
+    query_params_to_remove: list[str] = field(default_factory=list)
+    lease: LeaseRef | None = None
+
+
+def client_ip(req: CheckInput, xff_hops: int) -> str:
+    """The client address: the connection's source, or the entry ``xff_hops`` from
+    the right of X-Forwarded-For when that many trusted proxies append to it.
+    Falls back to the source address when the header is short or not an IP."""
+    if xff_hops > 0:
+        entries = [e.strip() for e in req.headers.get("x-forwarded-for", "").split(",") if e.strip()]
+        if len(entries) >= xff_hops:
+            candidate = entries[-xff_hops]
+            try:
+                return str(ipaddress.ip_address(candidate))
+            except ValueError:
+                pass
+    return req.source_ip
+
+
+def new_decision_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Authorizer:
+    """Holds the current Runtime (swapped whole on reload) and the shared store."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        store: Store | None,
+        *,
+        metrics: Metrics | None = None,
+        jail: JailLike | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._runtime = runtime
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.jail = jail
+        self._clock = clock
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def swap(self, runtime: Runtime) -> Runtime:
+        """Install a new runtime; checks already running finish on the old one."""
+        old, self._runtime = self._runtime, runtime
+        return old
+
+    async def check(self, req: CheckInput) -> Decision:
+        rt = self._runtime  # read once: a reload mid-check must not mix configs
+        started = time.perf_counter()
+        ctx = _Ctx(decision_id=new_decision_id(), client_ip=req.source_ip)
+        try:
+            decision = await self._run(rt, req, ctx)
+        except DenyError as e:
+            decision = self._deny(rt, req, ctx, e)
+        except Exception:
+            # Never a crash, never an allow: a bug becomes a 500 with a log line.
+            log.exception("check failed", extra={"fields": {"decision_id": ctx.decision_id}})
+            decision = self._deny(rt, req, ctx, DenyError(Reason.INTERNAL_ERROR, "unexpected exception"))
+        self._observe(decision, time.perf_counter() - started)
+        return decision
+
+    async def _run(self, rt: Runtime, req: CheckInput, ctx: _Ctx) -> Decision:
+        ctx.client_ip = client_ip(req, rt.config.xff_hops)
+        ctx.websocket = is_upgrade_attempt(req.headers)
+        policy = select_policy(rt.policies, rt.by_name, req.context, req.host, req.path)
+        if policy is None:
+            raise DenyError(Reason.NO_POLICY, "no policy for route")
+        ctx.policy = policy
+        if self.jail is not None and self.jail.is_banned(ctx.client_ip):
+            raise DenyError(Reason.BANNED)
+        if ctx.websocket:
+            validate_handshake(req.method, req.headers)
+            self._check_origin(policy, req.headers)
+        elif policy.policy.websocket_only:
+            raise DenyError(Reason.BAD_HANDSHAKE, "plain HTTP request on a WebSocket-only policy")
+        if policy.verifier is not None and policy.sources is not None:
+            await self._verify(policy, req, ctx)
+        if ctx.websocket and policy.limits is not None:
+            await self._acquire(rt, policy, ctx)
+        return self._allow(ctx)
+
+    @staticmethod
+    def _check_origin(policy: CompiledPolicy, headers: Mapping[str, str]) -> None:
+        origin = headers.get("origin")
+        if origin is None:
+            if not policy.policy.allow_missing_origin:
+                raise DenyError(Reason.ORIGIN_MISSING)
+            return
+        if not policy.origins.allows(origin):
+            raise DenyError(Reason.ORIGIN_NOT_ALLOWED)
+
+    async def _verify(self, policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> None:
+        assert policy.sources is not None and policy.verifier is not None
+        extracted = policy.sources.extract(req.headers, req.query)
+        strip = extracted.stripping
+        ctx.headers_to_remove.extend(strip.headers_to_remove)
+        ctx.headers_to_set.update(strip.headers_to_set)
+        ctx.query_params_to_remove.extend(strip.query_params_to_remove)
+        if extracted.token is None:
+            raise DenyError(Reason.TOKEN_MISSING)
+        verified = policy.verifier.verify_cached(extracted.token)
+        if verified is None:
+            verified = await policy.verifier.verify(extracted.token)
+        ctx.verified = verified
+
+    async def _acquire(self, rt: Runtime, policy: CompiledPolicy, ctx: _Ctx) -> None:
+        assert policy.limits is not None
+        if self.store is None:
+            raise DenyError(Reason.STORE_UNAVAILABLE, "no store configured")
+        from extauth.store import new_lease_id  # local: keeps the pure part import-light
+
+        user = ctx.verified.user if ctx.verified else None
+        ref = LeaseRef(new_lease_id(), policy.policy.name, user, ctx.client_ip)
+        try:
+            result = await self.store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds)
+        except (TimeoutError, StoreError) as e:
+            if rt.config.store_on_error == "allow":
+                log_event(log, logging.WARNING, "store unavailable; allowing without a lease",
+                          decision_id=ctx.decision_id, policy=policy.policy.name, error=type(e).__name__)
+                return
+            raise DenyError(Reason.STORE_UNAVAILABLE, type(e).__name__) from None
+        if not result.granted:
+            reason = result.denied or Reason.QUOTA_USER
+            retry = result.retry_after if result.retry_after is not None else _QUOTA_RETRY_HINT
+            raise DenyError(reason, retry_after=max(1, math.ceil(retry)))
+        ctx.lease = ref
+
+    def _allow(self, ctx: _Ctx) -> Decision:
+        policy = ctx.policy
+        assert policy is not None
+        headers = dict(ctx.headers_to_set)
+        remove = list(ctx.headers_to_remove)
+        for name, template in policy.header_templates:
+            value = template.render(ctx.verified.claims if ctx.verified else {})
+            if value:
+                headers[name] = value
+            else:
+                # Never let a client-supplied identity header through unreplaced.
+                remove.append(name)
+        return Decision(
+            allowed=True,
+            status=200,
+            decision_id=ctx.decision_id,
+            policy=policy.policy.name,
+            user=ctx.verified.user if ctx.verified else None,
+            client_ip=ctx.client_ip,
+            websocket=ctx.websocket,
+            headers_to_set=headers,
+            headers_to_remove=tuple(dict.fromkeys(remove)),
+            query_params_to_remove=tuple(dict.fromkeys(ctx.query_params_to_remove)),
+            lease=ctx.lease,
+        )
+
+    def _deny(self, rt: Runtime, req: CheckInput, ctx: _Ctx, err: DenyError) -> Decision:
+        reason = err.reason
+        if reason.hostile and self.jail is not None:
+            self.jail.observe(ctx.client_ip, reason)
+        policy_name = ctx.policy.policy.name if ctx.policy else None
+        if ctx.policy is not None and ctx.policy.policy.shadow and reason is not Reason.INTERNAL_ERROR:
+            self.metrics.shadow.labels(policy_name, reason.value).inc()
+            allowed = self._allow(ctx)
+            self._log(logging.INFO, "shadow deny", req, ctx, reason, err.detail)
+            return dataclasses.replace(allowed, shadow_reason=reason)
+        self._log(logging.INFO, "deny", req, ctx, reason, err.detail)
+        return Decision(
+            allowed=False,
+            status=reason.status,
+            decision_id=ctx.decision_id,
+            reason=reason,
+            policy=policy_name,
+            user=ctx.verified.user if ctx.verified else None,
+            client_ip=ctx.client_ip,
+            websocket=ctx.websocket,
+            deny_headers=_deny_headers(reason, err.retry_after),
+        )
+
+    def _log(self, level: int, msg: str, req: CheckInput, ctx: _Ctx, reason: Reason, detail: str) -> None:
+        # Path without its query string (it may hold a token); never the token itself.
+        log_event(
+            log, level, msg,
+            reason=reason.value, status=reason.status,
+            policy=ctx.policy.policy.name if ctx.policy else None,
+            client_ip=ctx.client_ip,
+            user=ctx.verified.user if ctx.verified else None,
+            decision_id=ctx.decision_id, request_id=req.request_id,
+            host=req.host[:256], route=req.path[:256], detail=detail,
+        )
+
+    def _observe(self, d: Decision, elapsed: float) -> None:
+        m = self.metrics
+        m.check_seconds.observe(elapsed)
+        result = "allow" if d.allowed else "deny"
+        shadow = f"shadow:{d.shadow_reason.value}" if d.shadow_reason else ""
+        reason = d.reason.value if d.reason else shadow
+        m.decisions.labels(d.policy or "", result, reason).inc()
+
+
+def _deny_headers(reason: Reason, retry_after: int | None) -> dict[str, str]:
+    headers = {"x-extauth-reason": reason.value}
+    if reason.status == 401:
+        # RFC 6750 §3.1: no error code when the request carried no credentials.
+        headers["www-authenticate"] = (
+            'Bearer realm="extauth"'
+            if reason is Reason.TOKEN_MISSING
+            else 'Bearer realm="extauth", error="invalid_token"'
+        )
+    elif reason is Reason.UNSUPPORTED_VERSION:
+        headers["sec-websocket-version"] = "13"
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    elif reason.status == 503:
+        headers["retry-after"] = "1"
+    return headers

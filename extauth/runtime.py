@@ -1,0 +1,142 @@
+"""A Config compiled for the request path: origin sets, token transports, verifiers,
+limits and header templates. Built once per (re)load, swapped whole, never mutated."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from extauth.config import Config, JwtConfig, Policy
+from extauth.origin import OriginPolicy
+from extauth.store.base import Limits
+from extauth.tokens.extract import TokenSources
+from extauth.tokens.jwt import JwtVerifier
+
+_FIELD_RE = re.compile(r"\{([^{}]*)\}")
+_MAX_HEADER_VALUE = 1024
+
+
+def _claim_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return ",".join(str(v) for v in value)
+    return ""
+
+
+class Template:
+    """``"{sub}"`` or ``"tenant-{org.id}"`` rendered from claims; dotted names walk objects."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, text: str) -> None:
+        parts: list[tuple[bool, str]] = []
+        pos = 0
+        for m in _FIELD_RE.finditer(text):
+            if m.start() > pos:
+                parts.append((False, text[pos : m.start()]))
+            parts.append((True, m.group(1)))
+            pos = m.end()
+        if pos < len(text):
+            parts.append((False, text[pos:]))
+        self._parts = tuple(parts)
+
+    def render(self, claims: Mapping[str, Any]) -> str:
+        out = []
+        for is_field, text in self._parts:
+            if not is_field:
+                out.append(text)
+                continue
+            value: Any = claims
+            for key in text.split("."):
+                value = value.get(key) if isinstance(value, Mapping) else None
+            rendered = _claim_text(value)
+            if not rendered:
+                return ""  # a missing claim empties the header rather than half-filling it
+            out.append(rendered)
+        result = "".join(out)
+        # Claims are attacker-influenced text: no control characters into a header.
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in result) or len(result) > _MAX_HEADER_VALUE:
+            return ""
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    policy: Policy
+    origins: OriginPolicy
+    sources: TokenSources | None
+    verifier: JwtVerifier | None
+    limits: Limits | None  # None: nothing to count, the store is not touched
+    header_templates: tuple[tuple[str, Template], ...]
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def match(self) -> Any:
+        return self.policy.match
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    policies: tuple[CompiledPolicy, ...]
+    by_name: Mapping[str, CompiledPolicy]
+    verifiers: Mapping[str, JwtVerifier]  # keyed by verifier identity, for reuse on reload
+
+    async def close_unused(self, keep: Runtime | None) -> None:
+        """Close verifiers the next runtime did not take over."""
+        kept = set(keep.verifiers) if keep else set()
+        for key, verifier in self.verifiers.items():
+            if key not in kept:
+                await verifier.close()
+
+
+def _verifier_key(jwt: JwtConfig, cfg: Config) -> str:
+    return f"{jwt.model_dump_json()}|{cfg.max_token_bytes}|{cfg.token_cache_size}"
+
+
+def _limits(policy: Policy) -> Limits | None:
+    q = policy.quotas
+    if not q.any:
+        return None
+    return Limits(
+        connections_per_user=q.connections_per_user,
+        connections_per_ip=q.connections_per_ip,
+        attempts_per_user_per_minute=q.attempts_per_user_per_minute,
+        attempts_per_ip_per_minute=q.attempts_per_ip_per_minute,
+    )
+
+
+def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
+    """Compile a config. Verifiers whose settings did not change are carried over
+    from ``previous`` so a reload keeps warm JWKS and token caches."""
+    old = previous.verifiers if previous else {}
+    verifiers: dict[str, JwtVerifier] = {}
+    compiled = []
+    for p in cfg.policies:
+        verifier = None
+        if p.jwt is not None:
+            key = _verifier_key(p.jwt, cfg)
+            verifier = verifiers.get(key) or old.get(key)
+            if verifier is None:
+                verifier = JwtVerifier(p.jwt, max_token_bytes=cfg.max_token_bytes,
+                                       cache_size=cfg.token_cache_size)
+            verifiers[key] = verifier
+        compiled.append(
+            CompiledPolicy(
+                policy=p,
+                origins=OriginPolicy(p.origins),
+                sources=TokenSources(p.jwt.token_sources) if p.jwt else None,
+                verifier=verifier,
+                limits=_limits(p),
+                header_templates=tuple((k, Template(v)) for k, v in p.upstream_headers.items()),
+            )
+        )
+    return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers)

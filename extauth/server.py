@@ -1,0 +1,205 @@
+"""The gRPC server: ext_authz Check, Envoy's access-log stream, grpc.health.v1 and reflection
+on one port, plus its lifecycle (start, hot reload, graceful drain).
+
+Public API (what ``extauth serve`` is a thin shell over)::
+
+    server = ExtAuthServer(load_config(path), config_path=path)
+    await server.start()
+    ...
+    await server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from extauth.accesslog import AccessLogService
+from extauth.config import Config, ConfigError, load_config
+from extauth.envoy_api import check_input, check_response
+from extauth.logs import log_event
+from extauth.metrics import Metrics
+from extauth.pipeline import Authorizer, Decision, new_decision_id
+from extauth.reasons import Reason
+from extauth.runtime import Runtime, build_runtime
+from extauth.store import open_store
+from extauth.store.base import Store
+from extauth.store.guard import GuardedStore
+
+log = logging.getLogger("extauth.server")
+
+AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authorizer = authorizer
+
+    async def Check(  # gRPC method name
+        self, request: external_auth_pb2.CheckRequest, context: Any
+    ) -> external_auth_pb2.CheckResponse:
+        try:
+            decision = await self._authorizer.check(check_input(request))
+        except Exception:
+            # check() itself never raises; this guards the protobuf translation.
+            log.exception("check translation failed")
+            decision = Decision(allowed=False, status=500, decision_id=new_decision_id(),
+                                reason=Reason.INTERNAL_ERROR,
+                                deny_headers={"x-extauth-reason": Reason.INTERNAL_ERROR.value})
+        return check_response(decision)
+
+
+def build_store(cfg: Config, metrics: Metrics | None = None) -> Store:
+    """The configured store behind a per-call timeout and a circuit breaker."""
+    return GuardedStore(
+        open_store(cfg.store),
+        timeout=cfg.store_timeout_ms / 1000.0,
+        failure_threshold=cfg.store_breaker.failure_threshold,
+        reset_seconds=cfg.store_breaker.reset_seconds,
+        metrics=metrics,
+    )
+
+
+class ExtAuthServer:
+    def __init__(self, config: Config, *, config_path: str | Path | None = None,
+                 metrics: Metrics | None = None, store: Store | None = None) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path else None
+        self.metrics = metrics or Metrics()
+        self.store = store or build_store(config, self.metrics)
+        self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics)
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port: int = 0
+        self._reload_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationService(self.authorizer), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogService(lambda: self.store, lambda: self.authorizer.runtime.config.lease_ttl_seconds,
+                             self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (AUTHZ_SERVICE, ALS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        self._server = server
+        await self._warm()
+        # SERVING only once config is loaded and the port is open.
+        for name in ("", AUTHZ_SERVICE, ALS_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log_event(log, logging.INFO, "serving", listen=self.config.listen, port=self.port,
+                  policies=[p.name for p in self.config.policies], store=_redact(self.config.store))
+
+    async def _warm(self) -> None:
+        for verifier in self.authorizer.runtime.verifiers.values():
+            await verifier.start()
+
+    async def reload(self) -> bool:
+        """Re-read the config file and swap it in whole; on any error keep the old one."""
+        if self.config_path is None:
+            return False
+        async with self._reload_lock:
+            try:
+                cfg = await asyncio.to_thread(load_config, self.config_path)
+                self._check_reloadable(cfg)
+                runtime = build_runtime(cfg, self.authorizer.runtime)
+            except (ConfigError, ValueError) as e:
+                self.metrics.reloads.labels("error").inc()
+                log_event(log, logging.ERROR, "reload refused; keeping the current config", error=str(e))
+                return False
+            for v in runtime.verifiers.values():
+                await v.start()
+            old: Runtime = self.authorizer.swap(runtime)
+            self.config = cfg
+            await old.close_unused(runtime)
+            self.metrics.reloads.labels("ok").inc()
+            log_event(log, logging.INFO, "config reloaded", policies=[p.name for p in cfg.policies])
+            return True
+
+    def _check_reloadable(self, cfg: Config) -> None:
+        # Sockets and the store connection are not swapped live: say so instead
+        # of silently ignoring the change.
+        for key in ("listen", "store", "admin_listen", "metrics_listen"):
+            if getattr(cfg, key) != getattr(self.config, key):
+                raise ValueError(f"{key}: changing it needs a restart")
+
+    async def stop(self, drain: float | None = None) -> None:
+        """Graceful drain: NOT_SERVING first so Envoy's health checks move away, keep
+        answering checks for ``drain`` seconds, then finish in-flight calls and stop."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        wait = self.config.drain_seconds if drain is None else drain
+        if wait > 0:
+            log_event(log, logging.INFO, "draining", seconds=wait)
+            await asyncio.sleep(wait)
+        await self._server.stop(grace=5.0)
+        self._server = None
+        await self.authorizer.runtime.close_unused(None)
+        await self.store.close()
+        log_event(log, logging.INFO, "stopped")
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+async def serve(config: Config, *, config_path: str | Path | None = None) -> None:
+    """Run until SIGTERM/SIGINT (drain, then exit); SIGHUP reloads the config file."""
+    server = ExtAuthServer(config, config_path=config_path)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload()))
+    watcher = asyncio.create_task(_watch(server)) if config.watch_config and config_path else None
+    await stopping.wait()
+    if watcher:
+        watcher.cancel()
+    await server.stop()
+
+
+async def _watch(server: ExtAuthServer, interval: float = 1.0) -> None:
+    """Reload when the config file's mtime changes (cheap stat, once a second)."""
+    assert server.config_path is not None
+    path = server.config_path
+
+    def mtime() -> float | None:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return None
+
+    last = mtime()
+    while True:
+        await asyncio.sleep(interval)
+        current = mtime()
+        if current is not None and current != last:
+            last = current
+            await server.reload()

@@ -1,0 +1,249 @@
+"""The real grpc.aio server on an ephemeral port, called over a real gRPC channel with
+xds-protos messages; keys come from a JWKS URL served by a local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from extauth.config import parse_config
+from extauth.server import ExtAuthServer
+from tests.envoy_msgs import als_message, check_request, headers_of, log_entry, metadata_of, ws_headers
+from tests.keys import JwksServer, jwks_for, jwks_server, make_rsa_key, shared_rsa_key, sign
+
+ISS = "https://issuer.example.com"
+
+
+@pytest.fixture(scope="module")
+def jwks() -> Iterator[JwksServer]:
+    with jwks_server(jwks_for(shared_rsa_key(), "k1", "RS256")) as srv:
+        yield srv
+
+
+def token(sub: str = "alice", key: Any = None, **over: Any) -> str:
+    now = int(time.time())
+    claims = {"iss": ISS, "aud": "ws", "sub": sub, "iat": now, "exp": now + 600, **over}
+    return sign(key or shared_rsa_key(), "RS256", claims, kid="k1")
+
+
+def config(jwks_url: str, **top: Any) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:0",
+        "store": "memory://",
+        "drain_seconds": 0,
+        **top,
+        "policies": [
+            {
+                "name": "chat",
+                "match": {"hosts": ["ws.example.com"], "path_prefix": "/ws"},
+                "origins": ["https://app.example.com", "https://*.example.com"],
+                "jwt": {
+                    "issuer": ISS, "audiences": ["ws"], "algorithms": ["RS256"], "jwks_uri": jwks_url,
+                    "token_sources": ["query:token", "header:authorization", "subprotocol"],
+                },
+                "quotas": {"connections_per_user": 2, "connections_per_ip": 50},
+                "upstream_headers": {"x-user-id": "{sub}", "x-tenant": "{org}"},
+            },
+            {
+                "name": "api",
+                "match": {"path_prefix": "/api"},
+                "websocket_only": False,
+                "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_uri": jwks_url},
+                "upstream_headers": {"x-user-id": "{sub}"},
+            },
+        ],
+    }
+
+
+class Client:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.authz = external_auth_pb2_grpc.AuthorizationStub(channel)
+        self.als = als_pb2_grpc.AccessLogServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+    async def check(self, *args: Any, **kw: Any) -> external_auth_pb2.CheckResponse:
+        return await self.authz.Check(check_request(*args, **kw), timeout=5)
+
+
+@pytest.fixture
+async def server(jwks: JwksServer) -> AsyncIterator[ExtAuthServer]:
+    srv = ExtAuthServer(parse_config(config(jwks.url)))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(drain=0)
+
+
+@pytest.fixture
+async def client(server: ExtAuthServer) -> AsyncIterator[Client]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield Client(channel)
+
+
+def reason_of(resp: external_auth_pb2.CheckResponse) -> str:
+    return headers_of(resp).get("x-extauth-reason", "")
+
+
+async def test_health_serving_and_reflection(client: Client) -> None:
+    resp = await client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    authz = await client.health.Check(
+        health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=5)
+    assert authz.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    calls = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = set()
+    async for r in calls:
+        names = {s.name for s in r.list_services_response.service}
+    assert {"envoy.service.auth.v3.Authorization", "envoy.service.accesslog.v3.AccessLogService"} <= names
+
+
+async def test_allow_strips_query_token_and_adds_identity(client: Client) -> None:
+    resp = await client.check(f"/ws/room?x=1&token={token(org='acme')}",
+                              ws_headers(x_user_id="spoofed", x_tenant="spoofed"))
+    assert resp.status.code == 0 and resp.HasField("ok_response")
+    assert list(resp.ok_response.query_parameters_to_remove) == ["token"]
+    headers = headers_of(resp)
+    assert headers["x-user-id"] == "alice" and headers["x-tenant"] == "acme"
+    md = metadata_of(resp)
+    assert md["policy"] == "chat" and md["user"] == "alice" and len(md["lease_id"]) >= 16
+    assert md["client_ip"] == "203.0.113.7"
+    assert "token" not in json.dumps(md)
+
+
+async def test_missing_claim_header_is_removed_not_left_spoofable(client: Client) -> None:
+    resp = await client.check("/ws", ws_headers(authorization=f"Bearer {token()}", x_tenant="spoofed"))
+    assert resp.status.code == 0
+    assert "x-tenant" in resp.ok_response.headers_to_remove
+    assert "authorization" in resp.ok_response.headers_to_remove
+
+
+async def test_subprotocol_token_forwards_only_real_protocols(client: Client) -> None:
+    tok = token()
+    resp = await client.check("/ws", ws_headers(sec_websocket_protocol=f"chat.v1, bearer.{tok}"))
+    assert resp.status.code == 0
+    assert headers_of(resp)["sec-websocket-protocol"] == "chat.v1"
+    assert tok not in str(resp)
+
+
+async def test_disallowed_origin_403_with_json_body(client: Client) -> None:
+    resp = await client.check(f"/ws?token={token()}", ws_headers(origin="https://evil.com"))
+    assert resp.denied_response.status.code == 403
+    assert reason_of(resp) == "origin_not_allowed"
+    body = json.loads(resp.denied_response.body)
+    assert body["error"] == "origin_not_allowed" and body["message"]
+    assert headers_of(resp)["content-type"] == "application/json"
+    assert metadata_of(resp)["reason"] == "origin_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "reason"),
+    [
+        (ws_headers(origin=None), 403, "origin_missing"),
+        (ws_headers(sec_websocket_version="8"), 426, "unsupported_version"),
+        (ws_headers(sec_websocket_key="nope"), 400, "bad_handshake"),
+        ({"origin": "https://app.example.com"}, 400, "bad_handshake"),  # plain HTTP on a ws-only policy
+        (ws_headers(), 401, "token_missing"),
+        (ws_headers(authorization="Bearer not-a-jwt"), 401, "token_malformed"),
+        (ws_headers(authorization="Bearer " + "a" * 9000), 401, "token_malformed"),
+        (ws_headers(origin="https://app!example.com"), 403, "origin_not_allowed"),  # Envoy's non-UTF-8 '!'
+    ],
+)
+async def test_denials(client: Client, headers: dict[str, str], status: int, reason: str) -> None:
+    resp = await client.check("/ws", headers)
+    assert resp.denied_response.status.code == status
+    assert reason_of(resp) == reason
+
+
+async def test_426_tells_the_supported_version(client: Client) -> None:
+    resp = await client.check("/ws", ws_headers(sec_websocket_version="8"))
+    assert headers_of(resp)["sec-websocket-version"] == "13"
+
+
+async def test_401_carries_www_authenticate(client: Client) -> None:
+    resp = await client.check("/ws", ws_headers(authorization="Bearer a.b.c"))
+    assert 'error="invalid_token"' in headers_of(resp)["www-authenticate"]
+    missing = await client.check("/ws", ws_headers())
+    assert "error=" not in headers_of(missing)["www-authenticate"]
+
+
+async def test_forged_signature_and_expired(client: Client) -> None:
+    forged = token(key=make_rsa_key())
+    resp = await client.check("/ws", ws_headers(authorization=f"Bearer {forged}"))
+    assert reason_of(resp) == "token_bad_signature"
+    expired = token(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600)
+    resp = await client.check("/ws", ws_headers(authorization=f"Bearer {expired}"))
+    assert reason_of(resp) == "token_expired"
+
+
+async def test_unknown_policy_and_empty_request(client: Client) -> None:
+    resp = await client.check("/ws", ws_headers(), context={"policy": "nope"})
+    assert resp.denied_response.status.code == 403 and reason_of(resp) == "no_policy"
+    empty = await client.authz.Check(external_auth_pb2.CheckRequest(), timeout=5)
+    assert empty.denied_response.status.code == 403 and reason_of(empty) == "no_policy"
+
+
+async def test_plain_http_policy_by_jwt_alone(client: Client) -> None:
+    resp = await client.check("/api/items", {"authorization": f"Bearer {token()}"}, host="api.example.com")
+    assert resp.status.code == 0
+    assert headers_of(resp)["x-user-id"] == "alice"
+    assert "lease_id" not in metadata_of(resp)  # nothing to count for plain HTTP
+
+
+async def test_user_quota_then_release_through_access_log(client: Client) -> None:
+    tok = token("bob")
+    leases = []
+    for _ in range(2):
+        resp = await client.check(f"/ws?token={tok}", ws_headers())
+        assert resp.status.code == 0
+        leases.append(metadata_of(resp))
+    third = await client.check(f"/ws?token={tok}", ws_headers())
+    assert third.denied_response.status.code == 429 and reason_of(third) == "quota_user"
+    assert int(headers_of(third)["retry-after"]) >= 1
+    assert metadata_of(third)["user"] == "bob"
+
+    # Envoy streams the tunnel-established, periodic and end entries with our metadata.
+    call = client.als.StreamAccessLogs()
+    await call.write(als_message([log_entry(leases[0], "DownstreamTunnelSuccessfullyEstablished"),
+                                  log_entry(None, "DownstreamEnd")]))
+    await call.write(als_message([log_entry(leases[0], "DownstreamPeriodic")], first=False))
+    await call.write(als_message([log_entry(leases[0], "DownstreamEnd")], first=False))
+    await call.done_writing()
+    await call
+
+    again = await client.check(f"/ws?token={tok}", ws_headers())
+    assert again.status.code == 0, reason_of(again)
+
+
+async def test_internal_error_is_a_500_denial_and_server_survives(jwks: JwksServer) -> None:
+    from extauth.store.memory import MemoryStore
+
+    class Broken(MemoryStore):
+        # A bug inside the store is a fault we cannot cause for real.
+        async def acquire(self, *a: Any, **kw: Any) -> Any:
+            raise RuntimeError("boom")
+
+    srv = ExtAuthServer(parse_config(config(jwks.url)), store=Broken())
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            c = Client(ch)
+            resp = await c.check(f"/ws?token={token()}", ws_headers())
+            assert resp.denied_response.status.code == 500
+            assert reason_of(resp) == "internal_error"
+            assert "boom" not in resp.denied_response.body
+            ok = await c.check("/api/x", {"authorization": f"Bearer {token()}"})
+            assert ok.status.code == 0
+    finally:
+        await srv.stop(drain=0)
