@@ -132,7 +132,7 @@ def sign(
     if kid is not None:
         h["kid"] = kid
     payload = json.dumps(claims, separators=(",", ":")).encode()
-    return pyjwt.PyJWS().encode(payload, key, algorithm=alg, headers=h)  # type: ignore[arg-type]
+    return pyjwt.PyJWS().encode(payload, key, algorithm=alg, headers=h)
 
 
 def b64url(data: bytes) -> str:
@@ -155,6 +155,12 @@ def resign_header(token: str, header: dict[str, Any]) -> str:
 
 
 # -- a local JWKS server -----------------------------------------------------
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that give up early (size cap, timeout) are expected here.
+        return None
 
 
 class JwksServer:
@@ -206,9 +212,11 @@ class JwksServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def url(self) -> str:

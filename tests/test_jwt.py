@@ -578,7 +578,7 @@ def test_key_binding_rules(caplog: pytest.LogCaptureFixture) -> None:
         jwk_for(ec_key, "ec-claims-rsa", "RS256"),  # kty mismatch: skipped
         {"kty": "oct", "k": "c2VjcmV0", "kid": "oct", "alg": "HS256"},  # never from a JWKS
         {"kid": "no-kty"},
-        "not an object",
+        "not an object",  # type: ignore[arg-type]
     )
     ks = build_key_set(doc, ["RS256", "ES256", "PS256"], source="test")
     assert sorted(ks.by_kid) == ["ec-inferred", "rs"]
