@@ -98,10 +98,15 @@ def parse_origin_pattern(pattern: str) -> Origin | _Wildcard | None:
     return origin
 
 
+# Distinct Origin values seen in practice are few (your own sites), so verdicts
+# are memoized; the bound keeps a flood of random origins from growing memory.
+_MEMO_MAX = 4096
+
+
 class OriginPolicy:
     """An allow list compiled once per config."""
 
-    __slots__ = ("_allow_null", "_exact", "_wildcards")
+    __slots__ = ("_allow_null", "_exact", "_memo", "_wildcards")
 
     def __init__(self, patterns: list[str]) -> None:
         self._exact: frozenset[str] = frozenset()
@@ -119,9 +124,19 @@ class OriginPolicy:
                 exact.add(parsed.serialize())
         self._exact = frozenset(exact)
         self._wildcards = tuple(wildcards)
+        self._memo: dict[str, bool] = {}
 
     def allows(self, header_value: str) -> bool:
         """True only for exactly one well-formed origin on the list."""
+        verdict = self._memo.get(header_value)
+        if verdict is None:
+            verdict = self._decide(header_value)
+            if len(self._memo) >= _MEMO_MAX:
+                self._memo.clear()
+            self._memo[header_value] = verdict
+        return verdict
+
+    def _decide(self, header_value: str) -> bool:
         if header_value == "null":
             return self._allow_null
         origin = parse_origin(header_value)

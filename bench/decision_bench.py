@@ -1,0 +1,97 @@
+"""Microseconds per decision, in-process (no gRPC): origin only, JWT cold (RS256
+verify on every call, cache disabled), JWT cached (verified-token cache warm).
+
+    .venv/bin/python bench/decision_bench.py [--n 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from extauth.config import parse_config  # noqa: E402
+from extauth.pipeline import Authorizer  # noqa: E402
+from extauth.request import CheckInput  # noqa: E402
+from extauth.runtime import build_runtime  # noqa: E402
+from tests.keys import jwks_for, make_rsa_key, sign  # noqa: E402
+
+ISS = "https://issuer.example.com"
+WS = {
+    "upgrade": "websocket",
+    "connection": "Upgrade",
+    "sec-websocket-version": "13",
+    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "origin": "https://app.example.com",
+}
+
+
+def _config(jwks_file: str, cache_size: int) -> dict[str, Any]:
+    jwt = {"issuer": ISS, "audiences": ["ws"], "algorithms": ["RS256"], "jwks_file": jwks_file,
+           "token_sources": ["query:token", "header:authorization"]}
+    return {
+        "token_cache_size": cache_size,
+        "policies": [
+            {"name": "origin-only", "match": {"path_prefix": "/open"}, "origins": ["https://app.example.com"]},
+            {"name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"],
+             "jwt": jwt, "upstream_headers": {"x-user-id": "{sub}"}},
+        ],
+    }
+
+
+async def _time(authz: Authorizer, req: CheckInput, n: int) -> float:
+    for _ in range(min(n // 10, 500)):  # warm-up
+        d = await authz.check(req)
+    assert d.allowed, d
+    start = time.perf_counter()
+    for _ in range(n):
+        await authz.check(req)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+async def run(n: int) -> dict[str, float]:
+    key = make_rsa_key()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "jwks.json")
+        Path(path).write_text(json.dumps(jwks_for(key, "k1", "RS256")))
+        now = int(time.time())
+        tok = sign(key, "RS256", {"iss": ISS, "aud": "ws", "sub": "alice", "iat": now, "exp": now + 3600},
+                   kid="k1")
+
+        def req(path: str) -> CheckInput:
+            return CheckInput(method="GET", host="ws.example.com", path=path, query=f"token={tok}",
+                              headers=WS, source_ip="203.0.113.7")
+
+        cached = Authorizer(build_runtime(parse_config(_config(path, 10_000))), None)
+        cold = Authorizer(build_runtime(parse_config(_config(path, 0))), None)
+        return {
+            "origin only": await _time(cached, req("/open"), n),
+            "JWT cold (RS256 verify)": await _time(cold, req("/ws"), max(n // 10, 1000)),
+            "JWT cached": await _time(cached, req("/ws"), n),
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=20000)
+    args = ap.parse_args()
+    results = asyncio.run(run(args.n))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
+    print("| decision (in-process, full pipeline) | µs per decision |")
+    print("|---|---|")
+    for name, us in results.items():
+        print(f"| {name} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
