@@ -1,0 +1,165 @@
+"""The decision pipeline in-process: client IP, shadow mode, store outages, the
+verified-token cache, and config swaps under concurrent load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from extauth.config import parse_config
+from extauth.pipeline import Authorizer, client_ip
+from extauth.reasons import Reason
+from extauth.request import CheckInput
+from extauth.runtime import build_runtime
+from extauth.store import open_store
+from extauth.store.guard import GuardedStore
+from extauth.store.memory import MemoryStore
+from tests.envoy_msgs import ws_headers
+from tests.keys import jwks_for, shared_rsa_key, sign
+
+ISS = "https://issuer.example.com"
+
+
+@pytest.fixture(scope="module")
+def jwks_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("keys") / "jwks.json"
+    path.write_text(json.dumps(jwks_for(shared_rsa_key(), "k1", "RS256")))
+    return str(path)
+
+
+def token(sub: str = "alice", **over: Any) -> str:
+    now = int(time.time())
+    return sign(shared_rsa_key(), "RS256", {"iss": ISS, "aud": "ws", "sub": sub, "iat": now,
+                                            "exp": now + 600, **over}, kid="k1")
+
+
+def cfg(jwks_file: str, *, shadow: bool = False, origins: list[str] | None = None, **top: Any) -> Any:
+    return parse_config({
+        **top,
+        "policies": [{
+            "name": "chat", "match": {"path_prefix": "/ws"}, "shadow": shadow,
+            "origins": origins or ["https://app.example.com"],
+            "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_file": jwks_file,
+                    "token_sources": ["query:token"]},
+            "quotas": {"connections_per_user": 3},
+            "upstream_headers": {"x-user-id": "{sub}"},
+        }],
+    })
+
+
+def req(query: str = "", **headers: str) -> CheckInput:
+    h = ws_headers(**headers)
+    return CheckInput(method="GET", host="h", path="/ws", query=query, headers=h, source_ip="198.51.100.9")
+
+
+def test_client_ip_from_trusted_xff_hops() -> None:
+    r = CheckInput(method="GET", host="h", path="/", query="", source_ip="10.0.0.1",
+                   headers={"x-forwarded-for": "203.0.113.5, 192.0.2.1, 10.0.0.9"})
+    assert client_ip(r, 0) == "10.0.0.1"
+    assert client_ip(r, 1) == "10.0.0.9"
+    assert client_ip(r, 3) == "203.0.113.5"
+    assert client_ip(r, 4) == "10.0.0.1"  # fewer entries than trusted hops: use the peer
+    bad = CheckInput(method="GET", host="h", path="/", query="", source_ip="10.0.0.1",
+                     headers={"x-forwarded-for": "not-an-ip"})
+    assert client_ip(bad, 1) == "10.0.0.1"
+
+
+async def test_shadow_mode_allows_and_tags(jwks_file: str) -> None:
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    d = await authz.check(req(origin="https://evil.com"))
+    assert d.allowed and d.shadow_reason is Reason.ORIGIN_NOT_ALLOWED and d.reason is None
+    count = authz.metrics.shadow.labels("chat", "origin_not_allowed")._value.get()
+    assert count == 1
+    # A shadow policy still strips the credential.
+    d = await authz.check(req(f"token={token(exp=1, iat=0)}"))
+    assert d.allowed and d.shadow_reason is Reason.TOKEN_EXPIRED
+    assert d.query_params_to_remove == ("token",)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # nothing listens here once the socket is closed
+
+
+@pytest.mark.parametrize(("on_error", "allowed"), [("deny", False), ("allow", True)])
+async def test_store_outage_outcome(jwks_file: str, on_error: str, allowed: bool) -> None:
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    config = cfg(jwks_file, store=url, store_on_error=on_error)
+    store = GuardedStore(open_store(url), timeout=0.05, failure_threshold=2, reset_seconds=30)
+    authz = Authorizer(build_runtime(config), store)
+    try:
+        started = time.monotonic()
+        decisions = [await authz.check(req(f"token={token()}")) for _ in range(20)]
+        elapsed = time.monotonic() - started
+    finally:
+        await store.close()
+    assert all(d.allowed is allowed for d in decisions)
+    if not allowed:
+        assert {d.reason for d in decisions} == {Reason.STORE_UNAVAILABLE}
+        assert decisions[0].status == 503
+    assert all(d.lease is None for d in decisions)
+    # Once the breaker is open no check waits for the store.
+    assert elapsed < 2.0
+
+
+async def test_reconnect_storm_verifies_once(jwks_file: str) -> None:
+    tok = token()
+    # No quotas on this policy, so the storm exercises verification alone.
+    no_quota = build_runtime(parse_config({"policies": [{
+        "name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"],
+        "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_file": jwks_file, "token_sources": ["query:token"]},
+    }]}))
+    authz = Authorizer(no_quota, None)
+    verifier = no_quota.by_name["chat"].verifier
+    assert verifier is not None
+    before = verifier.verifications
+    results = await asyncio.gather(*(authz.check(req(f"token={tok}")) for _ in range(200)))
+    assert all(d.allowed and d.user == "alice" for d in results)
+    assert verifier.verifications - before == 1
+
+
+async def test_exactly_n_concurrent_upgrades(jwks_file: str) -> None:
+    authz = Authorizer(build_runtime(cfg(jwks_file)), MemoryStore())
+    tok = token("carol")
+    results = await asyncio.gather(*(authz.check(req(f"token={tok}")) for _ in range(30)))
+    assert sum(d.allowed for d in results) == 3
+    assert {d.reason for d in results if not d.allowed} == {Reason.QUOTA_USER}
+
+
+async def test_swap_under_concurrent_load_never_fails_a_check(jwks_file: str) -> None:
+    authz = Authorizer(build_runtime(parse_config({"policies": [{
+        "name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"],
+        "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_file": jwks_file, "token_sources": ["query:token"]},
+    }]})), None)
+    tok = token()
+    stop = asyncio.Event()
+
+    async def reloader() -> int:
+        n = 0
+        while not stop.is_set():
+            origins = ["https://app.example.com"] + ([f"https://r{n}.example.com"] if n % 2 else [])
+            runtime = build_runtime(parse_config({"policies": [{
+                "name": "chat", "match": {"path_prefix": "/ws"}, "origins": origins,
+                "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_file": jwks_file,
+                        "token_sources": ["query:token"]},
+            }]}), authz.runtime)
+            authz.swap(runtime)
+            n += 1
+            await asyncio.sleep(0)
+        return n
+
+    task = asyncio.create_task(reloader())
+    results = []
+    for _ in range(20):
+        results += await asyncio.gather(*(authz.check(req(f"token={tok}")) for _ in range(50)))
+    stop.set()
+    swaps = await task
+    assert swaps >= 10
+    assert all(d.allowed for d in results), {d.reason for d in results}
