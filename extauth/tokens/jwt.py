@@ -29,14 +29,6 @@ from typing import Any
 
 import jwt as pyjwt
 from jwt.exceptions import (
-    DecodeError,
-    ExpiredSignatureError,
-    ImmatureSignatureError,
-    InvalidAlgorithmError,
-    InvalidAudienceError,
-    InvalidIssuerError,
-    InvalidSignatureError,
-    MissingRequiredClaimError,
     PyJWTError,
 )
 
@@ -242,24 +234,27 @@ class JwtVerifier:
         return entry
 
     def _check_signature(self, token: str, entry: KeyEntry) -> bytes:
+        """Verify with the one algorithm bound to the selected key; return the payload bytes.
+
+        The bound key's PyJWT algorithm is called directly: the segments were
+        already validated as base64url by _parse_header, and PyJWS.decode would
+        re-validate them character by character in Python, which cost more than
+        the RSA verification itself.
+        """
         self.verifications += 1
+        signing_input, _, s64 = token.rpartition(".")
+        p64 = signing_input.partition(".")[2]
         try:
-            decoded = _JWS.decode_complete(token, key=entry.jwk, algorithms=[entry.alg], options=_SIG_ONLY)
-        except InvalidSignatureError:
-            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "signature does not verify") from None
-        except InvalidAlgorithmError:
-            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "algorithm not allowed for the key") from None
-        except ExpiredSignatureError:
-            raise _deny(Reason.TOKEN_EXPIRED, "expired") from None
-        except ImmatureSignatureError:
-            raise _deny(Reason.TOKEN_NOT_YET_VALID, "not yet valid") from None
-        except (InvalidAudienceError, InvalidIssuerError, MissingRequiredClaimError):
-            raise _deny(Reason.TOKEN_CLAIMS, "claims") from None
-        except DecodeError:
+            signature = _b64url(s64)
+            payload = _b64url(p64)
+        except (binascii.Error, ValueError):
             raise _deny(Reason.TOKEN_MALFORMED, "cannot decode") from None
-        except PyJWTError as e:
-            raise _deny(Reason.TOKEN_MALFORMED, type(e).__name__) from None
-        payload: bytes = decoded["payload"]
+        try:
+            valid = entry.jwk.Algorithm.verify(signing_input.encode("ascii"), entry.jwk.key, signature)
+        except (ValueError, TypeError, PyJWTError):
+            valid = False  # e.g. a signature of the wrong length for the curve
+        if not valid:
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "signature does not verify")
         return payload
 
     def _check_claims(self, claims: dict[str, Any]) -> VerifiedToken:
