@@ -59,8 +59,9 @@ class Template:
                 return ""  # a missing claim empties the header rather than half-filling it
             out.append(rendered)
         result = "".join(out)
-        # Claims are attacker-influenced text: no control characters into a header.
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in result) or len(result) > _MAX_HEADER_VALUE:
+        # Claims are attacker-influenced text: no control (or other non-printable)
+        # characters into a header.
+        if not result.isprintable() or len(result) > _MAX_HEADER_VALUE:
             return ""
         return result
 
