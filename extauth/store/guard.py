@@ -1,0 +1,216 @@
+"""GuardedStore: a per-call timeout and a circuit breaker around any Store.
+
+Every call gets ``asyncio.wait_for(timeout)`` (config ``store_timeout_ms``), so a
+store that hangs can never hang a request. After ``failure_threshold``
+consecutive failures the breaker *opens*: every call raises StoreError at once,
+with no network wait, so an outage costs nothing per request. After
+``reset_seconds`` one call is let through as a probe (*half open*; concurrent
+calls are still refused); its success closes the breaker, its failure opens it
+for another ``reset_seconds``. Recovery is automatic when the store returns.
+
+Failures are StoreError, timeouts and socket errors. Programming errors
+(ValueError and friends) and cancellation by the caller pass through without
+counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from extauth.store.base import (
+    AcquireResult,
+    BanInfo,
+    LeaseInfo,
+    LeaseRef,
+    Limits,
+    Store,
+    StoreError,
+)
+
+if TYPE_CHECKING:
+    from extauth.config import Config
+    from extauth.metrics import Metrics
+
+T = TypeVar("T")
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class GuardedStore(Store):
+    def __init__(
+        self,
+        inner: Store,
+        *,
+        timeout: float = 0.05,
+        scan_timeout: float = 1.0,
+        failure_threshold: int = 3,
+        reset_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_state_change: Callable[[BreakerState], None] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if timeout <= 0 or failure_threshold < 1 or reset_seconds <= 0:
+            raise ValueError("timeout and reset_seconds must be > 0, failure_threshold >= 1")
+        self.inner = inner
+        self.timeout = timeout
+        self.scan_timeout = max(scan_timeout, timeout)  # count_all may SCAN: metrics only
+        self.failure_threshold = failure_threshold
+        self.reset_seconds = reset_seconds
+        self._clock = clock
+        self._on_state_change = on_state_change
+        self._metrics = metrics
+        self._state: BreakerState = "closed"
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self._probing = False
+        # Counters for metrics (monotonic, never reset).
+        self.calls = 0  # every guarded call
+        self.errors = 0  # calls that raised StoreError, for any reason (includes timeouts and rejections)
+        self.timeouts = 0  # calls cut off by the per-call timeout
+        self.rejected = 0  # calls refused at once because the breaker was open
+        self.opened = 0  # times the breaker opened
+
+    @classmethod
+    def from_config(cls, inner: Store, cfg: Config, metrics: Metrics | None = None) -> GuardedStore:
+        """From the config: store_timeout_ms and store_breaker."""
+        return cls(
+            inner,
+            timeout=cfg.store_timeout_ms / 1000,
+            failure_threshold=cfg.store_breaker.failure_threshold,
+            reset_seconds=cfg.store_breaker.reset_seconds,
+            metrics=metrics,
+        )
+
+    # -- breaker -------------------------------------------------------------
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        """"closed", "open" or "half_open" (open turns half_open once reset_seconds have passed)."""
+        if self._state == "open" and self._clock() - self._opened_at >= self.reset_seconds:
+            return "half_open"
+        return self._state
+
+    def _set_state(self, state: BreakerState) -> None:
+        if state != self._state:
+            self._state = state
+            if self._metrics is not None:
+                self._metrics.breaker_open.set(0 if state == "closed" else 1)
+            if self._on_state_change is not None:
+                self._on_state_change(state)
+
+    def _admit(self) -> bool:
+        """Raise StoreError when the breaker refuses the call; True when this call is the probe."""
+        if self._state == "closed":
+            return False
+        if self._state == "open" and self._clock() - self._opened_at >= self.reset_seconds:
+            self._set_state("half_open")
+        if self._state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        self.rejected += 1
+        raise StoreError(f"store circuit breaker is {self._state}")
+
+    def _failure(self, probe: bool, op: str, started: float) -> None:
+        self._observe(op, started)
+        self._count_error(op)
+        self._consecutive += 1
+        if probe:
+            self._probing = False
+        if probe or (self._state == "closed" and self._consecutive >= self.failure_threshold):
+            self._opened_at = self._clock()
+            self.opened += 1
+            self._set_state("open")
+
+    def _success(self, probe: bool) -> None:
+        self._consecutive = 0
+        if probe:
+            self._probing = False
+        self._set_state("closed")
+
+    async def _guard(self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = None) -> T:
+        self.calls += 1
+        try:
+            probe = self._admit()
+        except StoreError:
+            self._count_error(op)
+            raise
+        limit = self.timeout if limit is None else limit
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(call(), limit)
+        except TimeoutError:
+            self.timeouts += 1
+            self._failure(probe, op, started)
+            raise StoreError(f"store call {op} timed out after {limit * 1000:.0f} ms") from None
+        except StoreError:
+            self._failure(probe, op, started)
+            raise
+        except OSError as e:
+            self._failure(probe, op, started)
+            raise StoreError(f"store unreachable: {e}") from e
+        except BaseException:
+            # Not the store's fault (a bug, or the caller cancelled us): count nothing,
+            # but never leave the probe slot taken.
+            if probe:
+                self._probing = False
+            raise
+        self._observe(op, started)
+        self._success(probe)
+        return result
+
+    def _observe(self, op: str, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.store_seconds.labels(op).observe(time.perf_counter() - started)
+
+    def _count_error(self, op: str) -> None:
+        self.errors += 1
+        if self._metrics is not None:
+            self._metrics.store_errors.labels(op).inc()
+
+    # -- Store -----------------------------------------------------------------
+
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+        return await self._guard("acquire", lambda: self.inner.acquire(ref, limits, ttl))
+
+    async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
+        return await self._guard("refresh", lambda: self.inner.refresh(refs, ttl))
+
+    async def release(self, refs: Sequence[LeaseRef]) -> int:
+        return await self._guard("release", lambda: self.inner.release(refs))
+
+    async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
+        return await self._guard("count", lambda: self.inner.count(policy, user=user, ip=ip))
+
+    async def list_leases(
+        self, policy: str, *, user: str | None = None, ip: str | None = None
+    ) -> list[LeaseInfo]:
+        return await self._guard("list_leases", lambda: self.inner.list_leases(policy, user=user, ip=ip))
+
+    async def count_all(self) -> int:
+        return await self._guard("count_all", self.inner.count_all, self.scan_timeout)
+
+    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
+        return await self._guard("hit_rate", lambda: self.inner.hit_rate(key, limit, window))
+
+    async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
+                             dry_run: bool) -> bool:
+        return await self._guard("record_hostile", lambda: self.inner.record_hostile(
+            ip, threshold=threshold, window=window, ban_seconds=ban_seconds, dry_run=dry_run))
+
+    async def ban(self, ip: str, seconds: float, reason: str) -> None:
+        await self._guard("ban", lambda: self.inner.ban(ip, seconds, reason))
+
+    async def unban(self, ip: str) -> bool:
+        return await self._guard("unban", lambda: self.inner.unban(ip))
+
+    async def list_bans(self) -> list[BanInfo]:
+        return await self._guard("list_bans", self.inner.list_bans)
+
+    async def ping(self) -> None:
+        await self._guard("ping", self.inner.ping)
+
+    async def close(self) -> None:
+        """Closes the wrapped store; never refused by the breaker."""
+        await self.inner.close()

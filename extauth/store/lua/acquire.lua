@@ -1,0 +1,86 @@
+-- acquire.lua: check, then record, one lease attempt atomically.
+--
+-- Every key of one call lives in one hash slot on Redis Cluster; on a standalone
+-- Redis one call carries both the IP's and the user's keys (one round trip).
+--
+-- KEYS: [ban_key] when ARGV[4] == '1', then for each subject, in check order:
+--       rate_key (ZSET attempt-log: member = lease id, score = attempt ms),
+--       leases_key (ZSET: member = lease id, score = expiry ms)
+-- ARGV[1] attempt id: the attempt-log member (the lease id; unique per attempt)
+-- ARGV[2] lease TTL in ms
+-- ARGV[3] '1' = record when admitted, '0' = check only (records nothing)
+-- ARGV[4] '1' = KEYS[1] is the IP's ban key, '0' = no ban key
+-- ARGV[5 + 3*(i-1)] subject i attempts-per-minute limit ('' = unlimited, not logged)
+-- ARGV[6 + 3*(i-1)] subject i concurrent-lease limit ('' = unlimited, lease still recorded)
+-- ARGV[7 + 3*(i-1)] subject i lease member ("<lease id>|<the other subject>", so a
+--                   listing by user can name each lease's IP and vice versa)
+--
+-- Order: ban, then each subject's attempt rate in order, then each subject's
+-- lease quota in reverse order; with subjects {ip, user} this is
+-- ban -> rate_ip -> rate_user -> quota_user -> quota_ip.
+-- A denial records nothing (it only drops entries that had already expired).
+--
+-- Returns {code, subject_index, ms}:
+--   {0, 0, expires_at_ms}  admitted (and recorded when ARGV[3] == '1')
+--   {1, 0, ban_pttl_ms}    banned
+--   {2, i, retry_ms}       subject i over its attempt rate; exact wait for the oldest attempt to leave
+--   {3, i, retry_ms}       subject i over its lease quota; hint = earliest live lease expiry - now
+-- Time is the Redis server clock (TIME), so replicas never disagree about expiry.
+local WINDOW = 60000
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local first = 1
+if ARGV[4] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    return {1, 0, redis.call('PTTL', KEYS[1])}
+  end
+  first = 2
+end
+local n = (#KEYS - first + 1) / 2
+local function arg(i, j) return ARGV[4 + 3 * (i - 1) + j] end
+
+for i = 1, n do
+  local limit = arg(i, 1)
+  if limit ~= '' then
+    local key = KEYS[first + 2 * (i - 1)]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - WINDOW)
+    if redis.call('ZCARD', key) >= tonumber(limit) then
+      local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      local wait = WINDOW
+      if oldest[2] then wait = tonumber(oldest[2]) + WINDOW - now end
+      return {2, i, wait}
+    end
+  end
+end
+
+for i = n, 1, -1 do
+  local key = KEYS[first + 2 * (i - 1) + 1]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local limit = arg(i, 2)
+  if limit ~= '' and redis.call('ZCARD', key) >= tonumber(limit) then
+    local earliest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local wait = ttl
+    if earliest[2] then wait = tonumber(earliest[2]) - now end
+    return {3, i, wait}
+  end
+end
+
+local expires = now + ttl
+if ARGV[3] == '1' then
+  for i = 1, n do
+    local rate_key = KEYS[first + 2 * (i - 1)]
+    local leases_key = KEYS[first + 2 * (i - 1) + 1]
+    if arg(i, 1) ~= '' then
+      redis.call('ZADD', rate_key, now, id)
+      redis.call('PEXPIRE', rate_key, WINDOW)
+    end
+    redis.call('ZADD', leases_key, expires, arg(i, 3))
+    -- The key outlives its longest lease and no more: idle keys vanish.
+    if redis.call('PTTL', leases_key) < ttl then
+      redis.call('PEXPIRE', leases_key, ttl)
+    end
+  end
+end
+return {0, 0, expires}

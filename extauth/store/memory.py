@@ -1,0 +1,274 @@
+"""MemoryStore: the embedded store for a single replica (``memory://``).
+
+Complete semantics, identical to RedisStore (the same contract suite runs
+against both): leases with expiry, sliding attempt windows, hostile counting
+and bans. Nothing here awaits while it mutates state, so every method is
+atomic on the event loop without a lock. The clock is wall-clock unix seconds
+(``time.time`` by default) and injectable, so tests can drive time.
+
+State lives in this process only: with more than one replica use Redis.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from extauth.reasons import Reason
+from extauth.store.base import (
+    AcquireResult,
+    BanInfo,
+    LeaseInfo,
+    LeaseRef,
+    Limits,
+    Store,
+    StoreError,
+)
+
+RATE_WINDOW = 60.0
+
+_SubjectKey = tuple[str, str, str]  # (kind "u"|"ip", subject, policy)
+
+
+def retry_seconds(wait: float) -> float:
+    """An honest Retry-After: whole seconds, rounded up, at least 1."""
+    return float(max(1, math.ceil(wait - 1e-9)))
+
+
+class _Log:
+    """A sliding log of admitted timestamps."""
+
+    __slots__ = ("times", "window")
+
+    def __init__(self, window: float) -> None:
+        self.times: deque[float] = deque()
+        self.window = window
+
+    def prune(self, now: float, window: float | None = None) -> None:
+        if window is not None:
+            self.window = window
+        while self.times and self.times[0] <= now - self.window:
+            self.times.popleft()
+
+
+class MemoryStore(Store):
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        # (kind, subject, policy) -> {lease_id: (expires_at, ref)}
+        self._leases: dict[_SubjectKey, dict[str, tuple[float, LeaseRef]]] = {}
+        self._rates: dict[_SubjectKey, _Log] = {}
+        self._hits: dict[str, _Log] = {}
+        self._hostile: dict[str, _Log] = {}
+        self._bans: dict[str, tuple[float, str]] = {}
+        self._closed = False
+        self._ops = 0
+
+    # -- helpers ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    def _live(self, key: _SubjectKey, now: float) -> dict[str, tuple[float, LeaseRef]]:
+        leases = self._leases.get(key)
+        if leases is None:
+            return {}
+        for lid in [lid for lid, (exp, _) in leases.items() if exp <= now]:
+            del leases[lid]
+        if not leases:
+            del self._leases[key]
+            return {}
+        return leases
+
+    def _ban_of(self, ip: str, now: float) -> tuple[float, str] | None:
+        ban = self._bans.get(ip)
+        if ban is not None and ban[0] <= now:
+            del self._bans[ip]
+            return None
+        return ban
+
+    def _rate_log(self, key: _SubjectKey, now: float) -> _Log | None:
+        log = self._rates.get(key)
+        if log is not None:
+            log.prune(now, RATE_WINDOW)
+            if not log.times:
+                del self._rates[key]
+                return None
+        return log
+
+    @staticmethod
+    def _subject(policy: str, user: str | None, ip: str | None) -> _SubjectKey:
+        if user is not None and ip is None:
+            return ("u", user, policy)
+        if ip is not None and user is None:
+            return ("ip", ip, policy)
+        raise ValueError("give exactly one of user or ip")
+
+    def _sweep(self, now: float) -> None:
+        """Drop idle state now and then, so memory tracks live state only (like Redis key expiry)."""
+        self._ops += 1
+        if self._ops % 1024:
+            return
+        for key in list(self._leases):
+            self._live(key, now)
+        for rk in list(self._rates):
+            self._rate_log(rk, now)
+        for logs in (self._hits, self._hostile):
+            for k in list(logs):
+                logs[k].prune(now)
+                if not logs[k].times:
+                    del logs[k]
+        for ip in list(self._bans):
+            self._ban_of(ip, now)
+
+    # -- leases ----------------------------------------------------------
+
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+        self._check_open()
+        now = self._clock()
+        self._sweep(now)
+        ban = self._ban_of(ref.ip, now)
+        if ban is not None:
+            return AcquireResult(False, Reason.BANNED, retry_seconds(ban[0] - now))
+
+        ip_key: _SubjectKey = ("ip", ref.ip, ref.policy)
+        user_key: _SubjectKey | None = ("u", ref.user, ref.policy) if ref.user is not None else None
+        rate_checks: list[tuple[_SubjectKey, int | None, Reason]] = [
+            (ip_key, limits.attempts_per_ip_per_minute, Reason.RATE_IP)
+        ]
+        quota_checks: list[tuple[_SubjectKey, int | None, Reason]] = []
+        if user_key is not None:
+            rate_checks.append((user_key, limits.attempts_per_user_per_minute, Reason.RATE_USER))
+            quota_checks.append((user_key, limits.connections_per_user, Reason.QUOTA_USER))
+        quota_checks.append((ip_key, limits.connections_per_ip, Reason.QUOTA_IP))
+
+        for key, limit, reason in rate_checks:
+            if limit is None:
+                continue
+            log = self._rate_log(key, now)
+            if log is not None and len(log.times) >= limit:
+                return AcquireResult(False, reason, retry_seconds(log.times[0] + RATE_WINDOW - now))
+        for key, limit, reason in quota_checks:
+            live = self._live(key, now)
+            if limit is not None and len(live) >= limit:
+                earliest = min(exp for exp, _ in live.values())
+                return AcquireResult(False, reason, retry_seconds(earliest - now))
+
+        for key, limit, _ in rate_checks:
+            if limit is not None:
+                self._rates.setdefault(key, _Log(RATE_WINDOW)).times.append(now)
+        expires = now + ttl
+        for lease_key in (user_key, ip_key):
+            if lease_key is not None:
+                self._leases.setdefault(lease_key, {})[ref.lease_id] = (expires, ref)
+        return AcquireResult(True)
+
+    def _keys_of(self, ref: LeaseRef) -> list[_SubjectKey]:
+        keys: list[_SubjectKey] = [("ip", ref.ip, ref.policy)]
+        if ref.user is not None:
+            keys.append(("u", ref.user, ref.policy))
+        return keys
+
+    async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
+        self._check_open()
+        now = self._clock()
+        live = 0
+        for ref in refs:
+            was_live = False
+            for key in self._keys_of(ref):
+                leases = self._live(key, now)
+                entry = leases.get(ref.lease_id)
+                if entry is not None:
+                    leases[ref.lease_id] = (now + ttl, entry[1])
+                    was_live = True
+            live += was_live
+        return live
+
+    async def release(self, refs: Sequence[LeaseRef]) -> int:
+        self._check_open()
+        present = 0
+        for ref in refs:
+            was = False
+            for key in self._keys_of(ref):
+                leases = self._leases.get(key)
+                if leases is not None and leases.pop(ref.lease_id, None) is not None:
+                    was = True
+                    if not leases:
+                        del self._leases[key]
+            present += was
+        return present
+
+    async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
+        self._check_open()
+        return len(self._live(self._subject(policy, user, ip), self._clock()))
+
+    async def list_leases(
+        self, policy: str, *, user: str | None = None, ip: str | None = None
+    ) -> list[LeaseInfo]:
+        self._check_open()
+        live = self._live(self._subject(policy, user, ip), self._clock())
+        return sorted(
+            (LeaseInfo(lid, r.policy, r.user, r.ip, exp) for lid, (exp, r) in live.items()),
+            key=lambda li: (li.expires_at, li.lease_id),
+        )
+
+    async def count_all(self) -> int:
+        """Every live lease (each counted once, under its IP). O(leases)."""
+        self._check_open()
+        now = self._clock()
+        return sum(len(self._live(key, now)) for key in list(self._leases) if key[0] == "ip")
+
+    # -- rates, abuse, bans ------------------------------------------------
+
+    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
+        self._check_open()
+        now = self._clock()
+        self._sweep(now)
+        log = self._hits.setdefault(key, _Log(window))
+        log.prune(now, window)
+        if len(log.times) >= limit:
+            wait = log.times[0] + window - now if log.times else window
+            return retry_seconds(wait)
+        log.times.append(now)
+        return None
+
+    async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
+                             dry_run: bool) -> bool:
+        self._check_open()
+        now = self._clock()
+        self._sweep(now)
+        log = self._hostile.setdefault(ip, _Log(window))
+        log.prune(now, window)
+        log.times.append(now)
+        if len(log.times) < threshold:
+            return False
+        del self._hostile[ip]
+        if not dry_run:
+            self._bans[ip] = (now + ban_seconds, "hostile")
+        return True
+
+    async def ban(self, ip: str, seconds: float, reason: str) -> None:
+        self._check_open()
+        self._bans[ip] = (self._clock() + seconds, reason)
+
+    async def unban(self, ip: str) -> bool:
+        self._check_open()
+        return self._ban_of(ip, self._clock()) is not None and self._bans.pop(ip, None) is not None
+
+    async def list_bans(self) -> list[BanInfo]:
+        self._check_open()
+        now = self._clock()
+        out = []
+        for ip in list(self._bans):
+            ban = self._ban_of(ip, now)
+            if ban is not None:
+                out.append(BanInfo(ip, ban[0], ban[1]))
+        return sorted(out, key=lambda b: (b.expires_at, b.ip))
+
+    async def ping(self) -> None:
+        self._check_open()
+
+    async def close(self) -> None:
+        self._closed = True

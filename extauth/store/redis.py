@@ -1,0 +1,584 @@
+"""RedisStore: leases, attempt windows and bans in Redis (standalone, TLS or Cluster).
+
+Key layout (``P`` is ``key_prefix``, default ``extauth``). Every key carries a
+hash tag naming its subject, so every script touches exactly one slot on a
+Redis Cluster. Subjects and policy names are escaped: anything outside
+``[A-Za-z0-9._@:-]`` is percent-encoded (UTF-8), so ``{``, ``}``, ``|``, ``*``,
+spaces and unicode can neither break the hash tag nor a SCAN pattern.
+
+====================================  =======  ======================================================
+key                                   type     content
+====================================  =======  ======================================================
+``P:{u:<user>}:leases:<policy>``      ZSET     ``<lease id>|<ip>`` -> expiry ms
+``P:{ip:<ip>}:leases:<policy>``       ZSET     ``<lease id>|<user>`` (or ``<lease id>``) -> expiry ms
+``P:{u:<user>}:rate:<policy>``        ZSET     lease id -> attempt ms (admitted attempts, 60 s)
+``P:{ip:<ip>}:rate:<policy>``         ZSET     lease id -> attempt ms (admitted attempts, 60 s)
+``P:{ip:<ip>}:ban``                   STRING   ban reason, PX expiry
+``P:{ip:<ip>}:hostile``               ZSET     signal id -> signal ms (sliding window)
+``P:{bans}``                          ZSET     ip -> expiry ms: index for list_bans (bans are rare)
+``P:{k:<key>}:hits``                  ZSET     hit id -> hit ms (``hit_rate``)
+====================================  =======  ======================================================
+
+Every key has a PX expiry, so idle subjects vanish. Writes use the Redis
+server clock (``TIME`` inside the scripts), so replicas with skewed clocks
+agree on expiry; reads that filter live leases (count, list, count_all) use
+this replica's wall clock, which only shifts by the clock skew the instant
+an expiring lease stops being counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from extauth.reasons import Reason
+from extauth.store.base import (
+    AcquireResult,
+    BanInfo,
+    LeaseInfo,
+    LeaseRef,
+    Limits,
+    Store,
+    StoreError,
+)
+from extauth.store.memory import RATE_WINDOW, retry_seconds
+
+RedisClient = aioredis.Redis | RedisCluster
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@:-")
+_SCRIPTS = ("acquire", "refresh", "hit", "hostile")
+# Slack before the ban index forgets an entry by its score (the ban key itself is authoritative).
+_BAN_INDEX_SLACK_MS = 300_000
+
+
+def escape(value: str) -> str:
+    """Percent-encode everything outside ``[A-Za-z0-9._@:-]`` (injective, cluster- and glob-safe)."""
+    if all(c in _SAFE for c in value):
+        return value
+    return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in value)
+
+
+def _glob_escape(value: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in value)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _lim(value: int | None) -> str:
+    return "" if value is None else str(int(value))
+
+
+def _load_script(name: str) -> str:
+    return resources.files("extauth.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Every Redis or socket failure surfaces as StoreError (what the breaker counts)."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (RedisError, OSError) as e:
+        raise StoreError(f"redis: {type(e).__name__}: {e}") from e
+
+
+class Keys:
+    """The key layout in one place (see the module docstring)."""
+
+    def __init__(self, prefix: str) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError("key_prefix must be non-empty and contain no '{' or '}'")
+        self.prefix = prefix
+
+    @staticmethod
+    def user_tag(user: str) -> str:
+        return "{u:" + escape(user) + "}"
+
+    @staticmethod
+    def ip_tag(ip: str) -> str:
+        return "{ip:" + escape(ip) + "}"
+
+    def leases(self, tag: str, policy: str) -> str:
+        return f"{self.prefix}:{tag}:leases:{escape(policy)}"
+
+    def rate(self, tag: str, policy: str) -> str:
+        return f"{self.prefix}:{tag}:rate:{escape(policy)}"
+
+    def ban(self, ip: str) -> str:
+        return f"{self.prefix}:{self.ip_tag(ip)}:ban"
+
+    def hostile(self, ip: str) -> str:
+        return f"{self.prefix}:{self.ip_tag(ip)}:hostile"
+
+    def bans_index(self) -> str:
+        return f"{self.prefix}:{{bans}}"
+
+    def hits(self, key: str) -> str:
+        return f"{self.prefix}:{{k:{escape(key)}}}:hits"
+
+    def ip_leases_pattern(self) -> str:
+        # Every lease is listed under its IP exactly once, so counting IP keys counts each lease once.
+        return f"{_glob_escape(self.prefix)}:{{ip:*}}:leases:*"
+
+    # Lease members carry the *other* subject so a listing can name it.
+    @staticmethod
+    def user_member(ref: LeaseRef) -> str:
+        return f"{escape(ref.lease_id)}|{escape(ref.ip)}"
+
+    @staticmethod
+    def ip_member(ref: LeaseRef) -> str:
+        lid = escape(ref.lease_id)
+        return lid if ref.user is None else f"{lid}|{escape(ref.user)}"
+
+    def lease_slots(self, ref: LeaseRef) -> list[tuple[str, str]]:
+        """(leases key, member) for every key a lease is listed under."""
+        out = [(self.leases(self.ip_tag(ref.ip), ref.policy), self.ip_member(ref))]
+        if ref.user is not None:
+            out.append((self.leases(self.user_tag(ref.user), ref.policy), self.user_member(ref)))
+        return out
+
+
+def _tls_kwargs(query: dict[str, list[str]]) -> dict[str, Any]:
+    allowed = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
+               "ssl_ca_data", "ssl_ciphers"}
+    out: dict[str, Any] = {}
+    for name, values in query.items():
+        if name not in allowed:
+            raise ValueError(f"unknown store URL option {name!r} (allowed: {', '.join(sorted(allowed))})")
+        value = values[-1]
+        if name == "ssl_check_hostname":
+            out[name] = value.lower() in ("1", "true", "yes", "on")
+        elif name == "ssl_cert_reqs":
+            if value not in ("none", "optional", "required"):
+                raise ValueError("ssl_cert_reqs must be none, optional or required")
+            out[name] = value
+        else:
+            out[name] = value
+    return out
+
+
+def _hostports(netloc_hosts: str) -> list[tuple[str, int]]:
+    out = []
+    for part in netloc_hosts.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("["):  # [v6]:port
+            host, _, rest = part[1:].partition("]")
+            port = rest.removeprefix(":") or "6379"
+        else:
+            host, _, port = part.partition(":")
+            port = port or "6379"
+        if not host or not port.isdigit():
+            raise ValueError(f"bad store host {part!r}: expected HOST:PORT")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("the store URL names no host")
+    return out
+
+
+def client_from_url(url: str, *, socket_timeout: float = 1.0, connect_timeout: float = 1.0) -> RedisClient:
+    """A redis.asyncio client for ``redis://``, ``rediss://``, ``redis+cluster://h:p,h:p`` or
+    ``rediss+cluster://...``. Credentials come from the URL, else EXTAUTH_REDIS_USERNAME /
+    EXTAUTH_REDIS_PASSWORD; TLS options from the query (``?ssl_ca_certs=...&ssl_cert_reqs=required``).
+    Every socket has a timeout, and redis-py retries at most once, immediately, on a broken
+    connection (a stale pooled socket after a restart); the breaker handles real outages.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        raise ValueError(f"not a Redis URL: {scheme}://")
+    tls = scheme.startswith("rediss")
+    cluster = scheme.endswith("+cluster")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user_raw, sep, pass_raw = userinfo.partition(":")
+        username = unquote(user_raw) or None
+        password = unquote(pass_raw) if sep else None
+    username = username or os.environ.get("EXTAUTH_REDIS_USERNAME") or None
+    password = password or os.environ.get("EXTAUTH_REDIS_PASSWORD") or None
+    query = parse_qs(parts.query, keep_blank_values=False)
+    tls_kwargs = _tls_kwargs(query)
+    if tls_kwargs and not tls:
+        raise ValueError("ssl_* options need rediss:// or rediss+cluster://")
+    nodes = _hostports(hosts)
+    common: dict[str, Any] = {
+        "username": username,
+        "password": password,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "decode_responses": True,
+        "client_name": "extauth",
+    }
+    if tls:
+        common["ssl"] = True
+        common.update(tls_kwargs)
+    if cluster:
+        if parts.path not in ("", "/"):
+            raise ValueError("a Redis Cluster has no database number")
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **common)
+    if len(nodes) != 1:
+        raise ValueError("several hosts need redis+cluster:// (or rediss+cluster://)")
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise ValueError(f"bad database number {db_text!r}")
+    host, port = nodes[0]
+    return aioredis.Redis(host=host, port=port, db=int(db_text), **common)
+
+
+class RedisStore(Store):
+    """The shared store on redis.asyncio. Give it a client (``decode_responses`` either way)
+    or use :meth:`from_url`. ``key_prefix`` namespaces every key (tests use one per test).
+
+    Round trips: acquire is one EVALSHA on a standalone Redis; refresh and release are one
+    pipelined round trip per ``batch_size`` refs (per node on a Cluster).
+    """
+
+    def __init__(self, client: RedisClient, *, key_prefix: str = "extauth", batch_size: int = 500) -> None:
+        self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self.keys = Keys(key_prefix)
+        self._batch = max(1, batch_size)
+        self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+        self._init_lock = asyncio.Lock()
+        self._initialized = not self._cluster
+
+    @classmethod
+    def from_url(cls, url: str, *, key_prefix: str = "extauth", socket_timeout: float = 1.0,
+                 connect_timeout: float = 1.0) -> RedisStore:
+        client = client_from_url(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        return cls(client, key_prefix=key_prefix)
+
+    @property
+    def client(self) -> RedisClient:
+        return self._client
+
+    @property
+    def is_cluster(self) -> bool:
+        return self._cluster
+
+    # -- plumbing ----------------------------------------------------------
+
+    async def _ready(self) -> None:
+        """Discover a cluster's topology once, before any concurrent use: redis-py's lazy
+        initialize() run by many first calls at once tears down connections in use."""
+        if self._initialized:
+            return
+        async with self._init_lock:
+            if not self._initialized and isinstance(self._client, RedisCluster):
+                await self._client.initialize()
+            self._initialized = True
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        # redis-py's Script runs EVALSHA and, on NOSCRIPT (SCRIPT FLUSH, a restarted or
+        # failed-over server), loads the script (on every primary of a cluster) and retries.
+        return await self._scripts[name](keys=list(keys), args=list(args))
+
+    async def _pipeline(self, commands: Sequence[tuple[str | int, ...]]) -> list[Any]:
+        """Run commands in one non-transactional pipeline (per node on a cluster); EVALSHA
+        commands that meet NOSCRIPT get their scripts reloaded and the batch runs once more
+        (every command we pipeline is idempotent)."""
+        results: list[Any] = []
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            results = list(await pipe.execute(raise_on_error=False))
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                used = {cmd[1] for cmd in commands if cmd[0] == "EVALSHA"}
+                for script in self._scripts.values():
+                    if script.sha in used:
+                        script.sha = await self._client.script_load(script.script)
+                continue
+            break
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    def _evalsha(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> tuple[str | int, ...]:
+        return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+
+    async def _now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    # -- leases ------------------------------------------------------------
+
+    @staticmethod
+    def _decode(res: Sequence[Any], subjects: Sequence[tuple[Reason, Reason]]) -> AcquireResult:
+        code, index, ms = int(res[0]), int(res[1]), int(res[2])
+        if code == 0:
+            return AcquireResult(True)
+        if code == 1:
+            return AcquireResult(False, Reason.BANNED, retry_seconds(max(ms, 0) / 1000))
+        rate_reason, quota_reason = subjects[index - 1]
+        reason = rate_reason if code == 2 else quota_reason
+        return AcquireResult(False, reason, retry_seconds(ms / 1000))
+
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+        k = self.keys
+        ttl_ms = max(1, round(ttl * 1000))
+        attempt = escape(ref.lease_id)
+        ip_tag = k.ip_tag(ref.ip)
+        ip_keys = [k.rate(ip_tag, ref.policy), k.leases(ip_tag, ref.policy)]
+        ip_args = [_lim(limits.attempts_per_ip_per_minute), _lim(limits.connections_per_ip), k.ip_member(ref)]
+        ip_subject = (Reason.RATE_IP, Reason.QUOTA_IP)
+        user_subject = (Reason.RATE_USER, Reason.QUOTA_USER)
+        with _errors():
+            await self._ready()
+            if ref.user is None:
+                res = await self._script("acquire", [k.ban(ref.ip), *ip_keys],
+                                         [attempt, ttl_ms, "1", "1", *ip_args])
+                return self._decode(res, [ip_subject])
+            user_tag = k.user_tag(ref.user)
+            user_keys = [k.rate(user_tag, ref.policy), k.leases(user_tag, ref.policy)]
+            user_args = [_lim(limits.attempts_per_user_per_minute), _lim(limits.connections_per_user),
+                         k.user_member(ref)]
+            if not self._cluster:
+                # Standalone: one EVALSHA over both subjects, one round trip, fully atomic.
+                res = await self._script("acquire", [k.ban(ref.ip), *ip_keys, *user_keys],
+                                         [attempt, ttl_ms, "1", "1", *ip_args, *user_args])
+                return self._decode(res, [ip_subject, user_subject])
+            return await self._acquire_cluster(ref, attempt, ttl_ms, ip_keys, ip_args, user_keys, user_args)
+
+    async def _acquire_cluster(
+        self, ref: LeaseRef, attempt: str, ttl_ms: int,
+        ip_keys: list[str], ip_args: list[str], user_keys: list[str], user_args: list[str],
+    ) -> AcquireResult:
+        """Redis Cluster: the IP's keys and the user's keys live in different slots, so no single
+        script can see both. Two scripts, each atomic in its own slot:
+
+        1. IP slot: ban, rate_ip and quota_ip checks; when all pass it *records* the attempt
+           and the lease under the IP.
+        2. User slot: rate_user and quota_user checks; it records only when step 1 recorded.
+           When step 1 denied for quota_ip only, step 2 runs check-only so the reported reason
+           follows the same order as on a standalone Redis (rate_user/quota_user before quota_ip).
+        3. If step 2 denies after step 1 recorded, step 1 is rolled back (ZREM of the IP's
+           lease member and attempt entry).
+
+        Because the IP slot is claimed *before* the user slot is checked, two racing attempts
+        can both see the other's IP entry and both be denied at the edge of the quota
+        (a transient false deny) but the sum can never exceed either limit: no over-admission.
+        If the rollback itself fails (network), the IP entry only over-counts until its TTL.
+        """
+        ip_subject = (Reason.RATE_IP, Reason.QUOTA_IP)
+        user_subject = (Reason.RATE_USER, Reason.QUOTA_USER)
+        k = self.keys
+        ip_res = await self._script("acquire", [k.ban(ref.ip), *ip_keys],
+                                    [attempt, ttl_ms, "1", "1", *ip_args])
+        ip_code = int(ip_res[0])
+        if ip_code in (1, 2):
+            return self._decode(ip_res, [ip_subject])
+        recorded = ip_code == 0
+        try:
+            user_res = await self._script("acquire", user_keys,
+                                          [attempt, ttl_ms, "1" if recorded else "0", "0", *user_args])
+        except BaseException:
+            if recorded:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._rollback_ip(ip_keys, attempt, ip_args[2])
+            raise
+        if int(user_res[0]) != 0:
+            if recorded:
+                await self._rollback_ip(ip_keys, attempt, ip_args[2])
+            return self._decode(user_res, [user_subject])
+        return self._decode(ip_res, [ip_subject])
+
+    async def _rollback_ip(self, ip_keys: list[str], attempt: str, member: str) -> None:
+        # Both keys share the IP's slot; ZREM is idempotent.
+        await self._pipeline([("ZREM", ip_keys[1], member), ("ZREM", ip_keys[0], attempt)])
+
+    def _chunks(self, refs: Sequence[LeaseRef]) -> Iterator[Sequence[LeaseRef]]:
+        for i in range(0, len(refs), self._batch):
+            yield refs[i:i + self._batch]
+
+    async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
+        ttl_ms = max(1, round(ttl * 1000))
+        live = 0
+        with _errors():
+            await self._ready()
+            for chunk in self._chunks(refs):
+                commands: list[tuple[str | int, ...]] = []
+                owners: list[int] = []
+                for n, ref in enumerate(chunk):
+                    for key, member in self.keys.lease_slots(ref):
+                        commands.append(self._evalsha("refresh", [key], [member, ttl_ms]))
+                        owners.append(n)
+                results = await self._pipeline(commands)
+                live_refs = {owner for owner, r in zip(owners, results, strict=True) if int(r) == 1}
+                live += len(live_refs)
+        return live
+
+    async def release(self, refs: Sequence[LeaseRef]) -> int:
+        present = 0
+        with _errors():
+            await self._ready()
+            for chunk in self._chunks(refs):
+                commands: list[tuple[str | int, ...]] = []
+                owners: list[int] = []
+                for n, ref in enumerate(chunk):
+                    for key, member in self.keys.lease_slots(ref):
+                        commands.append(("ZREM", key, member))
+                        owners.append(n)
+                results = await self._pipeline(commands)
+                present += len({owner for owner, r in zip(owners, results, strict=True) if int(r) == 1})
+        return present
+
+    def _subject_key(self, policy: str, user: str | None, ip: str | None) -> str:
+        if user is not None and ip is None:
+            return self.keys.leases(self.keys.user_tag(user), policy)
+        if ip is not None and user is None:
+            return self.keys.leases(self.keys.ip_tag(ip), policy)
+        raise ValueError("give exactly one of user or ip")
+
+    async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
+        key = self._subject_key(policy, user, ip)
+        with _errors():
+            await self._ready()
+            return int(await self._client.zcount(key, f"({await self._now_ms()}", "+inf"))
+
+    async def list_leases(
+        self, policy: str, *, user: str | None = None, ip: str | None = None
+    ) -> list[LeaseInfo]:
+        key = self._subject_key(policy, user, ip)
+        with _errors():
+            await self._ready()
+            rows: list[Any] = list(await self._client.zrangebyscore(
+                key, f"({await self._now_ms()}", "+inf", withscores=True))
+        out = []
+        for member_raw, score in rows:
+            lid_enc, sep, other_enc = _s(member_raw).partition("|")
+            lid = unquote(lid_enc)
+            other = unquote(other_enc) if sep else None  # no "|": an anonymous lease
+            if user is not None:
+                info = LeaseInfo(lid, policy, user, other or "", float(score) / 1000)
+            else:
+                info = LeaseInfo(lid, policy, other, ip or "", float(score) / 1000)
+            out.append(info)
+        return out
+
+    async def _scan(self, pattern: str) -> AsyncIterator[str]:
+        # On a cluster redis-py's scan_iter walks every primary.
+        async for key in self._client.scan_iter(match=pattern, count=1000, _type="zset"):
+            yield _s(key)
+
+    async def count_all(self) -> int:
+        """SCAN every lease key (each lease once, under its IP) and ZCOUNT its live members.
+        O(keys): meant for sampling metrics every few seconds, not for the request path."""
+        total = 0
+        with _errors():
+            await self._ready()
+            now = await self._now_ms()
+            batch: list[str] = []
+            async for key in self._scan(self.keys.ip_leases_pattern()):
+                batch.append(key)
+                if len(batch) >= self._batch:
+                    total += sum(await self._pipeline([("ZCOUNT", k, f"({now}", "+inf") for k in batch]))
+                    batch = []
+            if batch:
+                total += sum(await self._pipeline([("ZCOUNT", k, f"({now}", "+inf") for k in batch]))
+        return int(total)
+
+    # -- rates, abuse, bans ----------------------------------------------------
+
+    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
+        with _errors():
+            await self._ready()
+            ms = int(await self._script("hit", [self.keys.hits(key)],
+                                        [int(limit), max(1, round(window * 1000)), secrets.token_urlsafe(9)]))
+        return None if ms < 0 else retry_seconds(ms / 1000)
+
+    async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
+                             dry_run: bool) -> bool:
+        k = self.keys
+        with _errors():
+            await self._ready()
+            res = await self._script(
+                "hostile", [k.hostile(ip), k.ban(ip)],
+                [int(threshold), max(1, round(window * 1000)), secrets.token_urlsafe(9),
+                 max(1, round(ban_seconds * 1000)), "1" if dry_run else "0", "hostile"],
+            )
+            reached, expires_ms = int(res[0]), int(res[1])
+            if expires_ms:
+                # The index lives in its own slot: a second call, only when a ban is set (rare).
+                await self._client.zadd(k.bans_index(), {ip: expires_ms})
+        return reached == 1
+
+    async def ban(self, ip: str, seconds: float, reason: str) -> None:
+        ms = max(1, round(seconds * 1000))
+        with _errors():
+            await self._ready()
+            now = await self._now_ms()
+            await self._pipeline([
+                ("SET", self.keys.ban(ip), reason, "PX", ms),
+                ("ZADD", self.keys.bans_index(), now + ms, ip),
+            ])
+
+    async def unban(self, ip: str) -> bool:
+        with _errors():
+            await self._ready()
+            deleted, _ = await self._pipeline([
+                ("DEL", self.keys.ban(ip)),
+                ("ZREM", self.keys.bans_index(), ip),
+            ])
+        return int(deleted) == 1
+
+    async def list_bans(self) -> list[BanInfo]:
+        index = self.keys.bans_index()
+        with _errors():
+            await self._ready()
+            now = await self._now_ms()
+            _, ips_raw = await self._pipeline([
+                ("ZREMRANGEBYSCORE", index, "-inf", now - _BAN_INDEX_SLACK_MS),
+                ("ZRANGE", index, 0, -1),
+            ])
+            ips = [_s(ip) for ip in ips_raw]
+            if not ips:
+                return []
+            commands: list[tuple[str | int, ...]] = []
+            for ip in ips:
+                commands += [("GET", self.keys.ban(ip)), ("PTTL", self.keys.ban(ip))]
+            results = await self._pipeline(commands)
+            out: list[BanInfo] = []
+            gone: list[str] = []
+            for n, ip in enumerate(ips):
+                reason, pttl = results[2 * n], int(results[2 * n + 1])
+                if reason is None or pttl < 0:
+                    gone.append(ip)
+                    continue
+                out.append(BanInfo(ip, (now + pttl) / 1000, _s(reason)))
+            if gone:
+                await self._client.zrem(index, *gone)
+        return sorted(out, key=lambda b: (b.expires_at, b.ip))
+
+    async def ping(self) -> None:
+        with _errors():
+            await self._ready()
+            await self._client.ping()
+
+    async def close(self) -> None:
+        with _errors():
+            await self._client.aclose()
+
+
+__all__ = ["RATE_WINDOW", "Keys", "RedisClient", "RedisStore", "client_from_url", "escape"]

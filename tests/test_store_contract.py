@@ -1,0 +1,511 @@
+"""One contract suite for every Store: MemoryStore, a standalone Redis and a real 3-node Cluster.
+
+Real servers only (tests/redis_servers.py). Short TTLs and polling loops with
+deadlines instead of long sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from extauth.reasons import Reason
+from extauth.store import LeaseRef, Limits, MemoryStore, Store, StoreError, new_lease_id, open_store
+from extauth.store.redis import RedisStore, escape
+from tests.redis_servers import RedisClusterServers, RedisServer
+
+pytestmark = pytest.mark.redis
+
+BACKENDS = ["memory", "redis", "cluster"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s = RedisStore.from_url(server.url, key_prefix=key_prefix)
+    else:
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        s = RedisStore.from_url(cluster.url, key_prefix=key_prefix)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def ref(user: str | None = "alice", ip: str = "10.0.0.1", policy: str = "chat") -> LeaseRef:
+    return LeaseRef(new_lease_id(), policy, user, ip)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.02)
+
+
+# -- quotas -------------------------------------------------------------------
+
+
+async def test_exactly_n_user_quota_under_concurrency(store: Store) -> None:
+    n = 5
+    refs = [ref("alice", f"10.0.{i // 250}.{i % 250}") for i in range(50)]
+    results = await asyncio.gather(*(store.acquire(r, Limits(connections_per_user=n), 30) for r in refs))
+    granted = [r for r, res in zip(refs, results, strict=True) if res.granted]
+    assert len(granted) == n
+    assert {res.denied for res in results if not res.granted} == {Reason.QUOTA_USER}
+    assert all(res.retry_after is not None and res.retry_after >= 1 for res in results if not res.granted)
+    assert await store.count("chat", user="alice") == n
+    # One more attempt after the storm: still exactly N.
+    assert not (await store.acquire(ref("alice", "10.9.9.9"), Limits(connections_per_user=n), 30)).granted
+
+
+async def test_exactly_n_ip_quota_under_concurrency(store: Store) -> None:
+    n = 3
+    refs = [ref(f"user{i}" if i % 2 else None, "192.0.2.7") for i in range(50)]
+    results = await asyncio.gather(*(store.acquire(r, Limits(connections_per_ip=n), 30) for r in refs))
+    assert sum(res.granted for res in results) == n
+    assert {res.denied for res in results if not res.granted} == {Reason.QUOTA_IP}
+    assert await store.count("chat", ip="192.0.2.7") == n
+
+
+async def test_quota_is_per_policy_and_per_subject(store: Store) -> None:
+    lim = Limits(connections_per_user=1, connections_per_ip=1)
+    assert (await store.acquire(ref("alice", "10.0.0.1", "chat"), lim, 30)).granted
+    assert (await store.acquire(ref("alice", "10.0.0.1", "feed"), lim, 30)).granted
+    assert (await store.acquire(ref("bob", "10.0.0.2", "chat"), lim, 30)).granted
+    res = await store.acquire(ref("alice", "10.0.0.3", "chat"), lim, 30)
+    assert (res.granted, res.denied) == (False, Reason.QUOTA_USER)
+
+
+async def test_no_limit_still_records(store: Store) -> None:
+    for _ in range(4):
+        assert (await store.acquire(ref("carol", "10.1.1.1"), Limits(), 30)).granted
+    assert await store.count("chat", user="carol") == 4
+    assert await store.count("chat", ip="10.1.1.1") == 4
+
+
+# -- TTL, refresh, release ------------------------------------------------------
+
+
+async def test_ttl_expiry_frees_a_slot(store: Store) -> None:
+    lim = Limits(connections_per_user=1)
+    assert (await store.acquire(ref(), lim, 0.3)).granted
+    assert not (await store.acquire(ref(), lim, 0.3)).granted
+
+    async def slot_free() -> bool:
+        return (await store.acquire(ref(), lim, 30)).granted
+
+    await eventually(slot_free)
+    assert await store.count("chat", user="alice") == 1
+
+
+async def test_refresh_keeps_a_lease_alive_past_its_ttl(store: Store) -> None:
+    r = ref()
+    lim = Limits(connections_per_user=1)
+    assert (await store.acquire(r, lim, 0.4)).granted
+    started = time.monotonic()
+    while time.monotonic() - started < 1.2:  # three original TTLs
+        assert await store.refresh([r], 0.4) == 1
+        await asyncio.sleep(0.1)
+    assert await store.count("chat", user="alice") == 1
+    assert not (await store.acquire(ref(), lim, 0.4)).granted
+
+    async def gone() -> bool:
+        return await store.count("chat", user="alice") == 0
+
+    await eventually(gone)  # stop refreshing: it expires
+
+
+async def test_refresh_never_resurrects(store: Store) -> None:
+    expired, released = ref(), ref()
+    assert (await store.acquire(expired, Limits(), 0.2)).granted
+    assert (await store.acquire(released, Limits(), 30)).granted
+    assert await store.release([released]) == 1
+
+    async def expired_gone() -> bool:
+        return await store.count("chat", user="alice") == 0
+
+    await eventually(expired_gone)
+    assert await store.refresh([expired, released], 30) == 0
+    assert await store.count("chat", user="alice") == 0
+    assert await store.count("chat", ip="10.0.0.1") == 0
+    assert await store.list_leases("chat", user="alice") == []
+
+
+async def test_refresh_and_release_batches(store: Store) -> None:
+    refs = [ref(f"u{i % 7}", f"10.2.0.{i % 11}") for i in range(120)]
+    for r in refs:
+        assert (await store.acquire(r, Limits(), 30)).granted
+    ghost = ref("ghost", "10.3.3.3")
+    assert await store.refresh([*refs, ghost], 60) == 120
+    assert await store.count_all() == 120
+    assert await store.release([*refs[:100], ghost]) == 100
+    assert await store.count_all() == 20
+    assert await store.release(refs) == 20
+    assert await store.count_all() == 0
+
+
+async def test_release_is_idempotent_and_frees_the_slot(store: Store) -> None:
+    lim = Limits(connections_per_user=1, connections_per_ip=1)
+    r = ref()
+    assert (await store.acquire(r, lim, 30)).granted
+    assert await store.release([r]) == 1
+    assert await store.release([r]) == 0
+    assert await store.release([]) == 0
+    assert await store.count("chat", user="alice") == 0
+    assert await store.count("chat", ip="10.0.0.1") == 0
+    assert (await store.acquire(ref(), lim, 30)).granted
+
+
+async def test_anonymous_lease_lives_under_its_ip_only(store: Store) -> None:
+    r = ref(None, "10.4.4.4")
+    assert (await store.acquire(r, Limits(connections_per_user=1, connections_per_ip=2), 30)).granted
+    assert await store.count("chat", ip="10.4.4.4") == 1
+    [info] = await store.list_leases("chat", ip="10.4.4.4")
+    assert (info.lease_id, info.user, info.ip) == (r.lease_id, None, "10.4.4.4")
+    assert await store.refresh([r], 30) == 1
+    assert await store.release([r]) == 1
+
+
+# -- attempt rates and denial order -----------------------------------------------
+
+
+async def test_attempt_rate_per_ip_and_retry_after(store: Store) -> None:
+    lim = Limits(attempts_per_ip_per_minute=3)
+    for i in range(3):
+        r = ref(f"u{i}", "10.5.5.5")
+        assert (await store.acquire(r, lim, 30)).granted
+        await store.release([r])  # releasing does not give an attempt back
+    res = await store.acquire(ref("u9", "10.5.5.5"), lim, 30)
+    assert (res.granted, res.denied) == (False, Reason.RATE_IP)
+    # oldest + 60 - now, rounded up: the attempts were made within the last second.
+    assert res.retry_after == 60
+    assert (await store.acquire(ref("u9", "10.5.5.6"), lim, 30)).granted
+
+
+async def test_attempt_rate_per_user(store: Store) -> None:
+    lim = Limits(attempts_per_user_per_minute=2)
+    assert (await store.acquire(ref("dave", "10.6.0.1"), lim, 30)).granted
+    assert (await store.acquire(ref("dave", "10.6.0.2"), lim, 30)).granted
+    res = await store.acquire(ref("dave", "10.6.0.3"), lim, 30)
+    assert (res.denied, res.retry_after) == (Reason.RATE_USER, 60)
+    assert (await store.acquire(ref("erin", "10.6.0.3"), lim, 30)).granted
+
+
+async def test_denials_record_nothing(store: Store) -> None:
+    # Denied attempts never enter the attempt log: the IP still has room for one more attempt.
+    lim = Limits(attempts_per_ip_per_minute=2, connections_per_user=1)
+    assert (await store.acquire(ref("frank", "10.7.0.1"), lim, 30)).granted
+    for _ in range(5):
+        assert (await store.acquire(ref("frank", "10.7.0.1"), lim, 30)).denied == Reason.QUOTA_USER
+    assert (await store.acquire(ref("gina", "10.7.0.1"), lim, 30)).granted
+    assert (await store.acquire(ref("hank", "10.7.0.1"), lim, 30)).denied == Reason.RATE_IP
+    assert await store.count("chat", ip="10.7.0.1") == 2
+    assert await store.count("chat", user="hank") == 0
+
+    # A user-quota denial leaves nothing under the IP (on Cluster: the IP part is rolled back).
+    lim2 = Limits(connections_per_user=1)
+    assert (await store.acquire(ref("ivan", "10.8.0.1"), lim2, 30)).granted
+    assert (await store.acquire(ref("ivan", "10.8.0.2"), lim2, 30)).denied == Reason.QUOTA_USER
+    assert await store.count("chat", ip="10.8.0.2") == 0
+    # An IP-quota denial leaves nothing under the user.
+    lim3 = Limits(connections_per_ip=1, attempts_per_user_per_minute=1)
+    assert (await store.acquire(ref("jane", "10.9.0.1"), lim3, 30)).granted
+    assert (await store.acquire(ref("kate", "10.9.0.1"), lim3, 30)).denied == Reason.QUOTA_IP
+    assert await store.count("chat", user="kate") == 0
+    assert (await store.acquire(ref("kate", "10.9.0.2"), lim3, 30)).granted  # her attempt was not logged
+    assert await store.count_all() == 5
+
+
+async def test_denial_order(store: Store) -> None:
+    # ban -> rate_ip -> rate_user -> quota_user -> quota_ip
+    tight = Limits(connections_per_user=1, connections_per_ip=1,
+                   attempts_per_ip_per_minute=1, attempts_per_user_per_minute=1)
+    assert (await store.acquire(ref("lena", "10.10.0.1"), tight, 30)).granted
+    assert (await store.acquire(ref("lena", "10.10.0.1"), tight, 30)).denied == Reason.RATE_IP
+    loose_ip_rate = Limits(connections_per_user=1, connections_per_ip=1, attempts_per_user_per_minute=1)
+    assert (await store.acquire(ref("lena", "10.10.0.1"), loose_ip_rate, 30)).denied == Reason.RATE_USER
+    quotas = Limits(connections_per_user=1, connections_per_ip=1)
+    assert (await store.acquire(ref("lena", "10.10.0.1"), quotas, 30)).denied == Reason.QUOTA_USER
+    assert (await store.acquire(ref("mia", "10.10.0.1"), quotas, 30)).denied == Reason.QUOTA_IP
+    await store.ban("10.10.0.1", 30, "manual")
+    assert (await store.acquire(ref("mia", "10.10.0.1"), tight, 30)).denied == Reason.BANNED
+
+
+# -- hit_rate -------------------------------------------------------------------------
+
+
+async def test_hit_rate_sliding_window(store: Store) -> None:
+    assert await store.hit_rate("login:1.2.3.4", 2, 0.5) is None
+    assert await store.hit_rate("login:1.2.3.4", 2, 0.5) is None
+    wait = await store.hit_rate("login:1.2.3.4", 2, 0.5)
+    assert wait == 1  # at least one whole second
+    assert await store.hit_rate("login:other", 2, 0.5) is None
+
+    async def admitted() -> bool:
+        return await store.hit_rate("login:1.2.3.4", 2, 0.5) is None
+
+    await eventually(admitted)
+
+
+# -- bans and the abuse jail -------------------------------------------------------------
+
+
+async def test_ban_unban_list_and_expiry(store: Store) -> None:
+    ip = "203.0.113.9"
+    before = time.time()
+    await store.ban(ip, 60, "manual: noisy")
+    [ban] = await store.list_bans()
+    assert (ban.ip, ban.reason) == (ip, "manual: noisy")
+    assert before + 58 < ban.expires_at < time.time() + 61
+    res = await store.acquire(ref("nina", ip), Limits(), 30)
+    assert (res.granted, res.denied) == (False, Reason.BANNED)
+    assert res.retry_after is not None and 58 <= res.retry_after <= 60
+    assert await store.count("chat", ip=ip) == 0
+    assert await store.unban(ip) is True
+    assert await store.unban(ip) is False
+    assert await store.list_bans() == []
+    assert (await store.acquire(ref("nina", ip), Limits(), 30)).granted
+
+    await store.ban("203.0.113.10", 0.3, "short")
+    assert [b.ip for b in await store.list_bans()] == ["203.0.113.10"]
+
+    async def expired() -> bool:
+        return await store.list_bans() == []
+
+    await eventually(expired)
+    assert (await store.acquire(ref("nina", "203.0.113.10"), Limits(), 30)).granted
+
+
+async def test_record_hostile_bans_at_threshold(store: Store) -> None:
+    ip = "198.51.100.1"
+    kw = {"threshold": 3, "window": 60.0, "ban_seconds": 30.0}
+    assert await store.record_hostile(ip, dry_run=False, **kw) is False
+    assert await store.record_hostile(ip, dry_run=False, **kw) is False
+    assert await store.record_hostile("198.51.100.2", dry_run=False, **kw) is False
+    assert await store.record_hostile(ip, dry_run=False, **kw) is True
+    [ban] = await store.list_bans()
+    assert ban.ip == ip and ban.expires_at > time.time() + 25
+    assert (await store.acquire(ref("omar", ip), Limits(), 30)).denied == Reason.BANNED
+    assert (await store.acquire(ref("omar", "198.51.100.2"), Limits(), 30)).granted
+
+
+async def test_record_hostile_dry_run_never_bans(store: Store) -> None:
+    ip = "198.51.100.3"
+    kw = {"threshold": 2, "window": 60.0, "ban_seconds": 30.0}
+    assert await store.record_hostile(ip, dry_run=True, **kw) is False
+    assert await store.record_hostile(ip, dry_run=True, **kw) is True
+    assert await store.list_bans() == []
+    assert (await store.acquire(ref("pia", ip), Limits(), 30)).granted
+
+
+async def test_record_hostile_window_slides(store: Store) -> None:
+    ip = "198.51.100.4"
+    kw = {"threshold": 2, "window": 0.3, "ban_seconds": 30.0}
+    assert await store.record_hostile(ip, dry_run=False, **kw) is False
+    await asyncio.sleep(0.4)  # the first signal leaves the 0.3 s window
+    assert await store.record_hostile(ip, dry_run=False, **kw) is False
+    assert await store.list_bans() == []
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+async def test_count_list_and_count_all(store: Store) -> None:
+    a1, a2 = ref("alice", "10.11.0.1"), ref("alice", "10.11.0.2")
+    b1, anon = ref("bob", "10.11.0.1"), ref(None, "10.11.0.1")
+    other_policy = ref("alice", "10.11.0.1", "feed")
+    for r in (a1, a2, b1, anon, other_policy):
+        assert (await store.acquire(r, Limits(), 30)).granted
+    assert await store.count("chat", user="alice") == 2
+    assert await store.count("chat", ip="10.11.0.1") == 3
+    assert await store.count("feed", user="alice") == 1
+    assert await store.count("chat", user="nobody") == 0
+    by_user = {(i.lease_id, i.user, i.ip, i.policy) for i in await store.list_leases("chat", user="alice")}
+    assert by_user == {(a1.lease_id, "alice", "10.11.0.1", "chat"),
+                       (a2.lease_id, "alice", "10.11.0.2", "chat")}
+    by_ip = {(i.lease_id, i.user) for i in await store.list_leases("chat", ip="10.11.0.1")}
+    assert by_ip == {(a1.lease_id, "alice"), (b1.lease_id, "bob"), (anon.lease_id, None)}
+    infos = await store.list_leases("chat", ip="10.11.0.1")
+    assert all(time.time() + 25 < i.expires_at < time.time() + 31 for i in infos)
+    assert await store.count_all() == 5
+    with pytest.raises(ValueError):
+        await store.count("chat")
+    with pytest.raises(ValueError):
+        await store.count("chat", user="alice", ip="10.11.0.1")
+
+
+WEIRD_USERS = ["{alice}", "}", "{", "ü ser", "a b", "x|y", "%41", "A", "a:leases:b", "*", "[x]?", "\\",
+               "日本", "emoji-😀", ""]
+
+
+async def test_weird_user_ids(store: Store) -> None:
+    lim = Limits(connections_per_user=1)
+    refs = {u: ref(u, "10.12.0.1") for u in WEIRD_USERS}
+    for r in refs.values():
+        assert (await store.acquire(r, lim, 30)).granted, r.user
+    for u, r in refs.items():
+        assert await store.count("chat", user=u) == 1, u
+        [info] = await store.list_leases("chat", user=u)
+        assert (info.lease_id, info.user, info.ip) == (r.lease_id, u, "10.12.0.1")
+        assert not (await store.acquire(ref(u, "10.12.0.2"), lim, 30)).granted
+    users = {i.user for i in await store.list_leases("chat", ip="10.12.0.1")}
+    assert users == set(WEIRD_USERS)
+    assert await store.count_all() == len(WEIRD_USERS)
+    assert await store.refresh(list(refs.values()), 30) == len(WEIRD_USERS)
+    assert await store.release(list(refs.values())) == len(WEIRD_USERS)
+
+
+async def test_ipv6_and_ping(store: Store) -> None:
+    await store.ping()
+    r = ref("zed", "2001:db8::1")
+    assert (await store.acquire(r, Limits(connections_per_ip=1), 30)).granted
+    assert not (await store.acquire(ref("zed2", "2001:db8::1"), Limits(connections_per_ip=1), 30)).granted
+    [info] = await store.list_leases("chat", user="zed")
+    assert info.ip == "2001:db8::1"
+
+
+async def test_closed_memory_store_raises_store_error() -> None:
+    store = MemoryStore()
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.ping()
+
+
+# -- Redis only ------------------------------------------------------------------------------
+
+
+def test_keys_are_hash_tagged_and_escaped() -> None:
+    s = RedisStore.__new__(RedisStore)
+    from extauth.store.redis import Keys
+
+    k = Keys("extauth")
+    assert k.leases(k.user_tag("alice"), "chat") == "extauth:{u:alice}:leases:chat"
+    assert k.leases(k.ip_tag("10.0.0.1"), "chat") == "extauth:{ip:10.0.0.1}:leases:chat"
+    assert k.rate(k.ip_tag("10.0.0.1"), "chat") == "extauth:{ip:10.0.0.1}:rate:chat"
+    assert k.ban("10.0.0.1") == "extauth:{ip:10.0.0.1}:ban"
+    assert k.hostile("10.0.0.1") == "extauth:{ip:10.0.0.1}:hostile"
+    assert escape("{a} b%") == "%7Ba%7D%20b%25"
+    assert escape("ü") == "%C3%BC"
+    assert escape("a.b_c@d:e-f") == "a.b_c@d:e-f"
+    del s
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
+async def test_scripts_survive_script_flush(backend: str, request: pytest.FixtureRequest,
+                                            key_prefix: str) -> None:
+    if backend == "redis":
+        url = request.getfixturevalue("redis_server").url
+    else:
+        url = request.getfixturevalue("redis_cluster").url
+    store = RedisStore.from_url(url, key_prefix=key_prefix)
+    try:
+        r1 = ref()
+        assert (await store.acquire(r1, Limits(connections_per_user=2), 30)).granted
+        await store.client.script_flush()
+        r2 = ref()
+        assert (await store.acquire(r2, Limits(connections_per_user=2), 30)).granted
+        await store.client.script_flush()
+        assert await store.refresh([r1, r2], 30) == 2  # pipelined EVALSHA path reloads too
+        await store.client.script_flush()
+        assert await store.hit_rate("k", 1, 1) is None
+        assert await store.record_hostile("10.0.0.9", threshold=1, window=10, ban_seconds=5, dry_run=False)
+    finally:
+        await store.close()
+
+
+async def test_store_recovers_after_a_redis_restart(redis_server: RedisServer,
+                                                    restart_redis: Callable[[], RedisServer],
+                                                    key_prefix: str) -> None:
+    store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
+    try:
+        lim = Limits(connections_per_user=1)
+        assert (await store.acquire(ref(), lim, 30)).granted
+        restart_redis()  # persistence is off: the lease is gone with the old process
+
+        async def works() -> bool:
+            try:
+                return (await store.acquire(ref(), lim, 30)).granted
+            except StoreError:
+                return False
+
+        await eventually(works)
+        assert await store.count("chat", user="alice") == 1
+        assert not (await store.acquire(ref(), lim, 30)).granted
+        await store.ping()
+    finally:
+        await store.close()
+
+
+class CountingConnection(aioredis.Connection):
+    """Counts network writes: one per command, one per pipeline (a round trip each)."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_one_round_trip_per_acquire_on_standalone(redis_server: RedisServer, key_prefix: str) -> None:
+    pool = aioredis.ConnectionPool(host="127.0.0.1", port=redis_server.port,
+                                   connection_class=CountingConnection, decode_responses=True)
+    client = aioredis.Redis(connection_pool=pool)
+    store = RedisStore(client, key_prefix=key_prefix)
+    admin = redis_server.client()
+    try:
+        lim = Limits(connections_per_user=100, connections_per_ip=100, attempts_per_ip_per_minute=1000,
+                     attempts_per_user_per_minute=1000)
+        warm = ref()
+        await store.acquire(warm, lim, 30)  # warm: connection handshake and script cache
+        await store.refresh([warm], 30)
+
+        def calls(cmd: str) -> int:
+            return int(admin.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0))
+
+        evalsha, sends = calls("evalsha"), CountingConnection.sends
+        refs = [ref() for _ in range(20)]
+        for r in refs:
+            assert (await store.acquire(r, lim, 30)).granted
+        assert CountingConnection.sends - sends == 20  # one round trip each
+        assert calls("evalsha") - evalsha == 20  # ... and it is one EVALSHA
+        sends = CountingConnection.sends
+        assert await store.refresh(refs, 30) == 20
+        assert await store.release(refs) == 20
+        assert CountingConnection.sends - sends == 2  # one pipelined round trip per batch
+        assert calls("evalsha") - evalsha == 20 + 40  # refresh: one EVALSHA per (lease, key)
+    finally:
+        admin.close()
+        await store.close()
+
+
+def test_open_store_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(open_store("memory://"), MemoryStore)
+    s = open_store("redis://u:p%40ss@127.0.0.1:6390/2")
+    assert isinstance(s, RedisStore) and not s.is_cluster
+    kw = s.client.connection_pool.connection_kwargs
+    assert (kw["username"], kw["password"], kw["db"], kw["port"]) == ("u", "p@ss", 2, 6390)
+    assert kw["socket_timeout"] == 1.0 and kw["socket_connect_timeout"] == 1.0
+    monkeypatch.setenv("EXTAUTH_REDIS_USERNAME", "envuser")
+    monkeypatch.setenv("EXTAUTH_REDIS_PASSWORD", "envpass")
+    s = open_store("rediss://127.0.0.1:6390?ssl_ca_certs=/tmp/ca.pem&ssl_cert_reqs=required")
+    assert isinstance(s, RedisStore)
+    kw = s.client.connection_pool.connection_kwargs
+    assert (kw["username"], kw["password"], kw["ssl_ca_certs"], kw["ssl_cert_reqs"]) == (
+        "envuser", "envpass", "/tmp/ca.pem", "required")
+    c = open_store("rediss+cluster://127.0.0.1:7000,127.0.0.1:7001?ssl_cert_reqs=none")
+    assert isinstance(c, RedisStore) and c.is_cluster
+    for bad in ("redis://h:1?bogus=1", "redis://h:1?ssl_ca_certs=x", "redis://a:1,b:2", "mongodb://x",
+                "redis+cluster://h:1/3"):
+        with pytest.raises(ValueError):
+            open_store(bad)
