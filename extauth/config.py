@@ -250,6 +250,8 @@ class Config(_Model):
     admin_listen: str = "127.0.0.1:9002"
     admin_token_env: str = "EXTAUTH_ADMIN_TOKEN"
     metrics_listen: str | None = None
+    # How often active leases are counted in the store for the gauge (a SCAN on Redis).
+    metrics_sample_seconds: float = Field(default=5.0, ge=0.1, le=3600)
     abuse: Abuse = Field(default_factory=Abuse)
     drain_seconds: float = Field(default=5.0, ge=0, le=300)
     watch_config: bool = True

@@ -23,12 +23,13 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from extauth.accesslog import AccessLogService
 from extauth.config import Config, ConfigError, load_config
 from extauth.envoy_api import check_input, check_response
 from extauth.logs import log_event
-from extauth.metrics import Metrics
+from extauth.metrics import JwksCollector, Metrics
 from extauth.pipeline import Authorizer, Decision, new_decision_id
 from extauth.reasons import Reason
 from extauth.runtime import Runtime, build_runtime
@@ -82,7 +83,14 @@ class ExtAuthServer:
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int = 0
+        self.metrics_port: int = 0
+        self._metrics_http: Any = None
+        self._sampler: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
+        self.metrics.registry.register(JwksCollector(self._verifiers_by_policy))
+
+    def _verifiers_by_policy(self) -> dict[str, Any]:
+        return {p.name: p.verifier for p in self.authorizer.runtime.policies if p.verifier is not None}
 
     async def start(self) -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -101,11 +109,31 @@ class ExtAuthServer:
         await server.start()
         self._server = server
         await self._warm()
+        self._start_metrics()
         # SERVING only once config is loaded and the port is open.
         for name in ("", AUTHZ_SERVICE, ALS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log_event(log, logging.INFO, "serving", listen=self.config.listen, port=self.port,
                   policies=[p.name for p in self.config.policies], store=_redact(self.config.store))
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics_listen:
+            return
+        host, _, port = self.config.metrics_listen.rpartition(":")
+        httpd, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.metrics.registry)
+        self._metrics_http = httpd
+        self.metrics_port = httpd.server_address[1]
+        self._sampler = asyncio.create_task(self._sample_store())
+
+    async def _sample_store(self) -> None:
+        """Active leases come from the store (shared by all replicas), not a per-process guess."""
+        while True:
+            interval = self.authorizer.runtime.config.metrics_sample_seconds
+            try:
+                self.metrics.active_leases.set(await self.store.count_all())
+            except Exception as e:  # the breaker and store metrics already tell the story
+                log_event(log, logging.DEBUG, "lease sampling failed", error=type(e).__name__)
+            await asyncio.sleep(interval)
 
     async def _warm(self) -> None:
         for verifier in self.authorizer.runtime.verifiers.values():
@@ -152,6 +180,11 @@ class ExtAuthServer:
             await asyncio.sleep(wait)
         await self._server.stop(grace=5.0)
         self._server = None
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         await self.authorizer.runtime.close_unused(None)
         await self.store.close()
         log_event(log, logging.INFO, "stopped")
