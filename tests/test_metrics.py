@@ -36,10 +36,10 @@ def value(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{labels} not exported")
 
 
-async def wait_until(cond: Any, timeout: float = 10.0) -> None:
+async def wait_until(cond: Any, within: float = 10.0) -> None:
     import asyncio
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if cond():
             return
