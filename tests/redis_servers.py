@@ -19,10 +19,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+def command(client: redis.Redis, *args: str | int) -> Any:
+    """redis-py's execute_command, typed."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 def _reap_all() -> None:
@@ -195,10 +201,10 @@ class RedisClusterServers:
                 for i, c in enumerate(clients):
                     first = i * 16384 // count
                     last = (i + 1) * 16384 // count - 1
-                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
-                    c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                    command(c, "CLUSTER", "ADDSLOTSRANGE", first, last)
+                    command(c, "CLUSTER", "SET-CONFIG-EPOCH", i + 1)
                 for n, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
-                    clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, bus_port)
+                    command(clients[0], "CLUSTER", "MEET", "127.0.0.1", n.port, bus_port)
                 deadline = time.monotonic() + timeout
                 while not all(self._healthy(c, count) for c in clients):
                     if time.monotonic() > deadline:
@@ -214,7 +220,7 @@ class RedisClusterServers:
 
     @staticmethod
     def _healthy(client: redis.Redis, count: int) -> bool:
-        raw = client.execute_command("CLUSTER", "INFO")
+        raw = command(client, "CLUSTER", "INFO")
         if isinstance(raw, dict):
             fields = {str(k): str(v) for k, v in raw.items()}
         else:

@@ -289,11 +289,11 @@ async def test_ban_unban_list_and_expiry(store: Store) -> None:
 
 async def test_record_hostile_bans_at_threshold(store: Store) -> None:
     ip = "198.51.100.1"
-    kw = {"threshold": 3, "window": 60.0, "ban_seconds": 30.0}
-    assert await store.record_hostile(ip, dry_run=False, **kw) is False
-    assert await store.record_hostile(ip, dry_run=False, **kw) is False
-    assert await store.record_hostile("198.51.100.2", dry_run=False, **kw) is False
-    assert await store.record_hostile(ip, dry_run=False, **kw) is True
+    assert await store.record_hostile(ip, dry_run=False, threshold=3, window=60, ban_seconds=30) is False
+    assert await store.record_hostile(ip, dry_run=False, threshold=3, window=60, ban_seconds=30) is False
+    other = "198.51.100.2"
+    assert await store.record_hostile(other, dry_run=False, threshold=3, window=60, ban_seconds=30) is False
+    assert await store.record_hostile(ip, dry_run=False, threshold=3, window=60, ban_seconds=30) is True
     [ban] = await store.list_bans()
     assert ban.ip == ip and ban.expires_at > time.time() + 25
     assert (await store.acquire(ref("omar", ip), Limits(), 30)).denied == Reason.BANNED
@@ -302,19 +302,17 @@ async def test_record_hostile_bans_at_threshold(store: Store) -> None:
 
 async def test_record_hostile_dry_run_never_bans(store: Store) -> None:
     ip = "198.51.100.3"
-    kw = {"threshold": 2, "window": 60.0, "ban_seconds": 30.0}
-    assert await store.record_hostile(ip, dry_run=True, **kw) is False
-    assert await store.record_hostile(ip, dry_run=True, **kw) is True
+    assert await store.record_hostile(ip, dry_run=True, threshold=2, window=60, ban_seconds=30) is False
+    assert await store.record_hostile(ip, dry_run=True, threshold=2, window=60, ban_seconds=30) is True
     assert await store.list_bans() == []
     assert (await store.acquire(ref("pia", ip), Limits(), 30)).granted
 
 
 async def test_record_hostile_window_slides(store: Store) -> None:
     ip = "198.51.100.4"
-    kw = {"threshold": 2, "window": 0.3, "ban_seconds": 30.0}
-    assert await store.record_hostile(ip, dry_run=False, **kw) is False
+    assert await store.record_hostile(ip, dry_run=False, threshold=2, window=0.3, ban_seconds=30) is False
     await asyncio.sleep(0.4)  # the first signal leaves the 0.3 s window
-    assert await store.record_hostile(ip, dry_run=False, **kw) is False
+    assert await store.record_hostile(ip, dry_run=False, threshold=2, window=0.3, ban_seconds=30) is False
     assert await store.list_bans() == []
 
 
@@ -492,14 +490,14 @@ async def test_one_round_trip_per_acquire_on_standalone(redis_server: RedisServe
 def test_open_store_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(open_store("memory://"), MemoryStore)
     s = open_store("redis://u:p%40ss@127.0.0.1:6390/2")
-    assert isinstance(s, RedisStore) and not s.is_cluster
+    assert isinstance(s, RedisStore) and isinstance(s.client, aioredis.Redis)
     kw = s.client.connection_pool.connection_kwargs
     assert (kw["username"], kw["password"], kw["db"], kw["port"]) == ("u", "p@ss", 2, 6390)
     assert kw["socket_timeout"] == 1.0 and kw["socket_connect_timeout"] == 1.0
     monkeypatch.setenv("EXTAUTH_REDIS_USERNAME", "envuser")
     monkeypatch.setenv("EXTAUTH_REDIS_PASSWORD", "envpass")
     s = open_store("rediss://127.0.0.1:6390?ssl_ca_certs=/tmp/ca.pem&ssl_cert_reqs=required")
-    assert isinstance(s, RedisStore)
+    assert isinstance(s, RedisStore) and isinstance(s.client, aioredis.Redis)
     kw = s.client.connection_pool.connection_kwargs
     assert (kw["username"], kw["password"], kw["ssl_ca_certs"], kw["ssl_cert_reqs"]) == (
         "envuser", "envpass", "/tmp/ca.pem", "required")

@@ -1,0 +1,315 @@
+"""GuardedStore: per-call timeout and circuit breaker, against real failures.
+
+A real server that is killed and restarted, and a TCP server that accepts and
+never answers. The breaker state machine is also driven with a scripted
+in-process Store (not a Redis double: it stands for "any store").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from extauth.config import parse_config
+from extauth.metrics import Metrics
+from extauth.reasons import Reason
+from extauth.store import GuardedStore, LeaseRef, Limits, MemoryStore, StoreError, new_lease_id
+from extauth.store.base import AcquireResult, BanInfo, LeaseInfo, Store
+from extauth.store.redis import RedisStore
+from tests.redis_servers import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+def ref(user: str = "alice", ip: str = "10.0.0.1") -> LeaseRef:
+    return LeaseRef(new_lease_id(), "chat", user, ip)
+
+
+def state(g: GuardedStore) -> str:
+    return g.breaker_state
+
+
+async def _fails_fast(store: GuardedStore, bound: float) -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        await store.acquire(ref(), Limits(), 30)
+    assert time.monotonic() - started < bound
+
+
+async def test_killed_redis_opens_the_breaker_and_recovery_closes_it(
+        private_redis: RedisServer, key_prefix: str) -> None:
+    states: list[str] = []
+    metrics = Metrics()
+    guarded = GuardedStore(RedisStore.from_url(private_redis.url, key_prefix=key_prefix),
+                           timeout=0.2, failure_threshold=3, reset_seconds=0.5,
+                           on_state_change=states.append, metrics=metrics)
+    try:
+        assert (await guarded.acquire(ref(), Limits(connections_per_user=5), 30)).granted
+        assert state(guarded) == "closed"
+
+        private_redis.kill()
+        for _ in range(3):  # each failure comes back within the per-call timeout
+            await _fails_fast(guarded, 0.2 + 0.15)
+        assert state(guarded) == "open"
+        assert metrics.breaker_open._value.get() == 1
+
+        errors, rejected = guarded.errors, guarded.rejected
+        started = time.monotonic()
+        for _ in range(100):
+            with pytest.raises(StoreError):
+                await guarded.acquire(ref(), Limits(), 30)
+        assert time.monotonic() - started < 0.5  # no network wait while open
+        assert guarded.rejected - rejected == 100
+        assert guarded.errors - errors == 100
+
+        private_redis.start()  # same port
+
+        deadline = time.monotonic() + 10
+        while True:
+            if state(guarded) != "open":
+                try:
+                    await guarded.ping()
+                    break
+                except StoreError:
+                    pass
+            assert time.monotonic() < deadline, "breaker never recovered"
+            await asyncio.sleep(0.05)
+        assert state(guarded) == "closed"
+        assert "half_open" in states and states[-1] == "closed"
+        assert metrics.breaker_open._value.get() == 0
+        assert (await guarded.acquire(ref(), Limits(connections_per_user=5), 30)).granted
+        assert guarded.calls > 100 and guarded.opened >= 1
+    finally:
+        await guarded.close()
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A TCP server that accepts, reads everything and never replies."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()
+
+
+async def test_a_silent_server_can_never_hang_a_call(silent_port: int) -> None:
+    inner = RedisStore.from_url(f"redis://127.0.0.1:{silent_port}")
+    guarded = GuardedStore(inner, timeout=0.05, failure_threshold=2, reset_seconds=30)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="timed out"):
+                await guarded.acquire(ref(), Limits(), 30)
+            assert time.monotonic() - started < 0.3
+        assert guarded.timeouts == 2
+        assert state(guarded) == "open"
+        started = time.monotonic()
+        for _ in range(100):
+            with pytest.raises(StoreError):
+                await guarded.refresh([ref()], 30)
+        assert time.monotonic() - started < 0.5
+    finally:
+        await guarded.close()
+
+
+async def test_bare_redis_store_has_socket_timeouts(silent_port: int) -> None:
+    # Even without the guard, the store's own socket timeout ends the call.
+    store = RedisStore.from_url(f"redis://127.0.0.1:{silent_port}", socket_timeout=0.2, connect_timeout=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.ping()
+        assert time.monotonic() - started < 2.0
+    finally:
+        await store.close()
+
+
+# -- the state machine, with a scripted store and a fake clock ----------------------------
+
+
+class Scripted(Store):
+    """Any store: fails, hangs or answers as told."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"  # "ok" | "fail" | "hang" | "bug"
+        self.entered = 0
+        self.called = asyncio.Event()
+
+    async def _go(self) -> None:
+        self.entered += 1
+        self.called.set()
+        if self.mode == "fail":
+            raise StoreError("down")
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "bug":
+            raise ValueError("bad argument")
+
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+        await self._go()
+        return AcquireResult(True)
+
+    async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
+        await self._go()
+        return len(refs)
+
+    async def release(self, refs: Sequence[LeaseRef]) -> int:
+        await self._go()
+        return len(refs)
+
+    async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
+        await self._go()
+        return 0
+
+    async def list_leases(self, policy: str, *, user: str | None = None,
+                          ip: str | None = None) -> list[LeaseInfo]:
+        await self._go()
+        return []
+
+    async def count_all(self) -> int:
+        await self._go()
+        return 0
+
+    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
+        await self._go()
+        return None
+
+    async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
+                             dry_run: bool) -> bool:
+        await self._go()
+        return False
+
+    async def ban(self, ip: str, seconds: float, reason: str) -> None:
+        await self._go()
+
+    async def unban(self, ip: str) -> bool:
+        await self._go()
+        return False
+
+    async def list_bans(self) -> list[BanInfo]:
+        await self._go()
+        return []
+
+    async def ping(self) -> None:
+        await self._go()
+
+    async def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_breaker_state_machine() -> None:
+    inner, clock = Scripted(), Clock()
+    g = GuardedStore(inner, timeout=0.05, failure_threshold=3, reset_seconds=2.0, clock=clock)
+    inner.mode = "fail"
+    for _ in range(2):
+        with pytest.raises(StoreError):
+            await g.ping()
+    assert state(g) == "closed"
+    inner.mode = "ok"
+    await g.ping()  # a success resets the consecutive count
+    inner.mode = "fail"
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            await g.ping()
+    assert state(g) == "open"
+    entered = inner.entered
+    with pytest.raises(StoreError, match="breaker"):
+        await g.ping()
+    assert inner.entered == entered  # refused without touching the store
+
+    clock.now += 2.0
+    assert state(g) == "half_open"
+    with pytest.raises(StoreError):  # the probe fails: open again for reset_seconds
+        await g.ping()
+    assert state(g) == "open"
+    clock.now += 1.9
+    assert state(g) == "open"
+    clock.now += 0.2
+
+    # Half open: exactly one probe goes through; concurrent calls are refused.
+    inner.mode = "hang"
+    inner.called.clear()
+    probe = asyncio.create_task(g.ping())
+    await inner.called.wait()
+    inner.mode = "ok"
+    with pytest.raises(StoreError, match="half_open"):
+        await g.count_all()
+    with pytest.raises(StoreError, match="timed out"):
+        await probe
+    assert state(g) == "open"
+    clock.now += 2.0
+    await g.ping()
+    assert state(g) == "closed"
+    assert g.timeouts == 1
+
+
+async def test_bugs_and_cancellation_do_not_trip_the_breaker() -> None:
+    inner, clock = Scripted(), Clock()
+    g = GuardedStore(inner, timeout=5, failure_threshold=1, reset_seconds=1.0, clock=clock)
+    inner.mode = "bug"
+    with pytest.raises(ValueError):
+        await g.ping()
+    assert state(g) == "closed" and g.errors == 0
+    inner.mode = "fail"
+    with pytest.raises(StoreError):
+        await g.ping()
+    clock.now += 1.0
+    inner.mode = "hang"
+    inner.called.clear()
+    probe = asyncio.create_task(g.ping())
+    await inner.called.wait()
+    probe.cancel()  # the caller gave up on the probe: the probe slot is free again
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    inner.mode = "ok"
+    await g.ping()
+    assert state(g) == "closed"
+
+
+async def test_every_method_is_guarded_and_from_config() -> None:
+    cfg = parse_config({
+        "store_timeout_ms": 20, "store_breaker": {"failure_threshold": 4, "reset_seconds": 7},
+        "policies": [{"name": "p"}],
+    })
+    g = GuardedStore.from_config(MemoryStore(), cfg)
+    assert (g.timeout, g.failure_threshold, g.reset_seconds) == (0.02, 4, 7)
+    r = ref()
+    assert (await g.acquire(r, Limits(connections_per_user=1), 30)).granted
+    assert (await g.acquire(ref(), Limits(connections_per_user=1), 30)).denied == Reason.QUOTA_USER
+    assert await g.refresh([r], 30) == 1
+    assert await g.count("chat", user="alice") == 1
+    assert len(await g.list_leases("chat", ip="10.0.0.1")) == 1
+    assert await g.count_all() == 1
+    assert await g.hit_rate("k", 1, 1) is None
+    assert await g.record_hostile("10.0.0.2", threshold=1, window=1, ban_seconds=1, dry_run=True)
+    await g.ban("10.0.0.3", 5, "x")
+    assert [b.ip for b in await g.list_bans()] == ["10.0.0.3"]
+    assert await g.unban("10.0.0.3")
+    assert await g.release([r]) == 1
+    await g.ping()
+    assert g.calls == 13 and g.errors == 0
+    await g.close()
+    with pytest.raises(StoreError):  # a closed MemoryStore refuses
+        await g.ping()
