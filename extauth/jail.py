@@ -1,0 +1,258 @@
+"""The abuse jail: count hostile signals per client IP, ban IPs that forge tokens.
+
+Only *hostile* reasons count (``Reason.hostile``: malformed tokens and bad
+signatures, i.e. evidence of forgery). Expired-but-authentic tokens, missing
+tokens, origins, quotas, handshake errors and outages never count: an office
+behind one NAT address must never be banned for its users' honest mistakes.
+
+Bans live in the shared store (``record_hostile`` / ``ban``), so every replica
+enforces them. ``is_banned`` never touches the store: it answers from a local
+copy of the store's ban list, refreshed in the background about once a second
+(and at once when this replica bans), so a ban reaches every replica within
+about a second and costs no round trip per request. The store's ``acquire``
+refuses banned IPs authoritatively as well.
+
+``observe`` is synchronous and never blocks: the store write runs as a
+background task, with a bounded number in flight (signals beyond the bound are
+dropped and counted in ``dropped``; a flood from one attacker reaches the
+threshold long before that matters).
+
+Failure mode: when the store fails, the jail fails *open* for banning. Signals
+that cannot be recorded are lost, the local ban list keeps its last known
+entries until they expire, and no request is ever refused because the store
+is down. Each outage is logged once when it starts and once when it ends.
+
+``never_ban`` networks are never counted and never banned. ``dry_run`` counts
+and logs would-be bans (``extauth_bans_total{kind="dry_run"}``) without
+enforcing them; manual bans (admin API) are still enforced in dry-run mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+
+from extauth.config import Abuse
+from extauth.logs import log_event
+from extauth.metrics import Metrics
+from extauth.reasons import Reason
+from extauth.store.base import Store, StoreError
+
+log = logging.getLogger("extauth.jail")
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Store failures the jail absorbs (fail open). Anything else is a bug and is logged with a traceback.
+_STORE_FAILURES = (StoreError, TimeoutError, OSError)
+
+
+def parse_networks(cidrs: list[str]) -> tuple[IpNetwork, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def in_networks(ip: str, networks: tuple[IpNetwork, ...]) -> bool:
+    """True when ``ip`` (an address string) lies in one of ``networks``; False for a non-address."""
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        mapped = addr.ipv4_mapped
+        if any(mapped in n for n in networks if n.version == 4):
+            return True
+    return any(addr in n for n in networks if n.version == addr.version)
+
+
+class Jail:
+    """Implements the pipeline's ``JailLike``: ``is_banned(ip)`` and ``observe(ip, reason)``."""
+
+    def __init__(
+        self,
+        cfg: Abuse,
+        store: Store,
+        metrics: Metrics | None = None,
+        *,
+        refresh_seconds: float = 1.0,
+        max_in_flight: int = 64,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if refresh_seconds <= 0 or max_in_flight < 1:
+            raise ValueError("refresh_seconds must be > 0 and max_in_flight >= 1")
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.refresh_seconds = refresh_seconds
+        self.max_in_flight = max_in_flight
+        self._clock = clock
+        self.cfg = cfg
+        self._never_ban: tuple[IpNetwork, ...] = parse_networks(cfg.never_ban)
+        # ip -> ban expiry (unix seconds), a copy of the store's ban list.
+        self._bans: dict[str, float] = {}
+        # Local changes (ip -> (expiry, or None for an unban; change number)) that a refresh
+        # already in flight may not have seen yet; re-applied on top of its result.
+        self._changes: dict[str, tuple[float | None, int]] = {}
+        self._change_no = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        self._store_ok = True
+        # Counters for tests and debugging.
+        self.dropped = 0  # hostile signals not recorded because too many writes were in flight
+        self.store_failures = 0  # store calls that failed (the jail failed open)
+        self.refreshes = 0  # successful ban-list refreshes
+
+    # -- settings ----------------------------------------------------------------
+
+    def configure(self, cfg: Abuse) -> None:
+        """Apply new abuse settings (hot reload). Takes effect for the next signal."""
+        self._never_ban = parse_networks(cfg.never_ban)
+        self.cfg = cfg
+
+    def exempt(self, ip: str) -> bool:
+        """True for an address in ``never_ban``."""
+        return in_networks(ip, self._never_ban)
+
+    # -- JailLike (synchronous, cheap) ---------------------------------------------
+
+    def is_banned(self, ip: str) -> bool:
+        if not self.cfg.enabled:
+            return False
+        expires = self._bans.get(ip)
+        if expires is None:
+            return False
+        if expires <= self._clock():
+            self._bans.pop(ip, None)
+            return False
+        return not self.exempt(ip)
+
+    def observe(self, ip: str, reason: Reason) -> None:
+        cfg = self.cfg
+        if not cfg.enabled or not reason.hostile or self.exempt(ip):
+            return
+        self.metrics.hostile.labels(reason.value).inc()
+        if len(self._tasks) >= self.max_in_flight:
+            self.dropped += 1
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._record(ip, reason, cfg))
+        except RuntimeError:  # no running loop: nothing can be recorded
+            self.dropped += 1
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- local view of the store's bans ------------------------------------------
+
+    def note_ban(self, ip: str, expires_at: float) -> None:
+        """Enforce a ban locally at once (the store already holds it)."""
+        self._bans[ip] = expires_at
+        self._change(ip, expires_at)
+
+    def forget_ban(self, ip: str) -> None:
+        """Drop a ban locally at once (the store already dropped it)."""
+        self._bans.pop(ip, None)
+        self._change(ip, None)
+
+    def _change(self, ip: str, expires_at: float | None) -> None:
+        self._change_no += 1
+        self._changes[ip] = (expires_at, self._change_no)
+
+    def banned_ips(self) -> dict[str, float]:
+        now = self._clock()
+        return {ip: exp for ip, exp in self._bans.items() if exp > now}
+
+    async def refresh(self) -> bool:
+        """Replace the local ban list with the store's. False (and the old list kept) on failure."""
+        started = self._change_no
+        try:
+            bans = await self.store.list_bans()
+        except _STORE_FAILURES as e:
+            self._store_failed("list_bans", e)
+            return False
+        self._store_recovered()
+        fresh = {b.ip: b.expires_at for b in bans}
+        # A local ban or unban made while the listing was in flight wins over it.
+        for ip, (expires_at, no) in list(self._changes.items()):
+            if no <= started:
+                del self._changes[ip]
+            elif expires_at is None:
+                fresh.pop(ip, None)
+            else:
+                fresh[ip] = expires_at
+        self._bans = fresh
+        self.refreshes += 1
+        return True
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the ban list once (never raises) and start the background refresher."""
+        if self._refresher is not None:
+            return
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="extauth-jail-refresh")
+
+    async def drain(self, within: float = 5.0) -> None:
+        """Wait (at most ``within`` seconds) for the store writes in flight (tests, shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=within)
+
+    async def stop(self) -> None:
+        """Stop the refresher; let in-flight writes finish briefly, then cancel them."""
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        await self.drain(within=1.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # a bug must not kill the refresher
+                log.exception("jail: ban list refresh failed")
+
+    # -- store writes ----------------------------------------------------------------
+
+    async def _record(self, ip: str, reason: Reason, cfg: Abuse) -> None:
+        try:
+            reached = await self.store.record_hostile(
+                ip, threshold=cfg.threshold, window=float(cfg.window_seconds),
+                ban_seconds=float(cfg.ban_seconds), dry_run=cfg.dry_run)
+        except _STORE_FAILURES as e:
+            self._store_failed("record_hostile", e)
+            return
+        except Exception:
+            log.exception("jail: recording a hostile signal failed")
+            return
+        self._store_recovered()
+        if not reached:
+            return
+        self.metrics.bans.labels("dry_run" if cfg.dry_run else "enforced").inc()
+        if not cfg.dry_run:
+            self.note_ban(ip, self._clock() + cfg.ban_seconds)
+        log_event(log, logging.WARNING, "would ban" if cfg.dry_run else "ban",
+                  event="ban", ip=ip, hostile=cfg.threshold, window_seconds=cfg.window_seconds,
+                  ban_seconds=cfg.ban_seconds, dry_run=cfg.dry_run, last_reason=reason.value)
+
+    def _store_failed(self, op: str, err: BaseException) -> None:
+        self.store_failures += 1
+        if self._store_ok:
+            self._store_ok = False
+            log_event(log, logging.WARNING, "store unavailable; jail failing open",
+                      event="jail_store_error", op=op, error=f"{type(err).__name__}: {err}"[:200])
+
+    def _store_recovered(self) -> None:
+        if not self._store_ok:
+            self._store_ok = True
+            log_event(log, logging.INFO, "store available again; jail enforcing", event="jail_store_ok")
