@@ -507,3 +507,26 @@ def test_open_store_urls(monkeypatch: pytest.MonkeyPatch) -> None:
                 "redis+cluster://h:1/3"):
         with pytest.raises(ValueError):
             open_store(bad)
+
+
+async def test_memory_sliding_window_is_exact_with_a_driven_clock() -> None:
+    now = [1_000_000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    lim = Limits(attempts_per_ip_per_minute=2)
+    assert (await store.acquire(ref("a", "10.0.0.1"), lim, 3600)).granted
+    now[0] += 10.25
+    assert (await store.acquire(ref("b", "10.0.0.1"), lim, 3600)).granted
+    now[0] += 5
+    res = await store.acquire(ref("c", "10.0.0.1"), lim, 3600)
+    assert (res.denied, res.retry_after) == (Reason.RATE_IP, 45)  # 60 - 15.25 = 44.75, rounded up
+    now[0] += 44.5
+    assert (await store.acquire(ref("c", "10.0.0.1"), lim, 3600)).denied == Reason.RATE_IP
+    res = await store.acquire(ref("c", "10.0.0.1"), lim, 3600)
+    assert res.retry_after == 1  # 0.25 s left: at least one second
+    now[0] += 0.25
+    assert (await store.acquire(ref("c", "10.0.0.1"), lim, 3600)).granted  # the first left the window
+    assert (await store.acquire(ref("d", "10.0.0.1"), lim, 3600)).denied == Reason.RATE_IP
+    # Leases expire by the same clock.
+    assert await store.count("chat", ip="10.0.0.1") == 3
+    now[0] += 3600
+    assert await store.count_all() == 0
