@@ -33,7 +33,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -43,7 +43,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from extauth.reasons import Reason
 from extauth.store.base import (
@@ -58,6 +58,8 @@ from extauth.store.base import (
 from extauth.store.memory import RATE_WINDOW, retry_seconds
 
 RedisClient = aioredis.Redis | RedisCluster
+# What a Redis outage looks like from redis-py (RedisClusterException is not a RedisError).
+_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@:-")
 _SCRIPTS = ("acquire", "refresh", "hit", "hostile")
@@ -95,7 +97,7 @@ def _errors() -> Iterator[None]:
         yield
     except StoreError:
         raise
-    except (RedisError, OSError) as e:
+    except _FAILURES as e:
         raise StoreError(f"redis: {type(e).__name__}: {e}") from e
 
 
@@ -261,6 +263,7 @@ class RedisStore(Store):
         self._batch = max(1, batch_size)
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
         self._init_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._initialized = not self._cluster
 
     @classmethod
@@ -393,9 +396,14 @@ class RedisStore(Store):
         try:
             user_res = await self._script("acquire", user_keys,
                                           [attempt, ttl_ms, "1" if recorded else "0", "0", *user_args])
-        except BaseException:
+        except asyncio.CancelledError:
+            # The caller's timeout fired: roll back in the background, never delay the cancellation.
             if recorded:
-                with contextlib.suppress(RedisError, OSError):
+                self._background(self._rollback_ip(ip_keys, attempt, ip_args[2]))
+            raise
+        except Exception:
+            if recorded:
+                with contextlib.suppress(*_FAILURES):
                     await self._rollback_ip(ip_keys, attempt, ip_args[2])
             raise
         if int(user_res[0]) != 0:
@@ -403,6 +411,17 @@ class RedisStore(Store):
                 await self._rollback_ip(ip_keys, attempt, ip_args[2])
             return self._decode(user_res, [user_subject])
         return self._decode(ip_res, [ip_subject])
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Future[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved: a failed rollback only over-counts until the TTL
+
+        task.add_done_callback(done)
 
     async def _rollback_ip(self, ip_keys: list[str], attempt: str, member: str) -> None:
         # Both keys share the IP's slot; ZREM is idempotent.
@@ -577,6 +596,8 @@ class RedisStore(Store):
             await self._client.ping()
 
     async def close(self) -> None:
+        if self._tasks:  # let background rollbacks finish (bounded by the socket timeouts)
+            await asyncio.wait(list(self._tasks), timeout=2.0)
         with _errors():
             await self._client.aclose()
 
