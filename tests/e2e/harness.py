@@ -275,7 +275,9 @@ class Envoy(Proc):
         out: dict[str, dict[str, int]] = {}
         for line in body.splitlines():
             parts = line.split("::")
-            if len(parts) == 4 and parts[0] == "extauth" and parts[3].isdigit():
+            # extauth::127.0.0.1:9001::rq_success::12 (skip cluster-wide lines like
+            # extauth::default_priority::max_connections::1024)
+            if len(parts) == 4 and parts[0] == "extauth" and ":" in parts[1] and parts[3].isdigit():
                 out.setdefault(parts[1], {})[parts[2]] = int(parts[3])
         return out
 
