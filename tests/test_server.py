@@ -3,6 +3,7 @@ xds-protos messages; keys come from a JWKS URL served by a local HTTP server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -245,5 +246,42 @@ async def test_internal_error_is_a_500_denial_and_server_survives(jwks: JwksServ
             assert "boom" not in resp.denied_response.body
             ok = await c.check("/api/x", {"authorization": f"Bearer {token()}"})
             assert ok.status.code == 0
+    finally:
+        await srv.stop(drain=0)
+
+
+async def test_leases_in_real_redis_refreshed_and_released_over_the_stream(
+    jwks: JwksServer, redis_server: Any, key_prefix: str
+) -> None:
+    from extauth.store import open_store
+    from extauth.store.guard import GuardedStore
+
+    cfg = parse_config(config(jwks.url, store=redis_server.url, lease_ttl_seconds=1.0))
+    store = GuardedStore(open_store(redis_server.url, key_prefix=key_prefix), timeout=1.0)
+    srv = ExtAuthServer(cfg, store=store)
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            c = Client(ch)
+            tok = token("erin")
+            first = metadata_of(await c.check(f"/ws?token={tok}", ws_headers()))
+            second = metadata_of(await c.check(f"/ws?token={tok}", ws_headers()))
+            assert "lease_id" in first and "lease_id" in second
+            assert await store.count("chat", user="erin") == 2
+
+            call = c.als.StreamAccessLogs()
+            await call.write(als_message([log_entry(first, "DownstreamTunnelSuccessfullyEstablished"),
+                                          log_entry(second, "DownstreamTunnelSuccessfullyEstablished")]))
+            # Keep `first` alive with periodic entries past the TTL; let `second` lapse.
+            deadline = time.monotonic() + 1.6
+            while time.monotonic() < deadline:
+                await call.write(als_message([log_entry(first, "DownstreamPeriodic")], first=False))
+                await asyncio.sleep(0.2)
+            leases = await store.list_leases("chat", user="erin")
+            assert [lease.lease_id for lease in leases] == [first["lease_id"]]
+            await call.write(als_message([log_entry(first, "DownstreamEnd")], first=False))
+            await call.done_writing()
+            await call
+            assert await store.count("chat", user="erin") == 0
     finally:
         await srv.stop(drain=0)
