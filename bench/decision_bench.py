@@ -19,11 +19,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from extauth.config import parse_config  # noqa: E402
-from extauth.pipeline import Authorizer  # noqa: E402
-from extauth.request import CheckInput  # noqa: E402
-from extauth.runtime import build_runtime  # noqa: E402
-from tests.keys import jwks_for, make_rsa_key, sign  # noqa: E402
+from extauth.config import parse_config
+from extauth.pipeline import Authorizer
+from extauth.request import CheckInput
+from extauth.runtime import build_runtime
+from tests.keys import jwks_for, make_rsa_key, sign
 
 ISS = "https://issuer.example.com"
 WS = {
@@ -58,33 +58,35 @@ async def _time(authz: Authorizer, req: CheckInput, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-async def run(n: int) -> dict[str, float]:
-    key = make_rsa_key()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jwks.json")
-        Path(path).write_text(json.dumps(jwks_for(key, "k1", "RS256")))
-        now = int(time.time())
-        tok = sign(key, "RS256", {"iss": ISS, "aud": "ws", "sub": "alice", "iat": now, "exp": now + 3600},
-                   kid="k1")
+def _token(key: Any) -> str:
+    now = int(time.time())
+    claims = {"iss": ISS, "aud": "ws", "sub": "alice", "iat": now, "exp": now + 3600}
+    return sign(key, "RS256", claims, kid="k1")
 
-        def req(path: str) -> CheckInput:
-            return CheckInput(method="GET", host="ws.example.com", path=path, query=f"token={tok}",
-                              headers=WS, source_ip="203.0.113.7")
 
-        cached = Authorizer(build_runtime(parse_config(_config(path, 10_000))), None)
-        cold = Authorizer(build_runtime(parse_config(_config(path, 0))), None)
-        return {
-            "origin only": await _time(cached, req("/open"), n),
-            "JWT cold (RS256 verify)": await _time(cold, req("/ws"), max(n // 10, 1000)),
-            "JWT cached": await _time(cached, req("/ws"), n),
-        }
+async def run(n: int, jwks_path: str, tok: str) -> dict[str, float]:
+    def req(path: str) -> CheckInput:
+        return CheckInput(method="GET", host="ws.example.com", path=path, query=f"token={tok}",
+                          headers=WS, source_ip="203.0.113.7")
+
+    cached = Authorizer(build_runtime(parse_config(_config(jwks_path, 10_000))), None)
+    cold = Authorizer(build_runtime(parse_config(_config(jwks_path, 0))), None)
+    return {
+        "origin only": await _time(cached, req("/open"), n),
+        "JWT cold (RS256 verify)": await _time(cold, req("/ws"), max(n // 10, 1000)),
+        "JWT cached": await _time(cached, req("/ws"), n),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     args = ap.parse_args()
-    results = asyncio.run(run(args.n))
+    key = make_rsa_key()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "jwks.json")
+        Path(path).write_text(json.dumps(jwks_for(key, "k1", "RS256")))
+        results = asyncio.run(run(args.n, path, _token(key)))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")
     print("| decision (in-process, full pipeline) | µs per decision |")
