@@ -23,10 +23,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     return rep
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One stack (Redis store, TTL 3 s, flush 1 s, 10 connections per user) for the
-    non-destructive tests of a module; tests use distinct users so they never interact."""
+    """One stack (Redis store, TTL 3 s, flush 1 s, 10 connections per user) for all the
+    non-destructive tests; tests use distinct users and paths so they never interact."""
     stack = Stack(tmp_path_factory.mktemp("stack"), StackConfig())
     try:
         yield stack.start()

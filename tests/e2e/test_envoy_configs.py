@@ -1,0 +1,184 @@
+"""The Envoy configs we ship or generate are accepted by the real Envoy, and work."""
+
+from __future__ import annotations
+
+import asyncio
+import string
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.harness import (
+    OTHER_ORIGIN,
+    REPO,
+    Envoy,
+    Refused,
+    Stack,
+    envoy_binary,
+    free_port,
+    generate_bootstrap,
+    token,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+ENVOY_DIR = REPO / "envoy"
+# Values for the placeholders of the files under envoy/ (documented in envoy/README.md).
+PLACEHOLDERS = {
+    "ENVOY_LISTEN_ADDRESS": "127.0.0.1",
+    "ENVOY_LISTEN_PORT": "18080",
+    "ENVOY_ADMIN_PORT": "0",
+    "EXTAUTH_HOST": "127.0.0.1",
+    "EXTAUTH_PORT": "9001",
+    "UPSTREAM_HOST": "localhost",
+    "UPSTREAM_PORT": "8081",
+}
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    """envsubst, strictly: an unknown placeholder is an error, not an empty string."""
+    return string.Template(text).substitute(values)
+
+
+def validate(path: Path) -> None:
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "warning"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{path}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def envoy_files() -> list[Path]:
+    return sorted(p for p in ENVOY_DIR.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
+
+
+def test_envoy_dir_has_configs() -> None:
+    assert envoy_files(), "no Envoy configs under envoy/"
+
+
+@pytest.mark.parametrize("path", envoy_files(), ids=lambda p: p.name)
+def test_shipped_config_validates(path: Path, tmp_path: Path) -> None:
+    text = substitute(path.read_text(), PLACEHOLDERS)
+    assert "${" not in text
+    out = tmp_path / path.name
+    out.write_text(text)
+    validate(out)
+
+
+def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
+    """The real command line, in a subprocess, with every option."""
+    out = tmp_path / "envoy.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "extauth", "envoy-config", "-c", str(REPO / "examples" / "extauth.yaml"),
+         "--listen", "0.0.0.0:18080", "--upstream", "chat=127.0.0.1:18081",
+         "--upstream", "api=backend.internal:18082",
+         "--route", "/ws=chat:chat", "--route", "/api/v2=api:api", "--route", "/api=api:api",
+         "--extauth", "127.0.0.1:9001", "--extauth", "127.0.0.1:9011",
+         "--admin-port", "0", "--flush-interval", "5", "--max-stream-duration", "600",
+         "--max-connections", "1000", "-o", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    validate(out)
+    doc = yaml.safe_load(out.read_text())
+    res = doc["static_resources"]
+    clusters = {c["name"]: c for c in res["clusters"]}
+    assert set(clusters) == {"extauth", "chat", "api"}
+    assert clusters["api"]["type"] == "STRICT_DNS"  # a host name
+    ext_eps = clusters["extauth"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert len(ext_eps) == 2
+    hcm = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    # longest prefix first
+    assert [r["match"]["prefix"] for r in routes] == ["/api/v2", "/api", "/ws"]
+    assert routes[2]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"] == {
+        "context_extensions": {"policy": "chat"}}
+    assert routes[2]["route"]["max_stream_duration"] == {"max_stream_duration": "600s"}
+    assert hcm["access_log_options"] == {"access_log_flush_interval": "5s",
+                                         "flush_log_on_tunnel_successfully_established": True}
+    authz = hcm["http_filters"][0]
+    assert authz["name"] == "envoy.filters.http.ext_authz"
+    assert authz["typed_config"].get("failure_mode_allow", False) is False
+    assert authz["typed_config"]["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket"}]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--upstream", "app=127.0.0.1:1", "--route", "/ws=app:nope"], "no policy named 'nope'"),
+    (["--upstream", "app=127.0.0.1:1", "--route", "/ws=other:chat"], "unknown upstream 'other'"),
+    (["--upstream", "app=127.0.0.1"], "HOST:PORT"),
+    (["--upstream", "extauth=127.0.0.1:1"], "ext_authz cluster"),
+    ([], "at least one --upstream"),
+])
+def test_envoy_config_refuses_bad_input(args: list[str], message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from extauth.cli import main
+
+    code = main(["envoy-config", "-c", str(REPO / "examples" / "extauth.yaml"),
+                 "--listen", "127.0.0.1:8080", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flush_interval_close_to_ttl_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from extauth.cli import main
+
+    code = main(["envoy-config", "-c", str(REPO / "examples" / "extauth.yaml"), "--listen", "127.0.0.1:8080",
+                 "--upstream", "app=127.0.0.1:1", "--flush-interval", "45", "-o", str(tmp_path / "e.yaml")])
+    assert code == 0
+    assert "more than half of lease_ttl_seconds" in capsys.readouterr().err
+
+
+def test_generated_default_routes_one_per_policy(shared_stack: Stack) -> None:
+    doc = yaml.safe_load(generate_bootstrap(shared_stack.envoy_args()))
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    got = {r["match"]["prefix"]: r["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+           ["check_settings"]["context_extensions"]["policy"] for r in routes}
+    assert got == {"/ws": "chat", "/api": "api"}
+
+
+async def test_reference_config_works_against_the_real_stack(shared_stack: Stack, tmp_path: Path) -> None:
+    """envoy/envoy.yaml is not only valid: filled in with this stack's ports it guards
+    WebSockets the same way the generated config does."""
+    port = free_port()
+    values = {**PLACEHOLDERS, "ENVOY_LISTEN_PORT": str(port),
+              "EXTAUTH_PORT": str(shared_stack.extauth[0].port),
+              "UPSTREAM_HOST": "127.0.0.1", "UPSTREAM_PORT": str(shared_stack.upstream.port)}
+    path = tmp_path / "envoy.yaml"
+    path.write_text(substitute((ENVOY_DIR / "envoy.yaml").read_text(), values))
+    envoy = Envoy("reference-envoy", path, port, tmp_path)
+    try:
+        envoy.start()
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
+
+        user = f"ref-{uuid.uuid4().hex[:8]}"
+        tok = token(user)
+        ws_path = f"/ws/ref-{uuid.uuid4().hex[:8]}"
+        with pytest.raises(InvalidStatus) as info:
+            await connect(f"ws://127.0.0.1:{port}{ws_path}-denied?token={tok}", origin=OTHER_ORIGIN,  # type: ignore[arg-type]
+                          proxy=None)
+        assert info.value.response.status_code == 403
+        assert info.value.response.headers["x-extauth-reason"] == "origin_not_allowed"
+        async with connect(f"ws://127.0.0.1:{port}{ws_path}", origin=shared_stack.cfg.origins[0],  # type: ignore[arg-type]
+                           subprotocols=["chat.v1", f"bearer.{tok}"], proxy=None) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == "chat.v1"
+            await ws.send("ref")
+            assert await ws.recv() == "ref"
+        [seen] = shared_stack.upstream.requests_to(ws_path)
+        assert seen.headers["x-user-id"] == user
+        assert tok not in str(seen.headers)
+        # The stdout access log: reason recorded, never the query string.
+        entries = await asyncio.to_thread(
+            wait_until, lambda: [e for e in envoy.access_log() if e["path"].startswith(ws_path)], 5,
+            "access-log entries")
+        denied = [e for e in entries if e["status"] == 403]
+        assert denied and denied[0]["reason"] == "origin_not_allowed"
+        assert all("?" not in e["path"] and tok not in str(e) for e in entries)
+        r = await shared_stack.try_connect(None, path=ws_path)
+        assert isinstance(r, Refused)
+    finally:
+        envoy.kill()
