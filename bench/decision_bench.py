@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from extauth.runtime import build_runtime
 from tests.keys import jwks_for, make_rsa_key, sign
 
 ISS = "https://issuer.example.com"
+ROUNDS = 5
 WS = {
     "upgrade": "websocket",
     "connection": "Upgrade",
@@ -64,23 +66,26 @@ def _token(key: Any) -> str:
     return sign(key, "RS256", claims, kid="k1")
 
 
-async def run(n: int, jwks_path: str, tok: str) -> dict[str, float]:
+async def run(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
     def req(path: str) -> CheckInput:
         return CheckInput(method="GET", host="ws.example.com", path=path, query=f"token={tok}",
                           headers=WS, source_ip="203.0.113.7")
 
     cached = Authorizer(build_runtime(parse_config(_config(jwks_path, 10_000))), None)
     cold = Authorizer(build_runtime(parse_config(_config(jwks_path, 0))), None)
-    return {
-        "origin only": await _time(cached, req("/open"), n),
-        "JWT cold (RS256 verify)": await _time(cold, req("/ws"), max(n // 10, 1000)),
-        "JWT cached": await _time(cached, req("/ws"), n),
-    }
+    # Repeated rounds, interleaved, so a noisy neighbour hits every case alike;
+    # the median is reported, and the best round shows the uncontended cost.
+    results: dict[str, list[float]] = {"origin only": [], "JWT cold (RS256 verify)": [], "JWT cached": []}
+    for _ in range(ROUNDS):
+        results["origin only"].append(await _time(cached, req("/open"), n))
+        results["JWT cold (RS256 verify)"].append(await _time(cold, req("/ws"), max(n // 10, 500)))
+        results["JWT cached"].append(await _time(cached, req("/ws"), n))
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--n", type=int, default=10000)
     args = ap.parse_args()
     key = make_rsa_key()
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,10 +94,10 @@ def main() -> None:
         results = asyncio.run(run(args.n, path, _token(key)))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")
-    print("| decision (in-process, full pipeline) | µs per decision |")
-    print("|---|---|")
-    for name, us in results.items():
-        print(f"| {name} | {us:.1f} |")
+    print(f"| decision (in-process, full pipeline) | µs median of {ROUNDS} | µs best |")
+    print("|---|---|---|")
+    for name, rounds in results.items():
+        print(f"| {name} | {statistics.median(rounds):.1f} | {min(rounds):.1f} |")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,17 @@ from collections.abc import Mapping
 from extauth.reasons import DenyError, Reason
 
 
-def _tokens(value: str) -> list[str]:
-    return [t.strip().lower() for t in value.split(",") if t.strip()]
+def _has_token(value: str, token: str) -> bool:
+    """Whether a comma-separated header value lists ``token`` (case-insensitive)."""
+    low = value.lower()
+    if low == token:  # the overwhelmingly common case, without building a list
+        return True
+    return token in (t.strip() for t in low.split(","))
 
 
 def is_upgrade_attempt(headers: Mapping[str, str]) -> bool:
     """True when the client asks to upgrade to WebSocket (``Upgrade: websocket``, any case)."""
-    return "websocket" in _tokens(headers.get("upgrade", ""))
+    return _has_token(headers.get("upgrade", ""), "websocket")
 
 
 def validate_handshake(method: str, headers: Mapping[str, str]) -> None:
@@ -27,7 +31,7 @@ def validate_handshake(method: str, headers: Mapping[str, str]) -> None:
     if method != "GET":
         raise DenyError(Reason.BAD_HANDSHAKE, "method must be GET")
     # Envoy keeps Connection and Upgrade on upgrade requests (it forwards them).
-    if "upgrade" not in _tokens(headers.get("connection", "")):
+    if not _has_token(headers.get("connection", ""), "upgrade"):
         raise DenyError(Reason.BAD_HANDSHAKE, "connection header lacks the upgrade token")
     version = headers.get("sec-websocket-version")
     if version is None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extauth.config import Config, JwtConfig, Policy
+from extauth.config import Config, JwtConfig, Match, Policy
 from extauth.origin import OriginPolicy
 from extauth.store.base import Limits
 from extauth.tokens.extract import TokenSources
@@ -46,6 +46,11 @@ class Template:
         self._parts = tuple(parts)
 
     def render(self, claims: Mapping[str, Any]) -> str:
+        if len(self._parts) == 1 and self._parts[0][0] and "." not in self._parts[0][1]:
+            # "{sub}": the usual identity header, one lookup.
+            only = claims.get(self._parts[0][1])
+            if isinstance(only, str) and only.isprintable() and 0 < len(only) <= _MAX_HEADER_VALUE:
+                return only
         out = []
         for is_field, text in self._parts:
             if not is_field:
@@ -74,14 +79,9 @@ class CompiledPolicy:
     verifier: JwtVerifier | None
     limits: Limits | None  # None: nothing to count, the store is not touched
     header_templates: tuple[tuple[str, Template], ...]
-
-    @property
-    def name(self) -> str:
-        return self.policy.name
-
-    @property
-    def match(self) -> Any:
-        return self.policy.match
+    # Copied out of the pydantic model: read on every check by select_policy.
+    name: str
+    match: Match | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +138,8 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 verifier=verifier,
                 limits=_limits(p),
                 header_templates=tuple((k, Template(v)) for k, v in p.upstream_headers.items()),
+                name=p.name,
+                match=p.match,
             )
         )
     return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers)
