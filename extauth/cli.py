@@ -62,6 +62,18 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_envoy_config(args: argparse.Namespace) -> int:
+    from extauth.envoy_config import run
+
+    return run(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from extauth.demo import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extauth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lifetime", type=int, default=3600)
     p.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_token)
+
+    from extauth import envoy_config  # light: envoy-data-plane is imported only when run
+
+    p = sub.add_parser("envoy-config", help="print an Envoy bootstrap (YAML) for a config")
+    envoy_config.add_arguments(p)
+    p.set_defaults(func=_cmd_envoy_config)
+
+    p = sub.add_parser("demo", help="run extauth + Envoy + an echo upstream + two web pages")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="stop after S seconds (non-interactive runs); default: until Ctrl-C")
+    p.add_argument("--port", type=int, default=8080,
+                   help="Envoy's public port; the pages use the next two (0: any free ports)")
+    p.add_argument("--workdir", help="keep the generated files and Envoy's log here (default: a temp dir)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
