@@ -41,8 +41,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
-from tests.redis_servers import RedisServer, free_port
+from tests.redis_servers import RedisServer
+from tests.redis_servers import free_port as free_port  # re-exported for tests
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_KEY = REPO / "examples" / "keys" / "dev-private.pem"
@@ -123,9 +125,11 @@ class Proc:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def check_alive(self) -> None:
+    def check_alive(self) -> bool:
+        """True while running; raises with the log tail when the process has exited."""
         if self.popen is not None and self.popen.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+        return True
 
     def signal(self, sig: signal.Signals) -> None:
         if self.running:
@@ -208,7 +212,7 @@ class Extauth(Proc):
 
     def start(self, timeout: float = 30.0) -> Extauth:
         super().start()
-        wait_until(lambda: (self.check_alive(), self.healthy())[1], timeout, f"{self.name} SERVING",
+        wait_until(lambda: self.check_alive() and self.healthy(), timeout, f"{self.name} SERVING",
                    interval=0.05)
         return self
 
@@ -239,7 +243,7 @@ class Envoy(Proc):
                      # The stdout access log is a buffered file: flush it often so tests see it.
                      "--file-flush-interval-msec", "100"]
         super().start()
-        wait_until(lambda: (self.check_alive(), self._ready())[1], timeout, f"{self.name} /ready")
+        wait_until(lambda: self.check_alive() and self._ready(), timeout, f"{self.name} /ready")
         return self
 
     @property
@@ -323,9 +327,9 @@ class EchoUpstream:
         return None
 
     @staticmethod
-    def _select(conn: ServerConnection, offered: Sequence[str]) -> str | None:
+    def _select(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
         # chat.v1 when offered; no subprotocol otherwise (never a bearer.* one).
-        return "chat.v1" if "chat.v1" in offered else None
+        return Subprotocol("chat.v1") if "chat.v1" in offered else None
 
     async def _handler(self, ws: ServerConnection) -> None:
         with self._lock:
@@ -566,11 +570,12 @@ class Stack:
             return await self.open(user, **kw)
         except InvalidStatus as e:
             r = e.response
-            return Refused(r.status_code, {k.lower(): v for k, v in r.headers.raw_items()}, r.body or b"")
+            headers = {k.lower(): v for k, v in r.headers.raw_items()}
+            return Refused(r.status_code, headers, bytes(r.body or b""))
 
     async def hold(self, user: str, n: int, **kw: Any) -> list[ClientConnection]:
         """Open ``n`` connections for ``user``, all of which must be admitted."""
-        out = []
+        out: list[ClientConnection] = []
         for i in range(n):
             r = await self.try_connect(user, **kw)
             if isinstance(r, Refused):

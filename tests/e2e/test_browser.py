@@ -95,7 +95,9 @@ def chromium(binary: str, profile: Path) -> Iterator[str]:
             lines = port_file.read_text().splitlines() if port_file.exists() else []
             return lines if len(lines) >= 2 else None
 
-        port, path = wait_until(active, 30, "Chromium's DevToolsActivePort", interval=0.05)[:2]
+        lines = wait_until(active, 30, "Chromium's DevToolsActivePort", interval=0.05)
+        assert lines is not None
+        port, path = lines[:2]
         yield f"ws://127.0.0.1:{port}{path}"
     finally:
         import os

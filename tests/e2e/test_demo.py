@@ -40,7 +40,7 @@ async def test_demo_serves_pages_and_answers_403_101_429_then_ctrl_c_stops_every
             assert b"new WebSocket" in body and str(info["token"]).encode() in body
         assert await _open(info, str(info["other_origin"])) == 403
         held = []
-        for _ in range(int(info["per_user"])):  # type: ignore[call-overload]
+        for _ in range(int(str(info["per_user"]))):
             ws = await _open(info, str(info["allowed_origin"]))
             assert not isinstance(ws, int), ws
             assert ws.subprotocol == "chat.v1"
@@ -50,7 +50,7 @@ async def test_demo_serves_pages_and_answers_403_101_429_then_ctrl_c_stops_every
         assert await _open(info, str(info["allowed_origin"])) == 429
         for ws in held:
             await ws.close()
-        envoy_port = int(info["envoy_port"])  # type: ignore[call-overload]
+        envoy_port = int(str(info["envoy_port"]))
         # Ctrl-C: a clean exit, and Envoy (a child in its own process group) is gone too.
         started = time.monotonic()
         code = await asyncio.to_thread(demo.interrupt)

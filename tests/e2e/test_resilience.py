@@ -156,3 +156,15 @@ async def test_redis_down_is_503_store_unavailable_then_recovers(make_stack: Cal
     stack.redis.start()
     ws = await stack.wait_admitted(user, within=10)
     await ws.close()
+
+
+async def test_envoy_down_means_connection_refused(make_stack: Callable[..., Stack]) -> None:
+    """Trivial, for the record: with Envoy gone, clients get ECONNREFUSED; there is no
+    path to the upstream that bypasses it (the upstream is not published)."""
+    stack = make_stack(store="memory")
+    assert stack.envoy is not None
+    async with stack.connect(_user()):
+        pass
+    stack.envoy.kill()
+    with pytest.raises(ConnectionRefusedError):
+        await stack.open(_user())
