@@ -1,0 +1,287 @@
+"""The benchmark stack: valkey-server, the lean echo upstream, instrumented extauth, the no-op
+servicer and ONE Envoy (``--concurrency 1``) with one listener per scenario, so every scenario
+runs through the same Envoy process, side by side, in one run.
+
+The Envoy bootstrap starts from ``extauth envoy-config`` (the generator the product ships) and
+is then adjusted here, in the bench only:
+
+- ``product``: the generated listener; ``/api`` answers with a direct_response after ext_authz,
+  ``/ws`` goes to the echo upstream.
+- ``noop``: a copy of ``product`` whose ext_authz filter calls the no-op servicer instead.
+- ``ceiling``: the same HCM with the ext_authz filter removed (direct_response only).
+- ``jwt`` / ``jwt_cached``: the same HCM with Envoy's native ``jwt_authn`` (same RS256 key,
+  inline local JWKS) in place of ext_authz, without and with its verified-JWT cache.
+
+The stdout access log is removed from every listener (it is Envoy's own cost, the same in
+every scenario, and would write ~100 MB during the run); the gRPC access log that releases
+leases is kept. The upstream cluster gets circuit-breaker thresholds above the held-connection
+target (see ``UPSTREAM_BREAKERS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.harness import (  # noqa: E402
+    ALLOWED_ORIGIN,
+    DEV_JWKS,
+    ISSUER,
+    Envoy,
+    Extauth,
+    Proc,
+    generate_bootstrap,
+    wait_until,
+)
+from tests.redis_servers import RedisServer, free_port  # noqa: E402
+
+AUDIENCE = "ws"
+# Envoy's default per-cluster circuit breakers allow 1,024 connections / 1,024 active
+# requests: a WebSocket holds one of each for its whole life, so without these the upstream
+# cluster refuses (503 UO) every WebSocket beyond 1,024 per Envoy worker set.
+UPSTREAM_BREAKERS = {"thresholds": [{"max_connections": 100_000, "max_pending_requests": 100_000,
+                                     "max_requests": 100_000, "max_retries": 3}]}
+# Envoy's default delayed_close_timeout (1 s) makes every WebSocket closed by an RFC 6455
+# client linger 1 s: after the close handshake the client waits for the server to close TCP
+# while Envoy waits for the client to (measured: close() 1,000 ms through Envoy vs 0.5 ms
+# direct). 0 disables the delayed close, for every listener alike.
+DELAYED_CLOSE = "0s"
+LISTENERS = ("ceiling", "jwt", "jwt_cached", "noop", "product")
+
+
+def extauth_config(store_url: str, metrics_port: int) -> dict[str, Any]:
+    jwt = {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"], "jwks_file": str(DEV_JWKS)}
+    return {
+        "listen": "127.0.0.1:0",  # --listen on the command line
+        "admin_listen": "127.0.0.1:0",
+        "store": store_url,
+        "lease_ttl_seconds": 60,
+        "metrics_listen": f"127.0.0.1:{metrics_port}",
+        # The active-lease gauge SCANs the store: once an hour keeps it out of the figures.
+        "metrics_sample_seconds": 3600,
+        "drain_seconds": 0,
+        "watch_config": False,
+        "policies": [
+            {"name": "chat", "match": {"path_prefix": "/ws"}, "websocket_only": True,
+             "origins": [ALLOWED_ORIGIN],
+             "jwt": {**jwt, "token_sources": ["query:token"]},
+             "quotas": {"connections_per_user": 100, "connections_per_ip": 50_000},
+             "upstream_headers": {"x-user-id": "{sub}"}},
+            {"name": "api", "match": {"path_prefix": "/api"}, "websocket_only": False,
+             "origins": [ALLOWED_ORIGIN],
+             "jwt": {**jwt, "token_sources": ["header:authorization"]},
+             "upstream_headers": {"x-user-id": "{sub}"}},
+        ],
+    }
+
+
+def _hcm(listener: dict[str, Any]) -> dict[str, Any]:
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def _direct(route: dict[str, Any]) -> None:
+    route.pop("route", None)
+    route["direct_response"] = {"status": 200, "body": {"inline_string": "ok"}}
+
+
+def _jwt_authn(cached: bool) -> dict[str, Any]:
+    provider: dict[str, Any] = {
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "local_jwks": {"inline_string": DEV_JWKS.read_text()},
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "forward": False,
+        "claim_to_headers": [{"header_name": "x-user-id", "claim_name": "sub"}],
+    }
+    if cached:
+        provider["jwt_cache_config"] = {"jwt_cache_size": 1000}
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"dev": provider},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "dev"}}],
+        },
+    }
+
+
+def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int], noop_port: int) -> dict[str, Any]:
+    doc = copy.deepcopy(generated)
+    resources = doc["static_resources"]
+    product = resources["listeners"][0]
+    hcm = _hcm(product)
+    hcm["access_log"] = [a for a in hcm.get("access_log", []) if a["name"] != "envoy.access_loggers.stdout"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    for r in routes:
+        if r["match"]["prefix"] == "/api":
+            _direct(r)
+    listeners: dict[str, dict[str, Any]] = {"product": product}
+
+    noop = copy.deepcopy(product)
+    for f in _hcm(noop)["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_authz":
+            f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "noop"
+    listeners["noop"] = noop
+
+    def without_authz(extra: list[dict[str, Any]]) -> dict[str, Any]:
+        lst = copy.deepcopy(product)
+        h = _hcm(lst)
+        h["http_filters"] = [*extra, *[f for f in h["http_filters"]
+                                       if f["name"] != "envoy.filters.http.ext_authz"]]
+        h["access_log"] = []
+        h.pop("access_log_options", None)
+        api = [copy.deepcopy(r) for r in h["route_config"]["virtual_hosts"][0]["routes"]
+               if r["match"]["prefix"] == "/api"]
+        for r in api:
+            r.pop("typed_per_filter_config", None)
+        h["route_config"]["virtual_hosts"][0]["routes"] = api
+        return dict(lst)
+
+    listeners["ceiling"] = without_authz([])
+    listeners["jwt"] = without_authz([_jwt_authn(cached=False)])
+    listeners["jwt_cached"] = without_authz([_jwt_authn(cached=True)])
+    out = []
+    for name in LISTENERS:
+        lst = listeners[name]
+        lst["name"] = name
+        lst["address"]["socket_address"]["port_value"] = ports[name]
+        _hcm(lst)["stat_prefix"] = name
+        _hcm(lst)["delayed_close_timeout"] = DELAYED_CLOSE
+        out.append(lst)
+    resources["listeners"] = out
+
+    clusters = resources["clusters"]
+    extauth = next(c for c in clusters if c["name"] == "extauth")
+    noop_cluster = copy.deepcopy(extauth)
+    noop_cluster["name"] = noop_cluster["load_assignment"]["cluster_name"] = "noop"
+    ep = noop_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    ep["address"]["socket_address"]["port_value"] = noop_port
+    clusters.append(noop_cluster)
+    for c in clusters:
+        if c["name"] == "app":
+            c["circuit_breakers"] = UPSTREAM_BREAKERS
+    return doc
+
+
+class Instrumented(Extauth):
+    """extauth through bench/extauth_serve.py (same CLI as ``extauth serve``)."""
+
+    def __init__(self, name: str, config: Path, port: int, logdir: Path, profile_out: Path) -> None:
+        super().__init__(name, config, port, logdir)
+        self.args = [sys.executable, str(BENCH / "extauth_serve.py"), "-c", str(config),
+                     "--listen", f"127.0.0.1:{port}"]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "EXTAUTH_BENCH_PROFILE_OUT": str(profile_out)}
+
+
+class Noop(Extauth):
+    """bench/noop_authz.py; readiness by gRPC health like extauth."""
+
+    def __init__(self, name: str, port: int, logdir: Path) -> None:
+        super().__init__(name, logdir / "unused.yaml", port, logdir)
+        self.args = [sys.executable, str(BENCH / "noop_authz.py"), "--listen", f"127.0.0.1:{port}"]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class BenchStack:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.redis: RedisServer | None = None
+        self.upstream: Proc | None = None
+        self.extauth: Instrumented | None = None
+        self.noop: Noop | None = None
+        self.envoy: Envoy | None = None
+        self.ports = {name: free_port() for name in LISTENERS}
+        self.metrics_port = free_port()
+        self.profile_out = workdir / "extauth.prof"
+
+    @property
+    def store_url(self) -> str:
+        assert self.redis is not None
+        return self.redis.url + "/0"
+
+    def start(self) -> BenchStack:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.redis = RedisServer(self.dir / "redis").start()
+        up_port = free_port()
+        self.upstream = Proc("upstream", [sys.executable, str(BENCH / "ws_upstream.py"),
+                                          "--port", str(up_port)], self.dir).start()
+        wait_until(lambda: (self.upstream.check_alive(), port_open(up_port))[1],  # type: ignore[union-attr]
+                   15, "echo upstream")
+        cfg_path = self.dir / "extauth.yaml"
+        config = extauth_config(self.store_url, self.metrics_port)
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        ext = self.extauth = Instrumented("extauth", cfg_path, free_port(), self.dir, self.profile_out)
+        ext.start()
+        noop = self.noop = Noop("noop", free_port(), self.dir)
+        noop.start()
+        generated = yaml.safe_load(generate_bootstrap([
+            "-c", str(cfg_path), "--listen", f"127.0.0.1:{self.ports['product']}",
+            "--upstream", f"app=127.0.0.1:{up_port}", "--extauth", ext.address,
+            "--admin-port", "0", "--flush-interval", "20"]))
+        bootstrap = derive_bootstrap(generated, self.ports, noop.port)
+        path = self.dir / "envoy.yaml"
+        path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        self.envoy = Envoy("envoy", path, self.ports["product"], self.dir).start()
+        # Envoy's gRPC health checks must have found both authz clusters healthy.
+        wait_until(self._authz_healthy, 15, "Envoy health checks to pass for extauth and noop")
+
+    def _authz_healthy(self) -> bool:
+        assert self.envoy is not None
+        _, body = self.envoy.admin_get("/clusters")
+        flags = [line for line in body.splitlines() if "::health_flags::" in line
+                 and line.split("::")[0] in ("extauth", "noop")]
+        return len(flags) == 2 and all(line.endswith("::healthy") for line in flags)
+
+    def pids(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, proc in (("envoy", self.envoy), ("extauth", self.extauth), ("noop", self.noop),
+                           ("upstream", self.upstream)):
+            if proc is not None and proc.popen is not None:
+                out[name] = proc.popen.pid
+        if self.redis is not None and self.redis.proc is not None:
+            out["valkey"] = self.redis.proc.pid
+        return out
+
+    def close(self) -> None:
+        for proc in (self.envoy, self.noop, self.extauth, self.upstream):
+            if proc is not None:
+                proc.stop(timeout=5)
+        if self.redis is not None:
+            self.redis.cleanup()
+
+
+def wait_for(predicate: Any, within: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {within}s waiting for {what}")
+        time.sleep(interval)

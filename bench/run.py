@@ -1,0 +1,645 @@
+"""``make bench``: every benchmark side by side in ONE run, through one Envoy at one worker
+thread (``--concurrency 1``), then docs/benchmarks.md written from the figures measured.
+
+1. ceiling: Envoy direct_response, no auth
+2. native anchor: Envoy jwt_authn, same RS256 key, inline local JWKS (and 2b: with its JWT cache)
+3. framework floor: ext_authz to a no-op servicer on the product's grpc.aio stack
+4. product, plain HTTP: origin + JWT (verified-token cache warm) through Envoy -> extauth
+5. product, WebSocket churn: real upgrades (connect, one echo, close) with quotas on a real
+   valkey-server; afterwards zero leases must be left (any leak: exit 1)
+6. held connections: as many concurrent WebSockets as the file-descriptor limit allows (up to
+   10,000), extauth RSS and Redis memory per lease
+
+plus the in-process decision and store benchmarks (bench/decision_bench.py, store_bench.py),
+server-side check latency at half of the product's max load, and cProfile of extauth under load.
+
+    .venv/bin/python bench/run.py            # full run (< 5 min), writes docs/benchmarks.md
+    .venv/bin/python bench/run.py --quick    # ~1 min smoke run, writes bench/out/benchmarks-quick.md
+
+Every process started here is stopped in ``finally`` (and the harness reaps its own at exit);
+every port is ephemeral; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import pstats
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+import bench_measure as bm  # noqa: E402
+import bench_report  # noqa: E402
+from bench_stack import BenchStack, wait_for  # noqa: E402
+
+from tests.e2e.harness import ALLOWED_ORIGIN, envoy_binary, token  # noqa: E402
+
+HTTP_SCENARIOS = (
+    ("ceiling", "1. Ceiling: Envoy direct_response, no auth"),
+    ("jwt", "2. Native anchor: Envoy jwt_authn (RS256, local JWKS)"),
+    ("jwt_cached", "2b. jwt_authn with its JWT cache (jwt_cache_config)"),
+    ("noop", "3. Framework floor: ext_authz to a no-op grpc.aio servicer"),
+    ("product", "4. Product: extauth, origin + JWT (token cache warm)"),
+)
+
+
+class Settings:
+    def __init__(self, quick: bool, held: int | None) -> None:
+        self.quick = quick
+        self.http_seconds = 3.0 if quick else 8.0
+        self.http_warmup = 1.0
+        self.http_connections = 64
+        self.half_seconds = 3.0 if quick else 8.0
+        self.profile_seconds = 2.0 if quick else 5.0
+        self.churn_procs = 2
+        # In-flight upgrades = procs x lanes. Beyond ~16 on this 2-core machine extauth's
+        # event-loop queueing alone exceeds store_timeout_ms (50 ms): see the findings.
+        self.churn_lanes = 8
+        self.churn_seconds = 4.0 if quick else 10.0
+        self.churn_warmup = 1.0 if quick else 2.0
+        self.held_target = held if held is not None else (1000 if quick else 10_000)
+        self.held_lanes = 8
+        self.users = 200
+        self.decision_n = 5000 if quick else 20000
+        self.store_args = ["--ops", "500", "--no-cluster"] if quick else []
+
+
+# -- child processes (load clients) ---------------------------------------------------------------
+
+_CHILDREN: list[subprocess.Popen[str]] = []
+
+
+def spawn(args: list[str], *, stdin: bool = False) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=REPO)
+    _CHILDREN.append(proc)
+    return proc
+
+
+def kill_children() -> None:
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+    _CHILDREN.clear()
+
+
+def read_json_line(proc: subprocess.Popen[str], within: float, what: str) -> dict[str, Any]:
+    """The next JSON line on a child's stdout, within ``within`` seconds."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + within
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out after {within}s waiting for {what}")
+            if sel.select(timeout=min(left, 1.0)):
+                line = proc.stdout.readline()
+                if not line:
+                    err = proc.stderr.read() if proc.stderr else ""
+                    raise RuntimeError(f"{what}: client exited ({proc.poll()}):\n{err[-3000:]}")
+                if line.startswith("{"):
+                    return dict(json.loads(line))
+
+
+def finish(proc: subprocess.Popen[str], within: float, what: str) -> dict[str, Any]:
+    out = read_json_line(proc, within, what)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    return out
+
+
+# -- store ----------------------------------------------------------------------------------------
+
+
+def count_leases(url: str) -> int:
+    from extauth.store import open_store
+
+    async def run() -> int:
+        store = open_store(url)
+        try:
+            return await store.count_all()
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def wait_leases(url: str, expected: int, within: float) -> tuple[int, float]:
+    """Poll count_all() until it equals ``expected`` (bounded); (last count, seconds waited)."""
+    t0 = time.monotonic()
+    n = count_leases(url)
+    while n != expected and time.monotonic() - t0 < within:
+        time.sleep(0.2)
+        n = count_leases(url)
+    return n, time.monotonic() - t0
+
+
+def redis_memory(stack: BenchStack) -> dict[str, Any]:
+    assert stack.redis is not None
+    client = stack.redis.client()
+    try:
+        used = int(client.info("memory")["used_memory"])
+        keys = list(client.scan_iter(match="extauth:*:leases:*", count=1000))
+        usage = 0
+        encodings: dict[str, int] = {}
+        members = 0
+        for k in keys:
+            usage += int(client.memory_usage(k, samples=0) or 0)
+            enc = str(client.object("encoding", k))
+            encodings[enc] = encodings.get(enc, 0) + 1
+            members += int(client.zcard(k))
+        return {"used_memory": used, "lease_keys": len(keys), "memory_usage_sum": usage,
+                "encodings": encodings, "members": members}
+    finally:
+        client.close()
+
+
+def redis_cmdstats(stack: BenchStack) -> dict[str, int]:
+    assert stack.redis is not None
+    client = stack.redis.client()
+    try:
+        raw = client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in raw.items()}
+    finally:
+        client.close()
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+
+def run_inproc(s: Settings) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, cmd in (("decision", [str(BENCH / "decision_bench.py"), "--n", str(s.decision_n)]),
+                      ("store", [str(BENCH / "store_bench.py"), *s.store_args])):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=180, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} bench failed:\n{proc.stderr[-3000:]}")
+        out[name] = proc.stdout.strip()
+        log(f"in-process {name} bench: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def http_scenarios(stack: BenchStack, s: Settings, headers: list[str], python_load: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, title in HTTP_SCENARIOS:
+        port = stack.ports[key]
+        bm.http_load(port, "/api/bench", headers, connections=s.http_connections, duration=s.http_warmup,
+                     workdir=stack.dir, force_python=python_load)
+        before = bm.scrape(stack.metrics_port)
+        meter = bm.CpuMeter(stack.pids()).start()
+        r = bm.http_load(port, "/api/bench", headers, connections=s.http_connections,
+                         duration=s.http_seconds, workdir=stack.dir, force_python=python_load)
+        r.cores = meter.stop()
+        after = bm.scrape(stack.metrics_port)
+        entry = {"title": title, "rps": r.rps, "requests": r.requests, "elapsed": r.elapsed,
+                 "non2xx": r.non2xx, "errors": r.errors, "p50_us": r.p50_us, "p99_us": r.p99_us,
+                 "connections": r.connections, "tool": r.tool, "cores": r.cores,
+                 "cpu_us_per_request": {k: v / r.rps * 1e6 for k, v in r.cores.items()
+                                        if r.rps}}
+        if key == "product":
+            for result in ("allow", "deny"):
+                entry["allowed" if result == "allow" else "denied"] = bm.delta(
+                    before, after, "extauth_decisions_total", policy="api", result=result)
+        out[key] = entry
+        log(f"{key}: {r.rps:,.0f} req/s, p99 {r.p99_us / 1000:.2f} ms, non-2xx {r.non2xx}, "
+            f"cores {', '.join(f'{k} {v:.2f}' for k, v in r.cores.items() if v >= 0.01)}")
+        if r.requests == 0 or r.non2xx > 0.01 * r.requests:
+            raise RuntimeError(f"{key}: {r.non2xx} of {r.requests} responses not 2xx: the scenario is broken")
+    return out
+
+
+def half_load(stack: BenchStack, s: Settings, headers: list[str], max_rps: float,
+              python_load: bool) -> dict[str, Any]:
+    """Paced load at ~50% of the product's max; server-side check latency from extauth's own
+    histograms (bucket deltas between two scrapes)."""
+    target = max_rps / 2
+    port = stack.ports["product"]
+    conns = max(2, round(target / 100))  # ~10 ms between requests per connection
+    rate_arg = target
+    if not python_load and bm.wrk_path():
+        # wrk's delay() comes on top of each response time: measure that time once at this load
+        # and shorten the delay by it, so the achieved rate lands on the target.
+        cal = bm.http_load(port, "/api/bench", headers, connections=conns, duration=2, rate=target,
+                           workdir=stack.dir)
+        if cal.rps > 0:
+            response_s = max(0.0, conns / cal.rps - conns / target)
+            rate_arg = conns / max(0.001, conns / target - response_s)
+    before = bm.scrape(stack.metrics_port)
+    meter = bm.CpuMeter(stack.pids()).start()
+    r = bm.http_load(port, "/api/bench", headers, connections=conns, duration=s.half_seconds,
+                     rate=target if python_load else rate_arg, workdir=stack.dir, force_python=python_load)
+    cores = meter.stop()
+    after = bm.scrape(stack.metrics_port)
+    pipeline = bm.histogram_delta(before, after, "extauth_check_duration_seconds")
+    handler = bm.histogram_delta(before, after, "extauth_bench_check_handler_seconds")
+    return {
+        "target_rps": target, "rps": r.rps, "fraction_of_max": r.rps / max_rps if max_rps else math.nan,
+        "connections": conns, "non2xx": r.non2xx, "e2e_p50_us": r.p50_us, "e2e_p99_us": r.p99_us,
+        "cores": cores, "checks": pipeline.count,
+        "pipeline_p50": pipeline.quantile(0.5), "pipeline_p99": pipeline.quantile(0.99),
+        "pipeline_share_le_1ms": pipeline.share_at_or_below(0.001),
+        "handler_p50": handler.quantile(0.5), "handler_p99": handler.quantile(0.99),
+        "handler_share_le_1ms": handler.share_at_or_below(0.001),
+    }
+
+
+def profile(stack: BenchStack, seconds: float, load: Any) -> dict[str, Any]:
+    """cProfile of extauth's event-loop thread while ``load()`` runs."""
+    assert stack.extauth is not None and stack.extauth.popen is not None
+    pid = stack.extauth.popen.pid
+    stack.profile_out.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    try:
+        load()
+    finally:
+        os.kill(pid, signal.SIGUSR2)
+    wait_for(lambda: stack.profile_out.exists() and stack.profile_out.stat().st_size > 0, 15,
+             "the profile to be written")
+    time.sleep(0.3)
+    return summarize_profile(stack.profile_out)
+
+
+# (label, file suffix, function, counted in the top-level sum). Coroutines that run in their
+# own task (the store calls: GuardedStore wraps them in asyncio.wait_for) are not nested under
+# their caller in cProfile, so they are listed as top-level rows of their own.
+_PROFILE_GROUPS = (
+    ("Check handler, whole (bench timing wrapper included)", "bench/extauth_serve.py", "timed_check", True),
+    ("  CheckRequest -> CheckInput", "extauth/envoy_api.py", "check_input", False),
+    ("  decision pipeline (Authorizer.check, store call excluded)", "extauth/pipeline.py", "check", False),
+    ("  Decision -> CheckResponse", "extauth/envoy_api.py", "check_response", False),
+    ("store acquire: RedisStore.acquire + redis-py (own task)", "extauth/store/redis.py", "acquire", True),
+    ("access-log stream: entries parsed, leases sorted", "extauth/accesslog.py", "StreamAccessLogs", True),
+    ("lease refresh: RedisStore.refresh + redis-py (own task)", "extauth/store/redis.py", "refresh", True),
+    ("lease release: RedisStore.release + redis-py (own task)", "extauth/store/redis.py", "release", True),
+    ("idle: waiting in epoll", "~", "<method 'poll' of 'select.epoll' objects>", True),
+)
+
+
+def summarize_profile(path: Path, top: int = 18) -> dict[str, Any]:
+    st = pstats.Stats(str(path))
+    raw: dict[Any, Any] = st.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values())
+    groups = []
+    counted = 0.0
+    for label, file_part, func, top_level in _PROFILE_GROUPS:
+        seconds = sum(v[3] for k, v in raw.items()
+                      if k[2] == func and (k[0] == "~" if file_part == "~" else k[0].endswith(file_part)))
+        if top_level:
+            counted += seconds
+        groups.append({"label": label, "seconds": seconds, "share": seconds / total if total else 0})
+    rest = max(0.0, total - counted)
+    groups.append({"label": "everything else: grpc.aio (Cython/C-core callbacks), asyncio loop, other",
+                   "seconds": rest, "share": rest / total if total else 0})
+    rows = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    top_rows = [{"function": _fname(k), "ncalls": v[1], "tottime": v[2], "cumtime": v[3],
+                 "share": v[2] / total if total else 0} for k, v in rows]
+    return {"total_seconds": total, "groups": groups, "top": top_rows}
+
+
+def _fname(key: tuple[str, int, str]) -> str:
+    file, line, func = key
+    if file == "~":
+        return func
+    for marker in ("site-packages/", "lib/python3.11/", str(REPO) + "/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            break
+    return f"{file}:{line}({func})"
+
+
+def churn_clients(stack: BenchStack, s: Settings, tokens: Path, lanes: int, seconds: float,
+                  label: str) -> list[dict[str, Any]]:
+    procs = [spawn([str(BENCH / "ws_clients.py"), "churn", "--url", f"ws://127.0.0.1:{stack.ports['product']}/ws",
+                    "--origin", ALLOWED_ORIGIN, "--tokens", str(tokens), "--concurrency", str(lanes),
+                    "--duration", str(seconds), "--offset", str(i * lanes)])
+             for i in range(s.churn_procs)]
+    return [finish(p, seconds + 60, f"{label} client {i}") for i, p in enumerate(procs)]
+
+
+def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
+    url = stack.store_url
+    churn_clients(stack, s, tokens, s.churn_lanes, s.churn_warmup, "churn warm-up")
+    left, _ = wait_leases(url, 0, 20)
+    if left:
+        raise RuntimeError(f"{left} leases left after the churn warm-up")
+    before = bm.scrape(stack.metrics_port)
+    cmd_before = redis_cmdstats(stack)
+    env_before = envoy_stats(stack)
+    meter = bm.CpuMeter(stack.pids()).start()
+    outs = churn_clients(stack, s, tokens, s.churn_lanes, s.churn_seconds, "churn")
+    cores = meter.stop()
+    left, drain = wait_leases(url, 0, 30)
+    # The releases that follow the last closes: wait (bounded) until every allowed upgrade's end
+    # entry has been handled, then read the counters.
+    allowed_now = bm.delta(before, bm.scrape(stack.metrics_port), "extauth_decisions_total",
+                           policy="chat", result="allow")
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: bm.delta(before, bm.scrape(stack.metrics_port), "extauth_accesslog_entries_total",
+                                  type="end", outcome="release") >= allowed_now, 15, "end entries")
+    after = bm.scrape(stack.metrics_port)
+    cmd_after = redis_cmdstats(stack)
+    env_after = envoy_stats(stack)
+    upgrades = sum(o["upgrades"] for o in outs)
+    cycles = sum(o["cycles"] for o in outs)
+    elapsed = max(o["elapsed"] for o in outs)
+    lat = sorted(x for o in outs for x in o["latencies_us"])
+    statuses: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for o in outs:
+        for k, v in o["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+        for k, v in o["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    d = {op: bm.delta(before, after, "extauth_bench_redis_round_trips_total", op=op)
+         for op in ("acquire", "refresh", "release", "connection_setup", "other", "count_all")}
+    refs = {op: bm.delta(before, after, "extauth_bench_store_refs_total", op=op)
+            for op in ("refresh", "release")}
+    allowed = bm.delta(before, after, "extauth_decisions_total", policy="chat", result="allow")
+    denied = bm.delta(before, after, "extauth_decisions_total", policy="chat", result="deny")
+    handler = bm.histogram_delta(before, after, "extauth_bench_check_handler_seconds")
+    pipeline = bm.histogram_delta(before, after, "extauth_check_duration_seconds")
+    acquire = bm.histogram_delta(before, after, "extauth_store_call_duration_seconds", op="acquire")
+    rate = upgrades / elapsed if elapsed else 0.0
+    return {
+        "procs": s.churn_procs, "lanes": s.churn_lanes, "seconds": elapsed, "upgrades": upgrades,
+        "cycles": cycles, "rate": rate, "statuses": statuses, "errors": errors,
+        "handshake_p50_us": bm.percentile(lat, 50), "handshake_p99_us": bm.percentile(lat, 99),
+        "cores": cores,
+        "cpu_ms_per_upgrade": {k: v / rate * 1e3 for k, v in cores.items() if rate},
+        "allowed": allowed, "denied": denied,
+        "end_released": bm.delta(before, after, "extauth_accesslog_entries_total",
+                                 type="end", outcome="release"),
+        "tunnel_refreshed": bm.delta(before, after, "extauth_accesslog_entries_total",
+                                     type="tunnel_established", outcome="refresh"),
+        "als_messages_ignored": bm.delta(before, after, "extauth_accesslog_entries_total", outcome="ignored"),
+        "store_errors": bm.delta(before, after, "extauth_store_errors_total"),
+        "round_trips": d, "refs": refs, "leases_left": left, "drain_seconds": drain,
+        "redis_commands": {k: cmd_after.get(k, 0) - cmd_before.get(k, 0) for k in cmd_after
+                           if cmd_after.get(k, 0) - cmd_before.get(k, 0) > 0},
+        "envoy": {k: env_after.get(k, 0) - env_before.get(k, 0) for k in env_after},
+        "handler_p50": handler.quantile(0.5), "handler_p99": handler.quantile(0.99),
+        "pipeline_p99": pipeline.quantile(0.99), "acquire_p50": acquire.quantile(0.5),
+        "acquire_p99": acquire.quantile(0.99),
+    }
+
+
+def envoy_stats(stack: BenchStack) -> dict[str, int]:
+    assert stack.envoy is not None
+    _, body = stack.envoy.admin_get("/stats?filter=(grpc_access_log|product\\.ext_authz|"
+                                    "product\\.downstream_cx_upgrades_total|cluster\\.app\\.upstream_cx_overflow|"
+                                    "cluster\\.app\\.upstream_rq_pending_overflow)")
+    out: dict[str, int] = {}
+    for line in body.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
+
+
+def fd_cap() -> tuple[int, int]:
+    """(held-connection cap, RLIMIT_NOFILE hard): Envoy holds 2 fds per proxied WebSocket."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 10_000, hard
+    return max(100, (hard - 400) // 2 // 100 * 100), hard
+
+
+def held(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
+    assert stack.extauth is not None and stack.extauth.popen is not None
+    assert stack.envoy is not None and stack.envoy.popen is not None
+    ext_pid, envoy_pid = stack.extauth.popen.pid, stack.envoy.popen.pid
+    cap, hard = fd_cap()
+    target = min(s.held_target, cap, 10_000)
+    url = stack.store_url
+    base_leases = count_leases(url)
+    if base_leases:
+        raise RuntimeError(f"{base_leases} leases before the held-connection scenario")
+    base_mem = redis_memory(stack)
+    rss: list[dict[str, Any]] = [{"held": 0, "extauth": bm.rss_bytes(ext_pid),
+                                  "envoy": bm.rss_bytes(envoy_pid)}]
+    waves = [target // 2, target - target // 2]
+    procs: list[subprocess.Popen[str]] = []
+    opened: list[dict[str, Any]] = []
+    held_total = 0
+    offset = 0
+    t_open = time.perf_counter()
+    for wave in waves:
+        per = [wave // 2, wave - wave // 2]
+        wave_procs = []
+        for count in per:
+            p = spawn([str(BENCH / "ws_clients.py"), "hold", "--url",
+                       f"ws://127.0.0.1:{stack.ports['product']}/ws", "--origin", ALLOWED_ORIGIN,
+                       "--tokens", str(tokens), "--concurrency", str(s.held_lanes), "--count", str(count),
+                       "--offset", str(offset), "--max-hold", "240"], stdin=True)
+            offset += count
+            wave_procs.append(p)
+        for i, p in enumerate(wave_procs):
+            o = read_json_line(p, 150, f"hold client {i} to open its connections")
+            opened.append(o)
+            held_total += int(o["held"])
+        procs += wave_procs
+        time.sleep(0.5)
+        rss.append({"held": held_total, "extauth": bm.rss_bytes(ext_pid), "envoy": bm.rss_bytes(envoy_pid),
+                    "leases": count_leases(url)})
+        log(f"held {held_total:,}: extauth RSS {rss[-1]['extauth'] / 2**20:.1f} MiB, "
+            f"leases {rss[-1]['leases']:,}")
+    open_seconds = time.perf_counter() - t_open
+    full_mem = redis_memory(stack)
+    envoy_fds = bm.open_fds(envoy_pid)
+    leases_full = rss[-1]["leases"]
+    t_close = time.perf_counter()
+    for p in procs:
+        assert p.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            p.stdin.write("close\n")
+            p.stdin.flush()
+    closed = [finish(p, 120, f"hold client {i} to close") for i, p in enumerate(procs)]
+    left, drain = wait_leases(url, 0, 60)
+    close_seconds = time.perf_counter() - t_close
+    rss.append({"held": 0, "extauth": bm.rss_bytes(ext_pid), "envoy": bm.rss_bytes(envoy_pid), "leases": left,
+                "after_close": True})
+    statuses: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for o in opened:
+        for k, v in o["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+        for k, v in o["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    lat = sorted(x for o in opened for x in o["latencies_us"])
+    leases = max(1, leases_full)
+    return {
+        "target": target, "requested": s.held_target, "fd_cap": cap, "nofile_hard": hard, "held": held_total,
+        "statuses": statuses, "errors": errors, "open_seconds": open_seconds,
+        "open_rate": held_total / open_seconds if open_seconds else 0,
+        "handshake_p50_us": bm.percentile(lat, 50), "handshake_p99_us": bm.percentile(lat, 99),
+        "alive_before_close": sum(int(c.get("alive_before_close", 0)) for c in closed),
+        "rss": rss, "leases_full": leases_full, "envoy_fds": envoy_fds,
+        "redis_base": base_mem, "redis_full": full_mem,
+        "redis_used_per_lease": (full_mem["used_memory"] - base_mem["used_memory"]) / leases,
+        "redis_usage_per_lease": full_mem["memory_usage_sum"] / leases,
+        "leases_left": left, "drain_seconds": drain, "close_seconds": close_seconds,
+    }
+
+
+# -- machine --------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    envoy = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
+    wrk = bm.wrk_path()
+    wrk_version = ""
+    if wrk:
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
+        text = out.stdout or out.stderr
+        wrk_version = text.splitlines()[0].split(" [")[0] if text else "wrk"
+    from importlib.metadata import version
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "kernel": platform.release(),
+        "python": platform.python_version(), "envoy": m.group(1) if m else envoy.strip(),
+        "wrk": wrk_version, "grpcio": version("grpcio"), "websockets": version("websockets"),
+        "redis_py": version("redis"), "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+    }
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _sigterm(_sig: int, _frame: Any) -> None:
+    raise SystemExit(143)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run")
+    ap.add_argument("--output", help="markdown report path (default: docs/benchmarks.md, "
+                                     "bench/out/benchmarks-quick.md with --quick)")
+    ap.add_argument("--held", type=int, help="held-connection target (default 10,000; 1,000 with --quick)")
+    ap.add_argument("--python-load", action="store_true",
+                    help="use the Python HTTP load generator even if wrk exists")
+    args = ap.parse_args()
+    s = Settings(args.quick, args.held)
+    signal.signal(signal.SIGTERM, _sigterm)
+    raise_nofile()
+    started = time.perf_counter()
+    out_dir = BENCH / "out"
+    workdir = out_dir / time.strftime("run-%Y%m%d-%H%M%S")
+    workdir.mkdir(parents=True, exist_ok=True)
+    output = Path(args.output) if args.output else (
+        out_dir / "benchmarks-quick.md" if args.quick else REPO / "docs" / "benchmarks.md")
+    python_load = args.python_load or bm.wrk_path() is None
+    results: dict[str, Any] = {"quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                               "load_tool": "python" if python_load else "wrk", "failures": []}
+    log(f"workdir {workdir}; HTTP load with {results['load_tool']}"
+        + ("" if not python_load else " (wrk not found: apt-get install wrk for better figures)"))
+    stack: BenchStack | None = None
+    try:
+        results["machine"] = machine()
+        results["inproc"] = run_inproc(s)
+        stack = BenchStack(workdir).start()
+        log(f"stack up: envoy {stack.ports}")
+        http_tok = token("bench-http", lifetime=3600)
+        headers = [f"Authorization: Bearer {http_tok}", f"Origin: {ALLOWED_ORIGIN}"]
+        results["http"] = http_scenarios(stack, s, headers, python_load)
+        max_rps = results["http"]["product"]["rps"]
+        results["half"] = half_load(stack, s, headers, max_rps, python_load)
+        log(f"half load: {results['half']['rps']:,.0f} req/s, check p99 "
+            f"{results['half']['pipeline_p99'][0] * 1e6:.0f} µs (pipeline), "
+            f"{results['half']['handler_p99'][0] * 1e6:.0f} µs (handler)")
+        results["profile_http"] = profile(stack, s.profile_seconds, lambda: bm.http_load(
+            stack.ports["product"], "/api/bench", headers, connections=s.http_connections,
+            duration=s.profile_seconds, workdir=workdir, force_python=python_load))
+        tokens = workdir / "tokens.json"
+        tokens.write_text(json.dumps([token(f"user{i:03d}", lifetime=3600) for i in range(s.users)]))
+        results["churn"] = churn(stack, s, tokens)
+        c = results["churn"]
+        log(f"churn: {c['rate']:,.0f} upgrades/s, handshake p50 {c['handshake_p50_us'] / 1000:.1f} ms "
+            f"p99 {c['handshake_p99_us'] / 1000:.1f} ms, allowed {c['allowed']:.0f}, released "
+            f"{c['end_released']:.0f}, leases left {c['leases_left']}")
+        if c["leases_left"] != 0:
+            results["failures"].append(f"churn: {c['leases_left']} leases left after the drain (a leak)")
+        if c["allowed"] != c["end_released"] or c["allowed"] != c["upgrades"]:
+            results["failures"].append(
+                f"churn accounting: {c['upgrades']} upgrades, {c['allowed']:.0f} allowed, "
+                f"{c['end_released']:.0f} end entries released")
+        if not results["failures"]:
+            results["profile_churn"] = profile(stack, s.profile_seconds, lambda: churn_clients(
+                stack, s, tokens, 4, s.profile_seconds, "profiled churn"))
+            left, _ = wait_leases(stack.store_url, 0, 30)
+            if left:
+                results["failures"].append(f"profiled churn: {left} leases left after the drain (a leak)")
+        if not results["failures"]:
+            results["held"] = held(stack, s, tokens)
+            h = results["held"]
+            if h["leases_left"]:
+                results["failures"].append(f"held: {h['leases_left']} leases left after closing (a leak)")
+            if h["leases_full"] != h["held"]:
+                results["failures"].append(
+                    f"held: {h['held']} connections open but {h['leases_full']} leases")
+    except BaseException as e:
+        results["failures"].append(f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    finally:
+        kill_children()
+        if stack is not None:
+            stack.close()
+    results["runtime_seconds"] = time.perf_counter() - started
+    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(bench_report.render(results))
+    log(f"report written to {output.relative_to(REPO) if output.is_relative_to(REPO) else output}; "
+        f"results in {workdir / 'results.json'}; total {results['runtime_seconds']:.0f} s")
+    print(bench_report.summary(results), flush=True)
+    if results["failures"]:
+        for f in results["failures"]:
+            log(f"FAILED: {f}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
