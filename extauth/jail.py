@@ -105,6 +105,11 @@ class Jail:
         self.store_failures = 0  # store calls that failed (the jail failed open)
         self.refreshes = 0  # successful ban-list refreshes
 
+    @property
+    def store_ok(self) -> bool:
+        """False from the first failed store call until the next successful one."""
+        return self._store_ok
+
     # -- settings ----------------------------------------------------------------
 
     def configure(self, cfg: Abuse) -> None:
@@ -205,9 +210,13 @@ class Jail:
         """Stop the refresher; let in-flight writes finish briefly, then cancel them."""
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
-            refresher.cancel()
+            # Python 3.11's wait_for (inside GuardedStore) can swallow a cancellation that races
+            # with the call completing: insist until the task is really done.
+            while not refresher.done():
+                refresher.cancel()
+                await asyncio.wait({refresher}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+                refresher.result()
         await self.drain(within=1.0)
         for task in list(self._tasks):
             task.cancel()
@@ -215,7 +224,8 @@ class Jail:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _refresh_loop(self) -> None:
-        while True:
+        me = asyncio.current_task()
+        while self._refresher is me:  # stop() clears it
             await asyncio.sleep(self.refresh_seconds)
             try:
                 await self.refresh()

@@ -350,6 +350,8 @@ async def run_simulation(rig: Rig, outage: Callable[[bool], Awaitable[None]]) ->
     await outage(False)
     after = await eventually(lambda: honest_round(rig), lambda c: c["allow"] > 0)
     assert after["allow"] > 0, after
+    await eventually(lambda: asyncio.sleep(0.05), lambda _: rig.jail.store_ok)
+    assert rig.jail.store_ok
 
     # Zero bans for the office: no BANNED answer, nothing in the store, one ban issued in total.
     for outcomes in (storm, during, after):
@@ -506,7 +508,8 @@ async def test_store_down_fails_open_and_logs_once(caplog: pytest.LogCaptureFixt
         assert not rig.jail.is_banned("192.0.2.9")  # could not be recorded: fail open
         assert rig.jail.is_banned(ATTACKER)  # the last known list still holds until expiry
         flaky.down = False
-        await eventually(lambda: asyncio.sleep(0, rig.jail.refreshes), lambda _: rig.jail._store_ok)
+        await eventually(lambda: asyncio.sleep(0.05), lambda _: rig.jail.store_ok)
+        assert rig.jail.store_ok
     finally:
         await rig.jail.stop()
     events = [getattr(r, "fields", {}).get("event") for r in caplog.records if r.name == "extauth.jail"]
