@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Envoy's public port; the pages use the next two (0: any free ports)")
     p.add_argument("--workdir", help="keep the generated files and Envoy's log here (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
+
+    from extauth.admin import add_admin_parser  # `extauth admin ...`: a thin shell over AdminClient
+
+    add_admin_parser(sub)
     return parser
 
 

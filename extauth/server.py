@@ -26,8 +26,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from extauth.accesslog import AccessLogService
+from extauth.admin import AdminServer
 from extauth.config import Config, ConfigError, load_config
 from extauth.envoy_api import check_input, check_response
+from extauth.jail import Jail
 from extauth.logs import log_event
 from extauth.metrics import JwksCollector, Metrics
 from extauth.pipeline import Authorizer, Decision, new_decision_id
@@ -79,7 +81,10 @@ class ExtAuthServer:
         self.config_path = Path(config_path) if config_path else None
         self.metrics = metrics or Metrics()
         self.store = store or build_store(config, self.metrics)
-        self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics)
+        self.jail: Jail | None = (
+            Jail(config.abuse, self.store, self.metrics) if config.abuse.enabled else None)
+        self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics, jail=self.jail)
+        self.admin = AdminServer(lambda: self.config, self.store, self.metrics, lambda: self.jail)
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int = 0
@@ -92,7 +97,13 @@ class ExtAuthServer:
     def _verifiers_by_policy(self) -> dict[str, Any]:
         return {p.name: p.verifier for p in self.authorizer.runtime.policies if p.verifier is not None}
 
+    @property
+    def admin_port(self) -> int:
+        """The admin API's bound port (0 when it is not serving)."""
+        return self.admin.port
+
     async def start(self) -> None:
+        self.admin.check()  # a non-loopback admin_listen without a token: refuse before binding anything
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationService(self.authorizer), server)
@@ -108,6 +119,14 @@ class ExtAuthServer:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
         self._server = server
+        if self.jail is not None:
+            await self.jail.start()
+        try:
+            await self.admin.start()
+        except OSError as e:
+            # The admin API is not on the request path: keep serving checks without it.
+            log_event(log, logging.ERROR, "admin API not serving", listen=self.config.admin_listen,
+                      error=str(e))
         await self._warm()
         self._start_metrics()
         # SERVING only once config is loaded and the port is open.
@@ -156,10 +175,19 @@ class ExtAuthServer:
                 await v.start()
             old: Runtime = self.authorizer.swap(runtime)
             self.config = cfg
+            await self._reload_jail(cfg)
             await old.close_unused(runtime)
             self.metrics.reloads.labels("ok").inc()
             log_event(log, logging.INFO, "config reloaded", policies=[p.name for p in cfg.policies])
             return True
+
+    async def _reload_jail(self, cfg: Config) -> None:
+        if self.jail is not None:
+            self.jail.configure(cfg.abuse)
+        elif cfg.abuse.enabled:
+            self.jail = Jail(cfg.abuse, self.store, self.metrics)
+            await self.jail.start()
+            self.authorizer.jail = self.jail
 
     def _check_reloadable(self, cfg: Config) -> None:
         # Sockets and the store connection are not swapped live: say so instead
@@ -178,8 +206,11 @@ class ExtAuthServer:
         if wait > 0:
             log_event(log, logging.INFO, "draining", seconds=wait)
             await asyncio.sleep(wait)
+        await self.admin.stop()
         await self._server.stop(grace=5.0)
         self._server = None
+        if self.jail is not None:
+            await self.jail.stop()
         if self._sampler is not None:
             self._sampler.cancel()
         if self._metrics_http is not None:
