@@ -17,6 +17,7 @@ a lost entry costs at most one TTL of a slot, never a leak.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -82,13 +83,35 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self._store_of = store_of
         self._ttl_of = ttl_of
         self._metrics = metrics
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """End every open stream (at shutdown); Envoy reconnects elsewhere.
+        A stream whose handler has not started yet ends as soon as it does."""
+        self._closing.set()
 
     async def StreamAccessLogs(  # gRPC method name
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
     ) -> als_pb2.StreamAccessLogsResponse:
-        async for message in request_iterator:
-            if message.HasField("http_logs"):
-                await self.handle_entries(message.http_logs.log_entry)
+        messages = aiter(request_iterator)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            while True:
+                # Race each read against shutdown: cancelling a handler blocked in
+                # a grpc.aio read does not end the RPC, returning does.
+                read = asyncio.ensure_future(anext(messages))
+                done, _ = await asyncio.wait({read, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    read.cancel()
+                    break
+                try:
+                    message = read.result()
+                except StopAsyncIteration:
+                    break
+                if message.HasField("http_logs"):
+                    await self.handle_entries(message.http_logs.log_entry)
+        finally:
+            closing.cancel()
         return als_pb2.StreamAccessLogsResponse()
 
     async def handle_entries(self, entries: Any) -> None:

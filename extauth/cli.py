@@ -10,19 +10,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from extauth.config import ConfigError, load_config
+from extauth.config import ConfigError, load_config, with_overrides
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from extauth.logs import configure_logging
     from extauth.server import serve
 
-    cfg = load_config(args.config)
-    if args.listen:
-        cfg = cfg.model_copy(update={"listen": args.listen})
+    overrides = {k: v for k, v in (("listen", args.listen), ("admin_listen", args.admin_listen)) if v}
+    cfg = with_overrides(load_config(args.config), overrides)
     configure_logging(cfg.log_level)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(cfg, config_path=args.config))
+        asyncio.run(serve(cfg, config_path=args.config, overrides=overrides))
     return 0
 
 
@@ -81,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the ext_authz + access-log gRPC server")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--listen", help="override the config's listen address")
+    p.add_argument("--admin-listen", help="override the config's admin_listen address")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file (and its key material)")

@@ -331,6 +331,16 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     return cfg.model_copy(update={"policies": policies})
 
 
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """The config with top-level keys replaced (command-line flags), validated like the file."""
+    if not overrides:
+        return cfg
+    try:
+        return Config.model_validate({**cfg.model_dump(), **overrides})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a YAML config file. Raises ConfigError."""
     p = Path(path)

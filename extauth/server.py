@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from prometheus_client import start_http_server
 
 from extauth.accesslog import AccessLogService
 from extauth.admin import AdminServer
-from extauth.config import Config, ConfigError, load_config
+from extauth.config import Config, ConfigError, load_config, with_overrides
 from extauth.envoy_api import check_input, check_response
 from extauth.jail import Jail
 from extauth.logs import log_event
@@ -40,6 +41,9 @@ from extauth.store.base import Store
 from extauth.store.guard import GuardedStore
 
 log = logging.getLogger("extauth.server")
+
+# In-flight checks finish within their store timeout; this only bounds a stuck one.
+_CHECK_GRACE_SECONDS = 2.0
 
 AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
@@ -76,8 +80,12 @@ def build_store(cfg: Config, metrics: Metrics | None = None) -> Store:
 
 class ExtAuthServer:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
-                 metrics: Metrics | None = None, store: Store | None = None) -> None:
-        self.config = config
+                 metrics: Metrics | None = None, store: Store | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        # ``overrides`` (from command-line flags) are applied to every reloaded file too.
+        self.overrides = dict(overrides or {})
+        self.config = with_overrides(config, self.overrides)
+        config = self.config
         self.config_path = Path(config_path) if config_path else None
         self.metrics = metrics or Metrics()
         self.store = store or build_store(config, self.metrics)
@@ -86,6 +94,8 @@ class ExtAuthServer:
         self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics, jail=self.jail)
         self.admin = AdminServer(lambda: self.config, self.store, self.metrics, lambda: self.jail)
         self.health = HealthServicer()
+        self.accesslog = AccessLogService(
+            lambda: self.store, lambda: self.authorizer.runtime.config.lease_ttl_seconds, self.metrics)
         self._server: grpc.aio.Server | None = None
         self.port: int = 0
         self.metrics_port: int = 0
@@ -107,9 +117,7 @@ class ExtAuthServer:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationService(self.authorizer), server)
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            AccessLogService(lambda: self.store, lambda: self.authorizer.runtime.config.lease_ttl_seconds,
-                             self.metrics), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.accesslog, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (AUTHZ_SERVICE, ALS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -165,6 +173,7 @@ class ExtAuthServer:
         async with self._reload_lock:
             try:
                 cfg = await asyncio.to_thread(load_config, self.config_path)
+                cfg = with_overrides(cfg, self.overrides)
                 self._check_reloadable(cfg)
                 runtime = build_runtime(cfg, self.authorizer.runtime)
             except (ConfigError, ValueError) as e:
@@ -207,7 +216,11 @@ class ExtAuthServer:
             log_event(log, logging.INFO, "draining", seconds=wait)
             await asyncio.sleep(wait)
         await self.admin.stop()
-        await self._server.stop(grace=5.0)
+        # Envoy's access-log streams never end on their own and would hold the
+        # grace period open; they are lossy by design (leases expire), and Envoy
+        # reconnects them to another replica. Checks in flight get the grace.
+        self.accesslog.close_streams()
+        await self._server.stop(grace=_CHECK_GRACE_SECONDS)
         self._server = None
         if self.jail is not None:
             await self.jail.stop()
@@ -233,9 +246,10 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
-async def serve(config: Config, *, config_path: str | Path | None = None) -> None:
+async def serve(config: Config, *, config_path: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None) -> None:
     """Run until SIGTERM/SIGINT (drain, then exit); SIGHUP reloads the config file."""
-    server = ExtAuthServer(config, config_path=config_path)
+    server = ExtAuthServer(config, config_path=config_path, overrides=overrides)
     await server.start()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -42,8 +42,10 @@ def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condi
 
 
 def write_config(path: Path, port: int, origins: list[str], **top: Any) -> None:
+    # The file names another port: the test process passes --listen, which must
+    # keep applying across reloads.
     path.write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{port}", "admin_listen": "127.0.0.1:0", "drain_seconds": 1.0, **top,
+        "listen": "127.0.0.1:1", "admin_listen": "127.0.0.1:2", "drain_seconds": 1.0, **top,
         "policies": [{"name": "chat", "match": {"path_prefix": "/ws"}, "origins": origins}],
     }))
 
@@ -51,7 +53,8 @@ def write_config(path: Path, port: int, origins: list[str], **top: Any) -> None:
 class Proc:
     def __init__(self, config: Path, port: int) -> None:
         self.port = port
-        self.p = subprocess.Popen([sys.executable, "-m", "extauth", "serve", "-c", str(config)],
+        self.p = subprocess.Popen([sys.executable, "-m", "extauth", "serve", "-c", str(config),
+                                   "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0"],
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

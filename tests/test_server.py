@@ -285,3 +285,16 @@ async def test_leases_in_real_redis_refreshed_and_released_over_the_stream(
             assert await store.count("chat", user="erin") == 0
     finally:
         await srv.stop(drain=0)
+
+
+async def test_stop_ends_open_access_log_streams_instead_of_waiting_for_them(jwks: JwksServer) -> None:
+    srv = ExtAuthServer(parse_config(config(jwks.url)))
+    await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        call = Client(ch).als.StreamAccessLogs()
+        await call.write(als_message([log_entry(None, "DownstreamPeriodic")]))
+        # Envoy never half-closes this stream; stop() must not sit out the grace period on it.
+        await asyncio.wait_for(srv.stop(drain=0), timeout=1.5)
+        # The server ended the stream (Envoy reconnects to another replica).
+        await asyncio.wait_for(call, timeout=1.0)
+        assert await call.code() == grpc.StatusCode.OK
