@@ -559,3 +559,43 @@ def test_never_ban_matching() -> None:
     assert in_networks("127.0.0.1", nets) and in_networks("::1", nets) and in_networks("10.2.3.4", nets)
     assert in_networks("::ffff:10.1.1.1", nets)  # v4-mapped v6
     assert not in_networks("203.0.113.66", nets) and not in_networks("not-an-ip", nets)
+
+
+async def test_server_wires_the_jail_and_reconfigures_it_on_reload(tmp_path: Any) -> None:
+    import yaml
+
+    from extauth.server import ExtAuthServer
+
+    def write(**abuse: Any) -> None:
+        data = {
+            "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "drain_seconds": 0,
+            "watch_config": False, "abuse": abuse,
+            "policies": [{"name": "chat", "match": {"path_prefix": "/ws"}, "origins": [APP],
+                          "jwt": {"issuer": ISS, "audiences": ["ws"], "algorithms": ["HS256"],
+                                  "hmac_secret_env": SECRET_ENV}}],
+        }
+        path.write_text(yaml.safe_dump(data))
+
+    from extauth.config import load_config
+
+    path = tmp_path / "extauth.yaml"
+    write(enabled=False)
+    srv = ExtAuthServer(load_config(path), config_path=path)
+    await srv.start()
+    try:
+        assert srv.jail is None and srv.authorizer.jail is None
+        write(enabled=True, threshold=2, ban_seconds=30)
+        assert await srv.reload()
+        jail = srv.jail
+        assert jail is not None and srv.authorizer.jail is jail and jail.cfg.threshold == 2
+        for _ in range(2):
+            await srv.authorizer.check(ws_request(ATTACKER, forged()))
+        await jail.drain()
+        assert (await srv.authorizer.check(ws_request(ATTACKER, token("bob")))).reason is Reason.BANNED
+        write(enabled=True, threshold=7, never_ban=["203.0.113.0/24"])
+        assert await srv.reload()
+        assert srv.jail is jail and jail.cfg.threshold == 7
+        assert (await srv.authorizer.check(ws_request(ATTACKER, token("bob")))).allowed  # now exempt
+    finally:
+        await srv.stop(drain=0)
+    assert jail._refresher is None
