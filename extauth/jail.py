@@ -210,8 +210,9 @@ class Jail:
         """Stop the refresher; let in-flight writes finish briefly, then cancel them."""
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
-            # Python 3.11's wait_for (inside GuardedStore) can swallow a cancellation that races
-            # with the call completing: insist until the task is really done.
+            # Defensive: on Python 3.11 an asyncio.wait_for anywhere below a store call can
+            # swallow a cancellation that races with completion (GuardedStore no longer
+            # uses it, a custom Store might): insist until the task is really done.
             while not refresher.done():
                 refresher.cancel()
                 await asyncio.wait({refresher}, timeout=0.1)

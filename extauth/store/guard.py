@@ -1,6 +1,6 @@
 """GuardedStore: a per-call timeout and a circuit breaker around any Store.
 
-Every call gets ``asyncio.wait_for(timeout)`` (config ``store_timeout_ms``), so a
+Every call runs under ``asyncio.timeout`` (config ``store_timeout_ms``), so a
 store that hangs can never hang a request. After ``failure_threshold``
 consecutive failures the breaker *opens*: every call raises StoreError at once,
 with no network wait, so an outage costs nothing per request. After
@@ -139,7 +139,11 @@ class GuardedStore(Store):
         limit = self.timeout if limit is None else limit
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(call(), limit)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # caller's cancellation when the inner call completes at the same moment,
+            # leaving a cancelled task running (it hung the jail's shutdown).
+            async with asyncio.timeout(limit):
+                result = await call()
         except TimeoutError:
             self.timeouts += 1
             self._failure(probe, op, started)
