@@ -60,6 +60,15 @@ def open_fds(pid: int) -> int:
         return 0
 
 
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies of the whole machine from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq
+    return busy, steal, busy + idle + iowait + steal
+
+
 class CpuMeter:
     """CPU used by each named process (and by exited children: the load generator)
     between start() and stop(), as cores (CPU seconds per wall second)."""
@@ -69,12 +78,14 @@ class CpuMeter:
         self._t0 = 0.0
         self._cpu0: dict[str, float] = {}
         self._children0 = 0.0
+        self._machine0 = (0, 0, 0)
         self.cores: dict[str, float] = {}
 
     def start(self) -> CpuMeter:
         self._t0 = time.perf_counter()
         self._cpu0 = {n: cpu_seconds(p) for n, p in self.pids.items()}
         self._children0 = children_cpu()
+        self._machine0 = machine_ticks()
         return self
 
     def stop(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -83,6 +94,12 @@ class CpuMeter:
         cores["load generator"] = (children_cpu() - self._children0) / wall
         for n, seconds in (extra or {}).items():
             cores[n] = seconds / wall
+        busy, steal, _ = machine_ticks()
+        machine_busy = (busy - self._machine0[0]) / _TICK / wall
+        # Whatever else ran on the machine meanwhile (other users' jobs, the kernel, this
+        # script): a run disturbed by others shows it here.
+        cores["others"] = max(0.0, machine_busy - sum(cores.values()))
+        cores["steal"] = (steal - self._machine0[1]) / _TICK / wall
         self.cores = cores
         return cores
 
