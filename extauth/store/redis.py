@@ -33,7 +33,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -431,37 +431,33 @@ class RedisStore(Store):
         for i in range(0, len(refs), self._batch):
             yield refs[i:i + self._batch]
 
+    async def _per_lease(
+        self, refs: Sequence[LeaseRef], command: Callable[[str, str], tuple[str | int, ...]]
+    ) -> int:
+        """Run ``command(key, member)`` on both keys of every lease, pipelined in batches;
+        return how many leases had at least one key answer 1."""
+        hits = 0
+        with _errors():
+            await self._ready()
+            for chunk in self._chunks(refs):
+                commands: list[tuple[str | int, ...]] = []
+                owners: list[int] = []
+                for n, ref in enumerate(chunk):
+                    for key, member in self.keys.lease_slots(ref):
+                        commands.append(command(key, member))
+                        owners.append(n)
+                results = await self._pipeline(commands)
+                hits += len({owner for owner, r in zip(owners, results, strict=True) if int(r) == 1})
+        return hits
+
     async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
         ttl_ms = max(1, round(ttl * 1000))
-        live = 0
-        with _errors():
-            await self._ready()
-            for chunk in self._chunks(refs):
-                commands: list[tuple[str | int, ...]] = []
-                owners: list[int] = []
-                for n, ref in enumerate(chunk):
-                    for key, member in self.keys.lease_slots(ref):
-                        commands.append(self._evalsha("refresh", [key], [member, ttl_ms]))
-                        owners.append(n)
-                results = await self._pipeline(commands)
-                live_refs = {owner for owner, r in zip(owners, results, strict=True) if int(r) == 1}
-                live += len(live_refs)
-        return live
+        return await self._per_lease(
+            refs, lambda key, member: self._evalsha("refresh", [key], [member, ttl_ms])
+        )
 
     async def release(self, refs: Sequence[LeaseRef]) -> int:
-        present = 0
-        with _errors():
-            await self._ready()
-            for chunk in self._chunks(refs):
-                commands: list[tuple[str | int, ...]] = []
-                owners: list[int] = []
-                for n, ref in enumerate(chunk):
-                    for key, member in self.keys.lease_slots(ref):
-                        commands.append(("ZREM", key, member))
-                        owners.append(n)
-                results = await self._pipeline(commands)
-                present += len({owner for owner, r in zip(owners, results, strict=True) if int(r) == 1})
-        return present
+        return await self._per_lease(refs, lambda key, member: ("ZREM", key, member))
 
     def _subject_key(self, policy: str, user: str | None, ip: str | None) -> str:
         if user is not None and ip is None:
