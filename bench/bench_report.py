@@ -387,8 +387,7 @@ def _profiles(w: Any, r: dict[str, Any]) -> None:
         w(f"## Where extauth's time goes: {title}\n")
         w(f"cProfile of the event-loop thread ({p['total_seconds']:.1f} s of profiled time; the profiler slows "
           "Python code down, so read shares, not absolute times; gRPC's C-core threads are not in it). "
-          "Store calls run in their own asyncio task, so they are rows of their own, not nested under the "
-          "Check handler.\n")
+          "Indented rows are part of the row above them.\n")
         w("| part | seconds | share |")
         w("|---|---:|---:|")
         for g in p["groups"]:
@@ -453,7 +452,7 @@ def _method(w: Any, r: dict[str, Any]) -> None:
     w("Measured while building this benchmark (the figures above are from the run; the causes were "
       "isolated with the bench's own tools):\n")
     w("1. **A store timeout can leak a lease until its TTL.** `store_timeout_ms` is enforced with "
-      "`asyncio.wait_for` around the Redis call, so it includes event-loop queueing: when the loop stalls "
+      "`asyncio.timeout` around the Redis call (`GuardedStore._guard`), so it includes event-loop queueing: when the loop stalls "
       "(a burst of cold work, many checks in flight, other jobs on the machine), an acquire 'times out' although "
       "Redis answered in microseconds. If its script already ran, the lease is recorded but the client got 503 "
       "`store_unavailable` and no access-log entry will ever release it: it stays counted for a whole TTL. With "
@@ -467,9 +466,12 @@ def _method(w: Any, r: dict[str, Any]) -> None:
     w("2. **The gRPC framework floor dominates.** The no-op servicer alone costs the CPU shown in scenario 3; "
       "the product's own Python (translation both ways, pipeline, metrics) adds the difference. The profiles "
       "show the rest is grpc.aio and asyncio machinery.")
-    w("3. **Envoy defaults that matter for WebSockets** (bench-side adjustments above): default circuit "
-      "breakers cap each upstream cluster at 1,024 concurrent WebSockets; the default `delayed_close_timeout` "
-      "adds 1 s to every client-initiated close (and delays the lease release by as much).")
+    w("3. **Envoy defaults that matter for WebSockets** (bench-side adjustments above; the generator in "
+      "`extauth/envoy_config.py` sets neither): with the default circuit breakers (1,024 connections and "
+      "requests per cluster) a 1,500-connection hold stalled after the first wave of 750: upgrades past the "
+      "limit wait in Envoy's pending queue (the route has no timeout) and never open; the default "
+      "`delayed_close_timeout` (1 s) adds a second to every client-initiated close (1,000 ms per close() "
+      "through Envoy vs 0.5 ms direct) and delays the lease release by as much.")
     w("")
     w("## How to run\n")
     w("```sh\nmake bench                         # full run, < 5 min, rewrites this page\n"

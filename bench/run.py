@@ -288,18 +288,19 @@ def profile(stack: BenchStack, seconds: float, load: Any) -> dict[str, Any]:
     return summarize_profile(stack.profile_out)
 
 
-# (label, file suffix, function, counted in the top-level sum). Coroutines that run in their
-# own task (the store calls: GuardedStore wraps them in asyncio.wait_for) are not nested under
-# their caller in cProfile, so they are listed as top-level rows of their own.
+# (label, file suffix, function, counted in the top-level sum). GuardedStore bounds store calls
+# with asyncio.timeout (no task of their own), so a store call is nested under its caller:
+# the acquire under the pipeline, refresh and release under the access-log stream.
 _PROFILE_GROUPS = (
     ("Check handler, whole (bench timing wrapper included)", "bench/extauth_serve.py", "timed_check", True),
     ("  CheckRequest -> CheckInput", "extauth/envoy_api.py", "check_input", False),
-    ("  decision pipeline (Authorizer.check, store call excluded)", "extauth/pipeline.py", "check", False),
+    ("  decision pipeline (Authorizer.check, store acquire included)", "extauth/pipeline.py", "check", False),
+    ("    store acquire: RedisStore.acquire + redis-py", "extauth/store/redis.py", "acquire", False),
     ("  Decision -> CheckResponse", "extauth/envoy_api.py", "check_response", False),
-    ("store acquire: RedisStore.acquire + redis-py (own task)", "extauth/store/redis.py", "acquire", True),
-    ("access-log stream: entries parsed, leases sorted", "extauth/accesslog.py", "StreamAccessLogs", True),
-    ("lease refresh: RedisStore.refresh + redis-py (own task)", "extauth/store/redis.py", "refresh", True),
-    ("lease release: RedisStore.release + redis-py (own task)", "extauth/store/redis.py", "release", True),
+    ("access-log stream, whole (entries parsed, refresh and release included)", "extauth/accesslog.py",
+     "StreamAccessLogs", True),
+    ("  lease refresh: RedisStore.refresh + redis-py", "extauth/store/redis.py", "refresh", False),
+    ("  lease release: RedisStore.release + redis-py", "extauth/store/redis.py", "release", False),
     ("idle: waiting in epoll", "~", "<method 'poll' of 'select.epoll' objects>", True),
 )
 
