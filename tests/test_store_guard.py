@@ -120,10 +120,52 @@ async def test_a_silent_server_can_never_hang_a_call(silent_port: int) -> None:
         started = time.monotonic()
         for _ in range(100):
             with pytest.raises(StoreError):
-                await guarded.refresh([ref()], 30)
+                await guarded.acquire(ref(), Limits(), 30)
         assert time.monotonic() - started < 0.5
     finally:
         await guarded.close()
+
+
+async def test_background_calls_are_bounded_and_do_not_move_the_breaker(silent_port: int) -> None:
+    inner = RedisStore.from_url(f"redis://127.0.0.1:{silent_port}")
+    guarded = GuardedStore(inner, timeout=0.05, scan_timeout=0.2, failure_threshold=1, reset_seconds=30)
+    try:
+        # Access-log refreshes and releases are off the request path: they get the long
+        # timeout, still end, and a failure does not open the breaker for checks.
+        with pytest.raises(StoreError, match="timed out"):
+            await guarded.refresh([ref()], 30)
+        with pytest.raises(StoreError, match="timed out"):
+            await guarded.release([ref()])
+        assert state(guarded) == "closed"
+        with pytest.raises(StoreError):
+            await guarded.acquire(ref(), Limits(), 30)
+        assert state(guarded) == "open"
+        # ...and an open breaker does not refuse them: they still reach the store.
+        timeouts = guarded.timeouts
+        with pytest.raises(StoreError, match="timed out"):
+            await guarded.release([ref()])
+        assert guarded.timeouts == timeouts + 1
+    finally:
+        await guarded.close()
+
+
+async def test_an_acquire_that_times_out_after_committing_is_taken_back() -> None:
+    class SlowAfterCommit(MemoryStore):
+        # The script commits, then the reply is late (a stalled loop or network):
+        # a fault that cannot be produced on demand with a real server.
+        async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+            result = await super().acquire(ref, limits, ttl)
+            await asyncio.sleep(0.2)
+            return result
+
+    inner = SlowAfterCommit()
+    guarded = GuardedStore(inner, timeout=0.05, failure_threshold=5)
+    lease = ref()
+    with pytest.raises(StoreError, match="timed out"):
+        await guarded.acquire(lease, Limits(connections_per_user=1), 30)
+    await guarded.settle()  # the background release
+    assert await inner.count(lease.policy, user=lease.user) == 0
+    await guarded.close()
 
 
 async def test_bare_redis_store_has_socket_timeouts(silent_port: int) -> None:

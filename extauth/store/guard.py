@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from extauth.metrics import Metrics
 
 T = TypeVar("T")
+# Background releases of acquires that timed out; past this the lease TTL is the backstop.
+_MAX_COMPENSATIONS = 1024
 BreakerState = Literal["closed", "open", "half_open"]
 
 
@@ -71,6 +73,7 @@ class GuardedStore(Store):
         self.timeouts = 0  # calls cut off by the per-call timeout
         self.rejected = 0  # calls refused at once because the breaker was open
         self.opened = 0  # times the breaker opened
+        self._compensations: set[asyncio.Future[int]] = set()
 
     @classmethod
     def from_config(cls, inner: Store, cfg: Config, metrics: Metrics | None = None) -> GuardedStore:
@@ -176,13 +179,63 @@ class GuardedStore(Store):
     # -- Store -----------------------------------------------------------------
 
     async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
-        return await self._guard("acquire", lambda: self.inner.acquire(ref, limits, ttl))
+        admitted = False
+
+        async def call() -> AcquireResult:
+            nonlocal admitted
+            admitted = True
+            return await self.inner.acquire(ref, limits, ttl)
+
+        try:
+            return await self._guard("acquire", call)
+        except StoreError:
+            if admitted:
+                # The script may have committed before the timeout fired (a stalled
+                # event loop counts against the timeout too): the client is told 503,
+                # so take the lease back rather than hold the slot for a whole TTL.
+                self._compensate(ref)
+            raise
+
+    def _compensate(self, ref: LeaseRef) -> None:
+        if len(self._compensations) >= _MAX_COMPENSATIONS:
+            return  # the lease TTL is the backstop
+        task = asyncio.ensure_future(self.release([ref]))
+        self._compensations.add(task)
+        task.add_done_callback(self._compensation_done)
+
+    def _compensation_done(self, task: asyncio.Future[int]) -> None:
+        self._compensations.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: failures were already counted
+
+    # Refresh and release come from Envoy's access-log stream, off the request
+    # path: they are never refused by the breaker (which request-path stalls can
+    # open) and get the long timeout, but they do not move the breaker either.
 
     async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
-        return await self._guard("refresh", lambda: self.inner.refresh(refs, ttl))
+        return await self._background("refresh", lambda: self.inner.refresh(refs, ttl))
 
     async def release(self, refs: Sequence[LeaseRef]) -> int:
-        return await self._guard("release", lambda: self.inner.release(refs))
+        return await self._background("release", lambda: self.inner.release(refs))
+
+    async def _background(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.scan_timeout):
+                result = await call()
+        except TimeoutError:
+            self.timeouts += 1
+            self._count_error(op)
+            raise StoreError(f"store call {op} timed out after {self.scan_timeout * 1000:.0f} ms") from None
+        except StoreError:
+            self._count_error(op)
+            raise
+        except OSError as e:
+            self._count_error(op)
+            raise StoreError(f"store unreachable: {e}") from e
+        self._observe(op, started)
+        return result
 
     async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
         return await self._guard("count", lambda: self.inner.count(policy, user=user, ip=ip))
@@ -217,4 +270,10 @@ class GuardedStore(Store):
 
     async def close(self) -> None:
         """Closes the wrapped store; never refused by the breaker."""
+        await self.settle()
         await self.inner.close()
+
+    async def settle(self) -> None:
+        """Wait (bounded) for background releases of timed-out acquires."""
+        if self._compensations:
+            await asyncio.wait(set(self._compensations), timeout=self.scan_timeout)
