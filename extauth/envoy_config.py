@@ -198,7 +198,13 @@ def _build_bootstrap(cfg: Config, opts: EnvoyOptions) -> Any:
         MetadataFilter,
     )
     from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
-    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterLbPolicy
+    from envoy_data_plane.envoy.config.cluster.v3 import (
+        CircuitBreakers,
+        CircuitBreakersThresholds,
+        Cluster,
+        ClusterDiscoveryType,
+        ClusterLbPolicy,
+    )
     from envoy_data_plane.envoy.config.core.v3 import (
         Address,
         ApiVersion,
@@ -290,6 +296,16 @@ def _build_bootstrap(cfg: Config, opts: EnvoyOptions) -> Any:
                     LbEndpoint(endpoint=Endpoint(address=address(e))) for e in endpoints
                 ])],
             ),
+            # Every open WebSocket holds one upstream connection and one active request
+            # for hours: Envoy's default of 1,024 per cluster would cap concurrent sockets
+            # per upstream far below the listener's limit, and the surplus would wait in
+            # the pending queue forever (WebSocket routes have no request timeout).
+            # The global downstream limit is the real bound.
+            circuit_breakers=CircuitBreakers(thresholds=[CircuitBreakersThresholds(
+                max_connections=opts.max_connections,
+                max_pending_requests=opts.max_connections,
+                max_requests=opts.max_connections,
+            )]),
         )
         if http2:
             c.typed_extension_protocol_options = {
@@ -389,6 +405,10 @@ def _build_bootstrap(cfg: Config, opts: EnvoyOptions) -> Any:
             HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST, opts),
         stream_idle_timeout=_td(opts.stream_idle_timeout),
         request_headers_timeout=_td(10),
+        # The default 1 s delayed close held every client-initiated WebSocket close
+        # (and so the lease release) for a second; 100 ms still lets a client read a
+        # local reply (a 403) before the connection goes away.
+        delayed_close_timeout=_td(0.1),
         route_config=RouteConfiguration(
             name="ingress",
             virtual_hosts=[VirtualHost(name="ingress", domains=["*"], routes=[route(r) for r in routes])],
