@@ -67,10 +67,10 @@ def extauth_config(store_url: str, metrics_port: int) -> dict[str, Any]:
         "admin_listen": "127.0.0.1:0",
         "store": store_url,
         "lease_ttl_seconds": 60,
-        # Not the default 50 ms: that timeout includes event-loop queueing, and on this shared
-        # 2-core machine a stall past 50 ms happens; an acquire that times out after its script
-        # ran leaks its lease until the TTL (docs/benchmarks.md, Findings). 250 ms is the e2e
-        # harness's value.
+        # Not the default 50 ms: that timeout includes event-loop queueing, and a saturated
+        # 2-core box stalls past 50 ms, answering some upgrades 503 by design; the churn figure
+        # should measure upgrades, not refusals (docs/benchmarks.md, Findings). 250 ms is the
+        # e2e harness's value.
         "store_timeout_ms": 250,
         "metrics_listen": f"127.0.0.1:{metrics_port}",
         # The active-lease gauge SCANs the store: once an hour keeps it out of the figures.
