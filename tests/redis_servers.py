@@ -23,6 +23,8 @@ from typing import Any
 
 import redis
 
+from tests.waiting import wait_until
+
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
 
@@ -112,13 +114,17 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         _LIVE.add(self.proc)
-        deadline = time.monotonic() + timeout
-        while not _ping(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
-                self.kill()
-                raise RuntimeError(f"server on port {self.port} did not become ready:\n{log}")
-            time.sleep(0.01)
+        proc = self.proc
+        try:
+            # Ready when it answers PING; give up early if the process died.
+            wait_until(lambda: _ping(self.port) or proc.poll() is not None, timeout, "redis PING",
+                       interval=0.01)
+            if proc.poll() is not None:
+                raise TimeoutError("the server exited")
+        except TimeoutError as e:
+            log = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+            self.kill()
+            raise RuntimeError(f"server on port {self.port} did not become ready ({e}):\n{log}") from None
         return self
 
     def kill(self) -> None:
@@ -205,11 +211,11 @@ class RedisClusterServers:
                     command(c, "CLUSTER", "SET-CONFIG-EPOCH", i + 1)
                 for n, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
                     command(clients[0], "CLUSTER", "MEET", "127.0.0.1", n.port, bus_port)
-                deadline = time.monotonic() + timeout
-                while not all(self._healthy(c, count) for c in clients):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("cluster did not reach cluster_state:ok")
-                    time.sleep(0.02)
+                try:
+                    wait_until(lambda: all(self._healthy(c, count) for c in clients), timeout,
+                               "cluster_state:ok on every node")
+                except TimeoutError as e:
+                    raise RuntimeError(str(e)) from None
             finally:
                 for c in clients:
                     c.close()

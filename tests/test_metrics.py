@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -16,6 +16,7 @@ from extauth.config import parse_config
 from extauth.server import ExtAuthServer
 from tests.envoy_msgs import check_request, ws_headers
 from tests.keys import jwks_for, jwks_server, shared_rsa_key, sign
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ISS = "https://issuer.example.com"
@@ -34,17 +35,6 @@ def value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name}{labels} not exported")
-
-
-async def wait_until(cond: Any, within: float = 10.0) -> None:
-    import asyncio
-
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 async def test_metrics_endpoint_exports_the_documented_names() -> None:
@@ -69,7 +59,10 @@ async def test_metrics_endpoint_exports_the_documented_names() -> None:
                 await stub.Check(check_request(f"/ws?token={tok}", ws_headers(), context=ctx), timeout=5)
                 await stub.Check(check_request("/ws", ws_headers(origin="https://evil.com"), context=ctx),
                                  timeout=5)
-            await wait_until(lambda: value(scrape(srv.metrics_port), "extauth_active_leases") == 1)
+            def one_lease() -> bool:
+                return value(scrape(srv.metrics_port), "extauth_active_leases") == 1
+
+            await asyncio.to_thread(wait_until, one_lease, 10.0, "the sampled lease gauge")
             text = scrape(srv.metrics_port)
             assert value(text, "extauth_decisions_total", policy="chat", result="allow") == 1
             assert value(text, "extauth_decisions_total", reason="origin_not_allowed") == 1

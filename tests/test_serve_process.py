@@ -21,6 +21,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.envoy_msgs import check_request, headers_of, ws_headers
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,13 +33,8 @@ def free_port() -> int:
         return port
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(cond: Callable[[], bool], what: str) -> None:
+    wait_until(cond, 15.0, what, interval=0.05)
 
 
 def write_config(path: Path, port: int, origins: list[str], **top: Any) -> None:

@@ -197,7 +197,7 @@ class Scripted(Store):
         if self.mode == "fail":
             raise StoreError("down")
         if self.mode == "hang":
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # never answers; only cancellation ends it
         if self.mode == "bug":
             raise ValueError("bad argument")
 

