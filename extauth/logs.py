@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any
 
 DECISION_LOG = logging.getLogger("extauth.decision")
@@ -44,7 +43,3 @@ def configure_logging(level: str = "info") -> None:
 def log_event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
     if logger.isEnabledFor(level):
         logger.log(level, msg, extra={"fields": fields})
-
-
-def now() -> float:
-    return time.time()

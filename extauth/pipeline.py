@@ -20,16 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extauth.handshake import is_upgrade_attempt, validate_handshake
-from extauth.logs import log_event
+from extauth.logs import DECISION_LOG, log_event
 from extauth.metrics import Metrics
 from extauth.policy import select_policy
 from extauth.reasons import DenyError, Reason
 from extauth.request import CheckInput
 from extauth.runtime import CompiledPolicy, Runtime
+from extauth.store import new_lease_id
 from extauth.store.base import LeaseRef, Store, StoreError
 from extauth.tokens import VerifiedToken
 
-log = logging.getLogger("extauth.decision")
+log = DECISION_LOG
 
 # Retry-After when the store gives no better hint (a held slot frees whenever its
 # owner disconnects, which we cannot predict).
@@ -191,8 +192,6 @@ class Authorizer:
         assert policy.limits is not None
         if self.store is None:
             raise DenyError(Reason.STORE_UNAVAILABLE, "no store configured")
-        from extauth.store import new_lease_id  # local: keeps the pure part import-light
-
         user = ctx.verified.user if ctx.verified else None
         ref = LeaseRef(new_lease_id(), policy.policy.name, user, ctx.client_ip)
         try:
