@@ -11,12 +11,13 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from extauth.config import parse_config
+from extauth.config import load_config, parse_config
 from extauth.server import ExtAuthServer
 from tests.envoy_msgs import als_message, check_request, headers_of, log_entry, metadata_of, ws_headers
 from tests.keys import JwksServer, jwks_for, jwks_server, make_rsa_key, shared_rsa_key, sign
@@ -298,3 +299,43 @@ async def test_stop_ends_open_access_log_streams_instead_of_waiting_for_them(jwk
         # The server ended the stream (Envoy reconnects to another replica).
         await asyncio.wait_for(call, timeout=1.0)
         assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_file_reloads_under_concurrent_checks_fail_none(jwks: JwksServer, tmp_path: Any) -> None:
+    path = tmp_path / "extauth.yaml"
+
+    def write(extra_origin: int) -> None:
+        data = config(jwks.url)
+        data["policies"][0]["origins"] = ["https://app.example.com", f"https://r{extra_origin}.example.com"]
+        path.write_text(yaml.safe_dump(data))
+
+    write(0)
+    srv = ExtAuthServer(load_config(path), config_path=path)
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            c = Client(ch)
+            tok = token("frank")
+            stop = asyncio.Event()
+
+            async def reloader() -> int:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    write(n)
+                    assert await srv.reload()
+                return n
+
+            task = asyncio.create_task(reloader())
+            results = []
+            for _ in range(10):
+                results += await asyncio.gather(*(
+                    c.check("/api/x", {"authorization": f"Bearer {tok}"}, host="api.example.com")
+                    for _ in range(40)))
+            stop.set()
+            reloads = await task
+        assert reloads >= 3
+        assert all(r.status.code == 0 for r in results), {reason_of(r) for r in results}
+        assert srv.metrics.reloads.labels("ok")._value.get() == reloads
+    finally:
+        await srv.stop(drain=0)
