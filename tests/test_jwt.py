@@ -448,6 +448,15 @@ async def test_integer_user_claim(rsa_verifier: JwtVerifier) -> None:
     assert (await rsa_verifier.verify(rs256(claims(sub=42)))).user == "42"
 
 
+@pytest.mark.parametrize("sub", ["u" * 257, "alice\nx-admin: 1", "a\x00b"])
+async def test_oversized_or_unprintable_user_is_refused(rsa_verifier: JwtVerifier, sub: str) -> None:
+    assert await reason_of(rsa_verifier, rs256(claims(sub=sub))) is Reason.TOKEN_CLAIMS
+
+
+async def test_user_at_the_bound_is_accepted(rsa_verifier: JwtVerifier) -> None:
+    assert (await rsa_verifier.verify(rs256(claims(sub="u" * 256)))).user == "u" * 256
+
+
 async def test_custom_user_claim(tmp_path: Path, clock: FakeClock) -> None:
     v = make_verifier(tmp_path, clock, jwks_for(shared_rsa_key(), "k1", "RS256"), user_claim="email")
     assert (await v.verify(rs256(claims(email="a@example.com")))).user == "a@example.com"

@@ -47,6 +47,7 @@ log = logging.getLogger("extauth.jwt")
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_KID_CHARS = 256
+MAX_USER_CHARS = 256
 _JWS = pyjwt.PyJWS()
 _SIG_ONLY: Any = {"verify_signature": True}
 
@@ -299,4 +300,8 @@ class JwtVerifier:
         user = str(raw_user)
         if not user:
             raise _deny(Reason.TOKEN_CLAIMS, f"{cfg.user_claim} is empty")
+        # The user id goes into logs, metadata, store keys and admin listings:
+        # bound it and keep control characters out.
+        if len(user) > MAX_USER_CHARS or not user.isprintable():
+            raise _deny(Reason.TOKEN_CLAIMS, f"{cfg.user_claim} is too long or not printable")
         return VerifiedToken(claims=MappingProxyType(claims), user=user, expires_at=exp)
