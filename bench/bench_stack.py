@@ -24,7 +24,6 @@ import copy
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -282,11 +281,4 @@ class BenchStack:
 
 
 def wait_for(predicate: Any, within: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(predicate, within, what, interval)

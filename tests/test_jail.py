@@ -39,6 +39,7 @@ from extauth.store.base import (
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
 from tests.keys import HMAC_SECRET, sign
+from tests.waiting import eventually
 
 ISS = "https://issuer.example.com"
 SECRET_ENV = "EXTAUTH_TEST_JAIL_SECRET"
@@ -262,14 +263,6 @@ async def rig() -> AsyncIterator[Rig]:
         await r.jail.stop()
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], want: Callable[[Any], bool],
-                     within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if want(value) or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.05)
 
 
 # -- the storm simulation -------------------------------------------------------------------------

@@ -3,11 +3,9 @@ automatic recovery: JWKS endpoint down, access-log stream gone."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -17,6 +15,7 @@ from extauth.config import parse_config
 from extauth.server import ExtAuthServer
 from tests.envoy_msgs import check_request, headers_of, ws_headers
 from tests.keys import jwks_for, jwks_server, shared_rsa_key, sign
+from tests.waiting import eventually
 
 ISS = "https://issuer.example.com"
 _SUBJECTS = itertools.count()
@@ -29,13 +28,6 @@ def fresh_token() -> str:
                                             "iat": now, "exp": now + 600}, kid="k1")
 
 
-async def eventually(probe: Callable[[], Any], want: Callable[[Any], bool], within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        got = await probe()
-        if want(got) or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(0.05)
 
 
 def reason(resp: external_auth_pb2.CheckResponse) -> str:

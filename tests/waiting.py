@@ -33,3 +33,15 @@ async def async_wait_until(predicate: Callable[[], Awaitable[Any]], within: floa
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], want: Callable[[T], bool],
+                     within: float = 10.0, interval: float = 0.05) -> T:
+    """Poll ``probe`` until ``want`` holds or ``within`` passes; return the last value,
+    so the caller's assertion shows what was seen instead of a bare timeout."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if want(value) or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval)
