@@ -135,7 +135,7 @@ class ExtAuthServer:
             # The admin API is not on the request path: keep serving checks without it.
             log_event(log, logging.ERROR, "admin API not serving", listen=self.config.admin_listen,
                       error=str(e))
-        await self._warm()
+        await self._warm(self.authorizer.runtime)
         self._start_metrics()
         # SERVING only once config is loaded and the port is open.
         for name in ("", AUTHZ_SERVICE, ALS_SERVICE):
@@ -162,8 +162,10 @@ class ExtAuthServer:
                 log_event(log, logging.DEBUG, "lease sampling failed", error=type(e).__name__)
             await asyncio.sleep(interval)
 
-    async def _warm(self) -> None:
-        for verifier in self.authorizer.runtime.verifiers.values():
+    @staticmethod
+    async def _warm(runtime: Runtime) -> None:
+        """Load URL key sets before the runtime serves (never raises)."""
+        for verifier in runtime.verifiers.values():
             await verifier.start()
 
     async def reload(self) -> bool:
@@ -180,8 +182,7 @@ class ExtAuthServer:
                 self.metrics.reloads.labels("error").inc()
                 log_event(log, logging.ERROR, "reload refused; keeping the current config", error=str(e))
                 return False
-            for v in runtime.verifiers.values():
-                await v.start()
+            await self._warm(runtime)
             old: Runtime = self.authorizer.swap(runtime)
             self.config = cfg
             await self._reload_jail(cfg)
