@@ -69,13 +69,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 
 def build_store(cfg: Config, metrics: Metrics | None = None) -> Store:
     """The configured store behind a per-call timeout and a circuit breaker."""
-    return GuardedStore(
-        open_store(cfg.store),
-        timeout=cfg.store_timeout_ms / 1000.0,
-        failure_threshold=cfg.store_breaker.failure_threshold,
-        reset_seconds=cfg.store_breaker.reset_seconds,
-        metrics=metrics,
-    )
+    return GuardedStore.from_config(open_store(cfg.store), cfg, metrics)
 
 
 class ExtAuthServer:
@@ -185,6 +179,8 @@ class ExtAuthServer:
             await self._warm(runtime)
             old: Runtime = self.authorizer.swap(runtime)
             self.config = cfg
+            if isinstance(self.store, GuardedStore):
+                self.store.configure(cfg)  # store_timeout_ms and store_breaker apply live
             await self._reload_jail(cfg)
             await old.close_unused(runtime)
             self.metrics.reloads.labels("ok").inc()

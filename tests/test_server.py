@@ -339,3 +339,22 @@ async def test_file_reloads_under_concurrent_checks_fail_none(jwks: JwksServer, 
         assert srv.metrics.reloads.labels("ok")._value.get() == reloads
     finally:
         await srv.stop(drain=0)
+
+
+async def test_reload_applies_store_timeout_and_breaker_settings(jwks: JwksServer, tmp_path: Any) -> None:
+    from extauth.store.guard import GuardedStore
+
+    path = tmp_path / "extauth.yaml"
+    data = config(jwks.url)
+    path.write_text(yaml.safe_dump(data))
+    srv = ExtAuthServer(load_config(path), config_path=path)
+    await srv.start()
+    try:
+        assert isinstance(srv.store, GuardedStore) and srv.store.timeout == 0.05
+        data.update(store_timeout_ms=120, store_breaker={"failure_threshold": 7, "reset_seconds": 9})
+        path.write_text(yaml.safe_dump(data))
+        assert await srv.reload()
+        assert srv.store.timeout == 0.12
+        assert (srv.store.failure_threshold, srv.store.reset_seconds) == (7, 9)
+    finally:
+        await srv.stop(drain=0)

@@ -78,13 +78,17 @@ class GuardedStore(Store):
     @classmethod
     def from_config(cls, inner: Store, cfg: Config, metrics: Metrics | None = None) -> GuardedStore:
         """From the config: store_timeout_ms and store_breaker."""
-        return cls(
-            inner,
-            timeout=cfg.store_timeout_ms / 1000,
-            failure_threshold=cfg.store_breaker.failure_threshold,
-            reset_seconds=cfg.store_breaker.reset_seconds,
-            metrics=metrics,
-        )
+        guarded = cls(inner, metrics=metrics)
+        guarded.configure(cfg)
+        return guarded
+
+    def configure(self, cfg: Config) -> None:
+        """Apply store_timeout_ms and store_breaker (at start and on a config reload);
+        the breaker's current state is kept."""
+        self.timeout = cfg.store_timeout_ms / 1000
+        self.scan_timeout = max(self.scan_timeout, self.timeout)
+        self.failure_threshold = cfg.store_breaker.failure_threshold
+        self.reset_seconds = cfg.store_breaker.reset_seconds
 
     # -- breaker -------------------------------------------------------------
 
