@@ -93,3 +93,25 @@ def test_dashboard_queries_use_exported_metric_names() -> None:
     # Every metric family we export is on the dashboard.
     assert {n.removesuffix("_bucket") for n in names} >= {n.removesuffix("_bucket") for n in known}
 
+
+
+def test_loop_histogram_is_cumulative_in_prometheus_form() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from extauth.metrics import LoopCounter, LoopHistogram
+
+    reg = CollectorRegistry()
+    h = LoopHistogram("t_seconds", "test", (0.001, 0.00005, 0.01), registry=reg)
+    c = LoopCounter("t_events", "test", ("kind",), registry=reg)
+    for v in (0.00005, 0.0002, 0.0002, 0.5):  # a value equal to a bound falls in that bucket
+        h.observe(v)
+    c.labels("a").inc()
+    c.labels("a").inc()
+    text = generate_latest(reg).decode()
+    assert value(text, "t_seconds_bucket", le="5e-05") == 1
+    assert value(text, "t_seconds_bucket", le="0.001") == 3
+    assert value(text, "t_seconds_bucket", le="0.01") == 3
+    assert value(text, "t_seconds_bucket", le="+Inf") == 4
+    assert value(text, "t_seconds_count") == 4
+    assert abs(value(text, "t_seconds_sum") - 0.50045) < 1e-9
+    assert value(text, "t_events_total", kind="a") == 2
