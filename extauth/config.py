@@ -247,6 +247,8 @@ class Config(_Model):
     store_breaker: StoreBreaker = Field(default_factory=StoreBreaker)
     max_token_bytes: int = Field(default=8192, ge=256, le=65536)
     token_cache_size: int = Field(default=10_000, ge=0, le=10_000_000)
+    # Remembered plain-HTTP allows (extauth/memo.py); 0 disables the memo.
+    allow_memo_size: int = Field(default=10_000, ge=0, le=10_000_000)
     admin_listen: str = "127.0.0.1:9002"
     admin_token_env: str = "EXTAUTH_ADMIN_TOKEN"
     metrics_listen: str | None = None

@@ -5,8 +5,9 @@ Kept apart from the pipeline so the decision logic never touches protobuf.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -14,8 +15,10 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.rpc import code_pb2
 
 from extauth.pipeline import Decision
+from extauth.policy import select_policy
 from extauth.reasons import Reason
 from extauth.request import CheckInput
+from extauth.runtime import Runtime
 
 # The namespace Envoy files our dynamic metadata under, and the one the
 # access-log entries carry it back in.
@@ -61,9 +64,74 @@ def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dic
     return out
 
 
+def repeat_key(request: external_auth_pb2.CheckRequest, rt: Runtime) -> Hashable | None:
+    """The allow memo's key for this request, or None when it must take the full pipeline.
+
+    It holds every input the pipeline reads for a plain-HTTP request (extauth/memo.py says
+    why that makes a hit exact), read straight from the message: building a CheckInput
+    would cost as much as the lookup saves.
+    """
+    attrs = request.attributes
+    http = attrs.request.http
+    headers = http.headers
+    if not headers or "upgrade" in headers:  # raw header_map form, or any upgrade: full path
+        return None
+    route: Hashable = attrs.context_extensions.get("policy")
+    if route is not None:
+        policy = rt.by_name.get(route)  # type: ignore[call-overload]
+    else:
+        host = http.host or headers.get(":authority", "")
+        path = http.path.partition("?")[0]
+        policy = select_policy(rt.policies, rt.by_name, {}, host, path)
+        route = (host, path)
+    if policy is None or not policy.repeatable:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for name in policy.credential_headers:
+        value = headers.get(name)
+        digest.update(b"-" if value is None else _framed(value))
+    if policy.reads_query:
+        digest.update(_framed(http.path.partition("?")[2]))
+    xff = headers.get("x-forwarded-for") if rt.config.xff_hops else None
+    return (route, attrs.source.address.socket_address.address, xff, digest.digest())
+
+
+def _framed(value: str) -> bytes:
+    # Length-prefixed, so no two different sets of values digest the same input.
+    return b"%d:%s" % (len(value), value.encode("utf-8", "surrogatepass"))
+
+
+def _decision_id_message(decision_id: str) -> bytes:
+    resp = external_auth_pb2.CheckResponse()
+    resp.dynamic_metadata.fields["decision_id"].string_value = decision_id
+    out: bytes = resp.SerializeToString()
+    return out
+
+
+# Serialized messages concatenate as a merge (the Struct's map entries add up), so a response
+# is its per-decision part followed by this per-check field. Ids are 16 ASCII characters
+# (pipeline.new_decision_id): everything before the id's bytes is then the same.
+_ID_LEN = 16
+_ID_PREFIX = _decision_id_message("0" * _ID_LEN)[:-_ID_LEN]
+
+
+def decision_id_field(decision_id: str) -> bytes:
+    """``dynamic_metadata.decision_id`` as serialized CheckResponse bytes, to append."""
+    if len(decision_id) == _ID_LEN and decision_id.isascii():
+        return _ID_PREFIX + decision_id.encode()
+    return _decision_id_message(decision_id)
+
+
+def response_bytes(d: Decision, *, with_id: bool = True) -> bytes:
+    """The serialized CheckResponse for a decision; ``with_id`` False leaves out its
+    decision id, for ``decision_id_field`` to add per check."""
+    static: bytes = check_response(d).SerializeToString()
+    return static + decision_id_field(d.decision_id) if with_id else static
+
+
 def _fill_metadata(fields: Any, d: Decision) -> None:
-    """Our dynamic metadata, written in place (building a Struct and copying it costs twice as much)."""
-    fields["decision_id"].string_value = d.decision_id
+    """Our dynamic metadata but the decision id (``decision_id_field`` adds it), written in
+    place (building a Struct and copying it costs twice as much)."""
     if d.policy:
         fields["policy"].string_value = d.policy
     if d.user is not None:
@@ -87,6 +155,7 @@ def _add_headers(options: Any, headers: Mapping[str, str]) -> None:
 
 
 def check_response(d: Decision) -> external_auth_pb2.CheckResponse:
+    """The CheckResponse for a decision, less its decision id (see ``response_bytes``)."""
     resp = external_auth_pb2.CheckResponse()
     _fill_metadata(resp.dynamic_metadata.fields, d)
     if d.allowed:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from extauth.handshake import is_upgrade_attempt, validate_handshake
 from extauth.logs import DECISION_LOG, log_event
+from extauth.memo import Repeat
 from extauth.metrics import Metrics
 from extauth.policy import select_policy
 from extauth.reasons import DenyError, Reason
@@ -58,6 +59,9 @@ class Decision:
     deny_headers: Mapping[str, str] = field(default_factory=dict)
     lease: LeaseRef | None = None
     shadow_reason: Reason | None = None
+    # Until when (unix seconds) the same request would be allowed the same way: set only on
+    # plain-HTTP allows that took no lease, for the allow memo (extauth/memo.py).
+    valid_until: float | None = None
 
 
 @dataclass(slots=True)
@@ -128,6 +132,14 @@ class Authorizer:
         """Install a new runtime; checks already running finish on the old one."""
         old, self._runtime = self._runtime, runtime
         return old
+
+    def admit_repeat(self, hit: Repeat[Any], started: float) -> bool:
+        """Whether a remembered allow still stands (its client is not banned); counts it if so."""
+        if self.jail is not None and self.jail.is_banned(hit.client_ip):
+            return False  # the full pipeline denies it, with its log line and metrics
+        self.metrics.memo_hits.inc()
+        self._count(hit.policy, True, None, None, time.perf_counter() - started)
+        return True
 
     async def check(self, req: CheckInput) -> Decision:
         rt = self._runtime  # read once: a reload mid-check must not mix configs
@@ -220,6 +232,9 @@ class Authorizer:
             else:
                 # Never let a client-supplied identity header through unreplaced.
                 remove.append(name)
+        valid_until = None
+        if not ctx.websocket and ctx.lease is None:
+            valid_until = ctx.verified.expires_at if ctx.verified else math.inf
         return Decision(
             allowed=True,
             status=200,
@@ -232,6 +247,7 @@ class Authorizer:
             headers_to_remove=tuple(dict.fromkeys(remove)),
             query_params_to_remove=tuple(dict.fromkeys(ctx.query_params_to_remove)),
             lease=ctx.lease,
+            valid_until=valid_until,
         )
 
     def _deny(self, rt: Runtime, req: CheckInput, ctx: _Ctx, err: DenyError) -> Decision:
@@ -243,7 +259,7 @@ class Authorizer:
             self.metrics.shadow.labels(policy_name, reason.value).inc()
             allowed = self._allow(ctx)
             self._log(logging.INFO, "shadow deny", req, ctx, reason, err.detail)
-            return dataclasses.replace(allowed, shadow_reason=reason)
+            return dataclasses.replace(allowed, shadow_reason=reason, valid_until=None)
         self._log(logging.INFO, "deny", req, ctx, reason, err.detail)
         return Decision(
             allowed=False,
@@ -270,14 +286,17 @@ class Authorizer:
         )
 
     def _observe(self, d: Decision, elapsed: float) -> None:
+        self._count(d.policy, d.allowed, d.reason, d.shadow_reason, elapsed)
+
+    def _count(self, policy: str | None, allowed: bool, reason: Reason | None,
+               shadow_reason: Reason | None, elapsed: float) -> None:
         self.metrics.check_seconds.observe(elapsed)
-        key = (d.policy, d.allowed, d.reason, d.shadow_reason)
+        key = (policy, allowed, reason, shadow_reason)
         child = self._decision_counters.get(key)
-        if child is None:  # labels() costs more than the rest of a cached decision
-            result = "allow" if d.allowed else "deny"
-            shadow = f"shadow:{d.shadow_reason.value}" if d.shadow_reason else ""
-            reason = d.reason.value if d.reason else shadow
-            child = self.metrics.decisions.labels(d.policy or "", result, reason)
+        if child is None:  # a dict hit costs less than building the label tuple
+            result = "allow" if allowed else "deny"
+            shadow = f"shadow:{shadow_reason.value}" if shadow_reason else ""
+            child = self.metrics.decisions.labels(policy or "", result, reason.value if reason else shadow)
             self._decision_counters[key] = child
         child.inc()
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extauth.config import Config, JwtConfig, Match, Policy
+from extauth.memo import AllowMemo
 from extauth.origin import OriginPolicy
 from extauth.store.base import Limits
 from extauth.tokens.extract import TokenSources
@@ -82,6 +83,11 @@ class CompiledPolicy:
     # Copied out of the pydantic model: read on every check by select_policy.
     name: str
     match: Match | None
+    # What the allow memo keys on for this policy: every header its token sources read and
+    # whether they read the query string. ``repeatable`` False: never memoized.
+    credential_headers: tuple[str, ...] = ()
+    reads_query: bool = False
+    repeatable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,8 @@ class Runtime:
     policies: tuple[CompiledPolicy, ...]
     by_name: Mapping[str, CompiledPolicy]
     verifiers: Mapping[str, JwtVerifier]  # keyed by verifier identity, for reuse on reload
+    # Serialized allow responses; new and empty with every runtime, so a reload forgets them.
+    memo: AllowMemo[bytes]
 
     async def close_unused(self, keep: Runtime | None) -> None:
         """Close verifiers the next runtime did not take over."""
@@ -130,16 +138,24 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 verifier = JwtVerifier(p.jwt, max_token_bytes=cfg.max_token_bytes,
                                        cache_size=cfg.token_cache_size)
             verifiers[key] = verifier
+        sources = TokenSources(p.jwt.token_sources) if p.jwt else None
+        credential_headers, reads_query = sources.inputs() if sources else ((), False)
         compiled.append(
             CompiledPolicy(
                 policy=p,
                 origins=OriginPolicy(p.origins),
-                sources=TokenSources(p.jwt.token_sources) if p.jwt else None,
+                sources=sources,
                 verifier=verifier,
                 limits=_limits(p),
                 header_templates=tuple((k, Template(v)) for k, v in p.upstream_headers.items()),
                 name=p.name,
                 match=p.match,
+                credential_headers=credential_headers,
+                reads_query=reads_query,
+                # A WebSocket-only policy denies plain HTTP, and a shadow policy's allows
+                # may stand for denials: neither is worth remembering.
+                repeatable=not p.websocket_only and not p.shadow,
             )
         )
-    return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers)
+    return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers,
+                   AllowMemo(cfg.allow_memo_size))

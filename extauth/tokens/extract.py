@@ -91,6 +91,18 @@ class TokenSources:
             parsed.append((kind, name.lower() if kind == "header" else name))
         self._sources = tuple(parsed)
 
+    def inputs(self) -> tuple[tuple[str, ...], bool]:
+        """Every header ``extract`` reads (lower-case) and whether it reads the query string."""
+        headers: list[str] = []
+        for kind, name in self._sources:
+            if kind == "header":
+                headers.append(name)
+            elif kind == "cookie":
+                headers.append("cookie")
+            elif kind == "subprotocol":
+                headers.append("sec-websocket-protocol")
+        return tuple(dict.fromkeys(headers)), any(kind == "query" for kind, _ in self._sources)
+
     def extract(self, headers: Mapping[str, str], query: str) -> Extracted:
         """Find the token and the edits that strip all credential copies.
 
