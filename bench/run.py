@@ -208,33 +208,66 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# Measured in alternating halves (floor, product, product, floor): this machine's speed drifts
+# by 10-20% over a minute, and a ratio of two runs taken one after the other carries that drift
+# whole; ABBA order cancels a linear drift.
+_PAIRED = ("noop", "product")
+
+
 def http_scenarios(stack: BenchStack, s: Settings, headers: list[str], python_load: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, title in HTTP_SCENARIOS:
-        port = stack.ports[key]
-        bm.http_load(port, "/api/bench", headers, connections=s.http_connections, duration=s.http_warmup,
-                     workdir=stack.dir, force_python=python_load)
+    titles = dict(HTTP_SCENARIOS)
+    for key in titles:
+        bm.http_load(stack.ports[key], "/api/bench", headers, connections=s.http_connections,
+                     duration=s.http_warmup, workdir=stack.dir, force_python=python_load)
+        if key in _PAIRED:
+            continue
         before = bm.scrape(stack.metrics_port)
-        meter = bm.CpuMeter(stack.pids()).start()
-        r = bm.http_load(port, "/api/bench", headers, connections=s.http_connections,
-                         duration=s.http_seconds, workdir=stack.dir, force_python=python_load)
-        r.cores = meter.stop()
-        after = bm.scrape(stack.metrics_port)
-        entry = {"title": title, "rps": r.rps, "requests": r.requests, "elapsed": r.elapsed,
-                 "non2xx": r.non2xx, "errors": r.errors, "p50_us": r.p50_us, "p99_us": r.p99_us,
-                 "connections": r.connections, "tool": r.tool, "cores": r.cores,
-                 "cpu_us_per_request": {k: v / r.rps * 1e6 for k, v in r.cores.items()
-                                        if r.rps}}
-        if key == "product":
-            for result in ("allow", "deny"):
-                entry["allowed" if result == "allow" else "denied"] = bm.delta(
-                    before, after, "extauth_decisions_total", policy="api", result=result)
-        out[key] = entry
-        log(f"{key}: {r.rps:,.0f} req/s, p99 {r.p99_us / 1000:.2f} ms, non-2xx {r.non2xx}, "
-            f"cores {', '.join(f'{k} {v:.2f}' for k, v in r.cores.items() if v >= 0.01)}")
-        if r.requests == 0 or r.non2xx > 0.01 * r.requests:
-            raise RuntimeError(f"{key}: {r.non2xx} of {r.requests} responses not 2xx: the scenario is broken")
+        r = _http_run(stack, s, key, headers, s.http_seconds, python_load)
+        out[key] = _http_entry(stack, key, titles[key], [r], before)
+    runs: dict[str, list[bm.HttpResult]] = {key: [] for key in _PAIRED}
+    before = bm.scrape(stack.metrics_port)
+    for key in (*_PAIRED, *reversed(_PAIRED)):
+        runs[key].append(_http_run(stack, s, key, headers, s.http_seconds / 2, python_load))
+    for key in _PAIRED:
+        out[key] = _http_entry(stack, key, titles[key], runs[key], before)
     return out
+
+
+def _http_run(stack: BenchStack, s: Settings, key: str, headers: list[str], seconds: float,
+              python_load: bool) -> bm.HttpResult:
+    meter = bm.CpuMeter(stack.pids()).start()
+    r = bm.http_load(stack.ports[key], "/api/bench", headers, connections=s.http_connections,
+                     duration=seconds, workdir=stack.dir, force_python=python_load)
+    r.cores = meter.stop()
+    return r
+
+
+def _http_entry(stack: BenchStack, key: str, title: str, runs: list[bm.HttpResult],
+                before: bm.Samples) -> dict[str, Any]:
+    requests = sum(r.requests for r in runs)
+    elapsed = sum(r.elapsed for r in runs)
+    rps = requests / elapsed if elapsed else 0.0
+    cores = {k: sum(r.cores.get(k, 0.0) * r.elapsed for r in runs) / elapsed for k in runs[0].cores}
+    non2xx = sum(r.non2xx for r in runs)
+    entry: dict[str, Any] = {
+        "title": title, "rps": rps, "requests": requests, "elapsed": elapsed, "non2xx": non2xx,
+        "errors": sum(r.errors for r in runs), "p50_us": sum(r.p50_us for r in runs) / len(runs),
+        "p99_us": max(r.p99_us for r in runs), "connections": runs[0].connections, "tool": runs[0].tool,
+        "runs_rps": [r.rps for r in runs], "cores": cores,
+        "cpu_us_per_request": {k: v / rps * 1e6 for k, v in cores.items() if rps}}
+    if key == "product":
+        after = bm.scrape(stack.metrics_port)
+        for result in ("allow", "deny"):
+            entry["allowed" if result == "allow" else "denied"] = bm.delta(
+                before, after, "extauth_decisions_total", policy="api", result=result)
+        entry["memo_hits"] = bm.delta(before, after, "extauth_allow_memo_hits_total")
+    log(f"{key}: {rps:,.0f} req/s ({', '.join(f'{r.rps:,.0f}' for r in runs)}), "
+        f"p99 {entry['p99_us'] / 1000:.2f} ms, non-2xx {non2xx}, "
+        f"cores {', '.join(f'{k} {v:.2f}' for k, v in cores.items() if v >= 0.01)}")
+    if requests == 0 or non2xx > 0.01 * requests:
+        raise RuntimeError(f"{key}: {non2xx} of {requests} responses not 2xx: the scenario is broken")
+    return entry
 
 
 def half_load(stack: BenchStack, s: Settings, headers: list[str], max_rps: float,
@@ -293,6 +326,8 @@ def profile(stack: BenchStack, seconds: float, load: Any) -> dict[str, Any]:
 # the acquire under the pipeline, refresh and release under the access-log stream.
 _PROFILE_GROUPS = (
     ("Check handler, whole (bench timing wrapper included)", "bench/extauth_serve.py", "timed_check", True),
+    ("  allow-memo key (every check that may repeat; a hit ends there)", "extauth/envoy_api.py",
+     "repeat_key", False),
     ("  CheckRequest -> CheckInput", "extauth/envoy_api.py", "check_input", False),
     ("  decision pipeline (Authorizer.check, store acquire included)", "extauth/pipeline.py", "check", False),
     ("    store acquire: RedisStore.acquire + redis-py", "extauth/store/redis.py", "acquire", False),
