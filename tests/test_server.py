@@ -21,6 +21,7 @@ from extauth.config import load_config, parse_config
 from extauth.server import ExtAuthServer
 from tests.envoy_msgs import als_message, check_request, headers_of, log_entry, metadata_of, ws_headers
 from tests.keys import JwksServer, jwks_for, jwks_server, make_rsa_key, shared_rsa_key, sign
+from tests.waiting import async_wait_until
 
 ISS = "https://issuer.example.com"
 
@@ -356,5 +357,43 @@ async def test_reload_applies_store_timeout_and_breaker_settings(jwks: JwksServe
         assert await srv.reload()
         assert srv.store.timeout == 0.12
         assert (srv.store.failure_threshold, srv.store.reset_seconds) == (7, 9)
+    finally:
+        await srv.stop(drain=0)
+
+
+async def test_a_lease_whose_check_is_cancelled_at_envoys_deadline_is_given_back(jwks: JwksServer) -> None:
+    from extauth.store.guard import GuardedStore
+    from extauth.store.memory import MemoryStore
+
+    class Slow(MemoryStore):
+        # The script commits, then its reply is late: past the caller's deadline, where
+        # grpc.aio cancels the check (Envoy has answered the client itself by then).
+        committed = 0
+
+        async def acquire(self, *a: Any, **kw: Any) -> Any:
+            result = await super().acquire(*a, **kw)
+            self.committed += 1
+            await asyncio.sleep(0.3)
+            return result
+
+    cfg = parse_config(config(jwks.url, store_timeout_ms=2000))
+    inner = Slow()
+    srv = ExtAuthServer(cfg, store=GuardedStore.from_config(inner, cfg))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Check(check_request(f"/ws?token={token('late')}", ws_headers()), timeout=0.1)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert inner.committed == 1
+
+            async def none_left() -> bool:
+                return await inner.count("chat", user="late") == 0
+
+            await async_wait_until(none_left, 5.0, "the late lease to be released")
+            # A check answered in time keeps its lease.
+            ok = await stub.Check(check_request(f"/ws?token={token('prompt')}", ws_headers()), timeout=5)
+            assert ok.status.code == 0 and await inner.count("chat", user="prompt") == 1
     finally:
         await srv.stop(drain=0)

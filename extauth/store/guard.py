@@ -192,15 +192,18 @@ class GuardedStore(Store):
 
         try:
             return await self._guard("acquire", call)
-        except StoreError:
+        except (StoreError, asyncio.CancelledError):
             if admitted:
-                # The script may have committed before the timeout fired (a stalled
-                # event loop counts against the timeout too): the client is told 503,
-                # so take the lease back rather than hold the slot for a whole TTL.
-                self._compensate(ref)
+                # The script may have committed before the timeout fired (a stalled event
+                # loop counts against the timeout too), or before grpc.aio cancelled the
+                # check at Envoy's deadline: either way no lease id reaches Envoy, so take
+                # the lease back rather than hold the slot for a whole TTL.
+                self.release_later(ref)
             raise
 
-    def _compensate(self, ref: LeaseRef) -> None:
+    def release_later(self, ref: LeaseRef) -> None:
+        """Release a lease in the background (bounded; the lease TTL is the backstop): for an
+        acquire whose answer never reaches Envoy."""
         if len(self._compensations) >= _MAX_COMPENSATIONS:
             return  # the lease TTL is the backstop
         task = asyncio.ensure_future(self.release([ref]))
