@@ -51,7 +51,7 @@ ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 
 
 class AuthorizationService:
-    """``Authorization/Check``. It answers serialized bytes (see ``handler``): a repeated
+    """``Authorization/Check``. It answers serialized bytes (see ``add_to_server``): a repeated
     plain-HTTP allow is then a memo lookup plus the new decision id, with no message built."""
 
     def __init__(self, authorizer: Authorizer) -> None:
@@ -81,13 +81,15 @@ class AuthorizationService:
                                 deny_headers={"x-extauth-reason": Reason.INTERNAL_ERROR.value})
         return response_bytes(decision)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """The service's gRPC handler. Check returns bytes, so the serializer passes them on."""
-        return grpc.method_handlers_generic_handler(AUTHZ_SERVICE, {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                self.Check, request_deserializer=external_auth_pb2.CheckRequest.FromString,
-                response_serializer=bytes),
-        })
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register Check as the generated code would, but with a pass-through serializer:
+        Check returns bytes. Registered methods are matched in gRPC's core, without the
+        per-call walk over generic handlers."""
+        handlers = {"Check": grpc.unary_unary_rpc_method_handler(
+            self.Check, request_deserializer=external_auth_pb2.CheckRequest.FromString,
+            response_serializer=bytes)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHZ_SERVICE, handlers),))
+        server.add_registered_method_handlers(AUTHZ_SERVICE, handlers)
 
 
 def build_store(cfg: Config, metrics: Metrics | None = None) -> Store:
@@ -132,7 +134,7 @@ class ExtAuthServer:
     async def start(self) -> None:
         self.admin.check()  # a non-loopback admin_listen without a token: refuse before binding anything
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((AuthorizationService(self.authorizer).handler(),))
+        AuthorizationService(self.authorizer).add_to_server(server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.accesslog, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
