@@ -39,11 +39,10 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
         headers: Mapping[str, str] = http.headers
     else:
         headers = _header_map(http)
-    path, _, query = http.path.partition("?")
-    query = query.partition("#")[0]
+    host, path, query = _target(http, headers)
     return CheckInput(
         method=http.method,
-        host=http.host or headers.get(":authority", ""),
+        host=host,
         path=path,
         query=query,
         headers=headers,
@@ -52,6 +51,13 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
         request_id=http.id,
         scheme=http.scheme,
     )
+
+
+def _target(http: attribute_context_pb2.AttributeContext.HttpRequest,
+            headers: Mapping[str, str]) -> tuple[str, str, str]:
+    """Host, path without the query, and the query (without a fragment), as the pipeline sees them."""
+    path, _, query = http.path.partition("?")
+    return http.host or headers.get(":authority", ""), path, query.partition("#")[0]
 
 
 def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
@@ -80,8 +86,7 @@ def repeat_key(request: external_auth_pb2.CheckRequest, rt: Runtime) -> Hashable
     if route is not None:
         policy = rt.by_name.get(route)  # type: ignore[call-overload]
     else:
-        host = http.host or headers.get(":authority", "")
-        path = http.path.partition("?")[0]
+        host, path, _ = _target(http, headers)  # what check_input gives select_policy
         policy = select_policy(rt.policies, rt.by_name, {}, host, path)
         route = (host, path)
     if policy is None or not policy.repeatable:

@@ -77,8 +77,5 @@ class AllowMemo(Generic[T]):
             del entries[next(iter(entries))]  # insertion order: the oldest
         entries[key] = Repeat(payload, expires_at, policy, client_ip)
 
-    def clear(self) -> None:
-        self._entries.clear()
-
     def __len__(self) -> int:
         return len(self._entries)
