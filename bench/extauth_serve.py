@@ -3,9 +3,6 @@ product process without touching product code. Same arguments as ``extauth serve
 
 What it adds (all registered on extauth's own /metrics registry, scraped by bench/run.py):
 
-- ``extauth_bench_check_handler_seconds``: the whole gRPC Check handler (protobuf
-  translation in and out + the decision pipeline) with fine buckets; the product's own
-  ``extauth_check_duration_seconds`` covers the pipeline only, with coarser buckets.
 - ``extauth_bench_redis_round_trips_total{op}``: network writes to Redis (one per command,
   one per pipeline: a round trip each), counted at redis-py's connection and attributed to the
   store operation that made them (acquire, refresh, release, count_all, other), with a new
@@ -15,8 +12,9 @@ What it adds (all registered on extauth's own /metrics registry, scraped by benc
 - cProfile on demand: SIGUSR1 starts profiling the event-loop thread, SIGUSR2 stops and
   writes pstats to ``$EXTAUTH_BENCH_PROFILE_OUT``.
 
-Cost: one perf_counter pair and a lock-free histogram observe per Check (under a microsecond),
-a counter increment per Redis write.
+Check latency comes from the product's own ``extauth_check_duration_seconds``: the Check
+path carries no bench code, so the product is measured as it ships. Cost: a counter increment
+per Redis write.
 """
 
 from __future__ import annotations
@@ -27,16 +25,11 @@ import functools
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-_FINE_BUCKETS = tuple(x / 1e6 for x in (
-    25, 50, 75, 100, 125, 150, 175, 200, 250, 300, 350, 400, 450, 500, 600, 700, 800, 900, 1000,
-    1250, 1500, 2000, 3000, 5000, 10000, 25000, 50000, 100000, 250000))
 
 _OP: contextvars.ContextVar[str] = contextvars.ContextVar("bench_store_op", default="other")
 
@@ -46,7 +39,7 @@ def install() -> None:
     from prometheus_client import Counter
 
     import extauth.server as server_mod
-    from extauth.metrics import LoopHistogram, Metrics
+    from extauth.metrics import Metrics
     from extauth.store.redis import RedisStore
 
     holder: dict[str, Any] = {}
@@ -54,28 +47,12 @@ def install() -> None:
     class BenchMetrics(Metrics):
         def __init__(self, registry: Any = None) -> None:
             super().__init__(registry)
-            # Lock-free like the product's own check histogram: a prometheus_client
-            # Histogram would cost the product a few microseconds the floor does not pay.
-            holder["handler"] = LoopHistogram(
-                "extauth_bench_check_handler_seconds", "Whole Check handler (bench)",
-                _FINE_BUCKETS, registry=self.registry)
             holder["rt"] = Counter("extauth_bench_redis_round_trips", "Redis writes by store op (bench)",
                                    ["op"], registry=self.registry)
             holder["refs"] = Counter("extauth_bench_store_refs", "Leases per store op (bench)", ["op"],
                                      registry=self.registry)
 
     server_mod.Metrics = BenchMetrics  # type: ignore[attr-defined]
-
-    check = server_mod.AuthorizationService.Check
-
-    async def timed_check(self: Any, request: Any, context: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return await check(self, request, context)
-        finally:
-            holder["handler"].observe(time.perf_counter() - t0)
-
-    server_mod.AuthorizationService.Check = timed_check  # type: ignore[method-assign]
 
     send = rconn.AbstractConnection.send_packed_command
 

@@ -300,16 +300,13 @@ def half_load(stack: BenchStack, s: Settings, headers: list[str], max_rps: float
                      rate=target if python_load else rate_arg, workdir=stack.dir, force_python=python_load)
     cores = meter.stop()
     after = bm.scrape(stack.metrics_port)
-    pipeline = bm.histogram_delta(before, after, "extauth_check_duration_seconds")
-    handler = bm.histogram_delta(before, after, "extauth_bench_check_handler_seconds")
+    check = bm.histogram_delta(before, after, "extauth_check_duration_seconds")
     return {
         "target_rps": target, "rps": r.rps, "fraction_of_max": r.rps / max_rps if max_rps else math.nan,
         "connections": conns, "non2xx": r.non2xx, "e2e_p50_us": r.p50_us, "e2e_p99_us": r.p99_us,
-        "cores": cores, "checks": pipeline.count,
-        "pipeline_p50": pipeline.quantile(0.5), "pipeline_p99": pipeline.quantile(0.99),
-        "pipeline_share_le_1ms": pipeline.share_at_or_below(0.001),
-        "handler_p50": handler.quantile(0.5), "handler_p99": handler.quantile(0.99),
-        "handler_share_le_1ms": handler.share_at_or_below(0.001),
+        "cores": cores, "checks": check.count,
+        "check_p50": check.quantile(0.5), "check_p99": check.quantile(0.99),
+        "check_share_le_1ms": check.share_at_or_below(0.001),
     }
 
 
@@ -333,7 +330,7 @@ def profile(stack: BenchStack, seconds: float, load: Any) -> dict[str, Any]:
 # with asyncio.timeout (no task of their own), so a store call is nested under its caller:
 # the acquire under the pipeline, refresh and release under the access-log stream.
 _PROFILE_GROUPS = (
-    ("Check handler, whole (bench timing wrapper included)", "bench/extauth_serve.py", "timed_check", True),
+    ("Check handler, whole", "extauth/server.py", "Check", True),
     ("  allow-memo key (every check that may repeat; a hit ends there)", "extauth/envoy_api.py",
      "repeat_key", False),
     ("  CheckRequest -> CheckInput", "extauth/envoy_api.py", "check_input", False),
@@ -438,8 +435,7 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
             for op in ("refresh", "release")}
     allowed = bm.delta(before, after, "extauth_decisions_total", policy="chat", result="allow")
     denied = bm.delta(before, after, "extauth_decisions_total", policy="chat", result="deny")
-    handler = bm.histogram_delta(before, after, "extauth_bench_check_handler_seconds")
-    pipeline = bm.histogram_delta(before, after, "extauth_check_duration_seconds")
+    check = bm.histogram_delta(before, after, "extauth_check_duration_seconds")
     acquire = bm.histogram_delta(before, after, "extauth_store_call_duration_seconds", op="acquire")
     rate = upgrades / elapsed if elapsed else 0.0
     return {
@@ -459,8 +455,8 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
         "redis_commands": {k: cmd_after.get(k, 0) - cmd_before.get(k, 0) for k in cmd_after
                            if cmd_after.get(k, 0) - cmd_before.get(k, 0) > 0},
         "envoy": {k: env_after.get(k, 0) - env_before.get(k, 0) for k in env_after},
-        "handler_p50": handler.quantile(0.5), "handler_p99": handler.quantile(0.99),
-        "pipeline_p99": pipeline.quantile(0.99), "acquire_p50": acquire.quantile(0.5),
+        "check_p50": check.quantile(0.5), "check_p99": check.quantile(0.99),
+        "acquire_p50": acquire.quantile(0.5),
         "acquire_p99": acquire.quantile(0.99),
     }
 
@@ -641,8 +637,7 @@ def main() -> int:
         max_rps = results["http"]["product"]["rps"]
         results["half"] = half_load(stack, s, headers, max_rps, python_load)
         log(f"half load: {results['half']['rps']:,.0f} req/s, check p99 "
-            f"{results['half']['pipeline_p99'][0] * 1e6:.0f} µs (pipeline), "
-            f"{results['half']['handler_p99'][0] * 1e6:.0f} µs (handler)")
+            f"{results['half']['check_p99'][0] * 1e6:.0f} µs")
         results["profile_http"] = profile(stack, s.profile_seconds, lambda: bm.http_load(
             stack.ports["product"], "/api/bench", headers, connections=s.http_connections,
             duration=s.profile_seconds, workdir=workdir, force_python=python_load))

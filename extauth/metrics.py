@@ -17,8 +17,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-# Check latency buckets tuned for a sub-millisecond service.
+# Store call latency buckets tuned for a sub-millisecond service.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# Check latency: a cached decision takes tens of microseconds, so the low end is finer (a
+# p99 read off this histogram is within 25-50 µs of the truth below 300 µs).
+_CHECK_BUCKETS = (0.000025, 0.00005, 0.000075, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075,
+                  0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
 class Metrics:
@@ -31,8 +35,9 @@ class Metrics:
             ("policy", "result", "reason"), registry=r,
         )
         self.check_seconds = LoopHistogram(
-            "extauth_check_duration_seconds", "Server-side Check latency",
-            _LATENCY_BUCKETS, registry=r,
+            "extauth_check_duration_seconds",
+            "Server-side Check latency: from the gRPC handler's start to its decision",
+            _CHECK_BUCKETS, registry=r,
         )
         self.memo_hits = LoopCounter(
             "extauth_allow_memo_hits", "Checks answered from the allow memo (extauth/memo.py)", (),

@@ -141,9 +141,12 @@ class Authorizer:
         self._count(hit.policy, True, None, None, time.perf_counter() - started)
         return True
 
-    async def check(self, req: CheckInput) -> Decision:
+    async def check(self, req: CheckInput, started: float | None = None) -> Decision:
+        """The decision for one request. ``started`` (a ``perf_counter`` reading) is when the
+        caller began handling it, so the latency metric covers its translation too."""
         rt = self._runtime  # read once: a reload mid-check must not mix configs
-        started = time.perf_counter()
+        if started is None:
+            started = time.perf_counter()
         ctx = _Ctx(decision_id=new_decision_id(), client_ip=req.source_ip)
         try:
             decision = await self._run(rt, req, ctx)
