@@ -8,6 +8,9 @@ is then adjusted here, in the bench only:
 - ``product``: the generated listener; ``/api`` answers with a direct_response after ext_authz,
   ``/ws`` goes to the echo upstream.
 - ``noop``: a copy of ``product`` whose ext_authz filter calls the no-op servicer instead.
+- ``floor_resp``: the same, to a second no-op servicer that answers the product's own allow for
+  the bench request (identity header, credential removal, dynamic metadata), rendered once by
+  extauth's code at start-up: Envoy does the same work on the answer as for ``product``.
 - ``ceiling``: the same HCM with the ext_authz filter removed (direct_response only).
 - ``jwt`` / ``jwt_cached``: the same HCM with Envoy's native ``jwt_authn`` (same RS256 key,
   inline local JWKS) in place of ext_authz, without and with its verified-JWT cache.
@@ -20,6 +23,7 @@ target (see ``UPSTREAM_BREAKERS``).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import socket
@@ -41,6 +45,7 @@ from tests.e2e.harness import (  # noqa: E402
     Extauth,
     Proc,
     generate_bootstrap,
+    token,
     wait_until,
 )
 from tests.redis_servers import RedisServer, free_port  # noqa: E402
@@ -56,7 +61,11 @@ UPSTREAM_BREAKERS = {"thresholds": [{"max_connections": 100_000, "max_pending_re
 # while Envoy waits for the client to (measured: close() 1,000 ms through Envoy vs 0.5 ms
 # direct). 0 disables the delayed close, for every listener alike.
 DELAYED_CLOSE = "0s"
-LISTENERS = ("ceiling", "jwt", "jwt_cached", "noop", "product")
+LISTENERS = ("ceiling", "jwt", "jwt_cached", "noop", "floor_resp", "product")
+# The listeners whose ext_authz filter calls a no-op servicer (a cluster of the same name).
+FLOORS = ("noop", "floor_resp")
+# The subject of the plain-HTTP scenarios' token.
+HTTP_USER = "bench-http"
 
 
 def extauth_config(store_url: str, metrics_port: int) -> dict[str, Any]:
@@ -121,7 +130,8 @@ def _jwt_authn(cached: bool) -> dict[str, Any]:
     }
 
 
-def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int], noop_port: int) -> dict[str, Any]:
+def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int],
+                     floor_ports: dict[str, int]) -> dict[str, Any]:
     doc = copy.deepcopy(generated)
     resources = doc["static_resources"]
     product = resources["listeners"][0]
@@ -133,11 +143,12 @@ def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int], noop_port
             _direct(r)
     listeners: dict[str, dict[str, Any]] = {"product": product}
 
-    noop = copy.deepcopy(product)
-    for f in _hcm(noop)["http_filters"]:
-        if f["name"] == "envoy.filters.http.ext_authz":
-            f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "noop"
-    listeners["noop"] = noop
+    for floor in FLOORS:
+        lst = copy.deepcopy(product)
+        for f in _hcm(lst)["http_filters"]:
+            if f["name"] == "envoy.filters.http.ext_authz":
+                f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = floor
+        listeners[floor] = lst
 
     def without_authz(extra: list[dict[str, Any]]) -> dict[str, Any]:
         lst = copy.deepcopy(product)
@@ -168,11 +179,12 @@ def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int], noop_port
 
     clusters = resources["clusters"]
     extauth = next(c for c in clusters if c["name"] == "extauth")
-    noop_cluster = copy.deepcopy(extauth)
-    noop_cluster["name"] = noop_cluster["load_assignment"]["cluster_name"] = "noop"
-    ep = noop_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    ep["address"]["socket_address"]["port_value"] = noop_port
-    clusters.append(noop_cluster)
+    for floor, port in floor_ports.items():
+        cluster = copy.deepcopy(extauth)
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = floor
+        ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ep["address"]["socket_address"]["port_value"] = port
+        clusters.append(cluster)
     for c in clusters:
         if c["name"] == "app":
             c["circuit_breakers"] = UPSTREAM_BREAKERS
@@ -192,9 +204,39 @@ class Instrumented(Extauth):
 class Noop(Extauth):
     """bench/noop_authz.py; readiness by gRPC health like extauth."""
 
-    def __init__(self, name: str, port: int, logdir: Path) -> None:
+    def __init__(self, name: str, port: int, logdir: Path, response: Path | None = None) -> None:
         super().__init__(name, logdir / "unused.yaml", port, logdir)
-        self.args = [sys.executable, str(BENCH / "noop_authz.py"), "--listen", f"127.0.0.1:{port}"]
+        self.args = [sys.executable, str(BENCH / "noop_authz.py"), "--listen", f"127.0.0.1:{port}",
+                     *(["--response", str(response)] if response else [])]
+
+
+def product_allow(config: dict[str, Any]) -> bytes:
+    """extauth's serialized allow for the plain-HTTP bench request, rendered by its own code
+    (in-process, memory store: a plain-HTTP allow takes no lease)."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from extauth.config import parse_config
+    from extauth.server import AuthorizationService, ExtAuthServer
+
+    request = external_auth_pb2.CheckRequest()
+    attrs = request.attributes
+    attrs.source.address.socket_address.address = "127.0.0.1"
+    attrs.context_extensions["policy"] = "api"
+    http = attrs.request.http
+    http.method, http.path, http.host, http.scheme = "GET", "/api/bench", "127.0.0.1", "http"
+    http.headers.update({":method": "GET", ":path": "/api/bench", ":authority": "127.0.0.1",
+                         "authorization": f"Bearer {token(HTTP_USER, lifetime=3600)}",
+                         "origin": ALLOWED_ORIGIN})
+    server = ExtAuthServer(parse_config({**config, "store": "memory://", "metrics_listen": None}))
+
+    async def render() -> bytes:
+        answer: bytes = await AuthorizationService(server.authorizer).Check(request, None)
+        return answer
+
+    answer = asyncio.run(render())
+    if not external_auth_pb2.CheckResponse.FromString(answer).HasField("ok_response"):
+        raise RuntimeError("extauth did not allow the bench request: the floor_resp scenario is broken")
+    return answer
 
 
 def port_open(port: int) -> bool:
@@ -211,7 +253,7 @@ class BenchStack:
         self.redis: RedisServer | None = None
         self.upstream: Proc | None = None
         self.extauth: Instrumented | None = None
-        self.noop: Noop | None = None
+        self.floors: dict[str, Noop] = {}
         self.envoy: Envoy | None = None
         self.ports = {name: free_port() for name in LISTENERS}
         self.metrics_port = free_port()
@@ -242,30 +284,34 @@ class BenchStack:
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         ext = self.extauth = Instrumented("extauth", cfg_path, free_port(), self.dir, self.profile_out)
         ext.start()
-        noop = self.noop = Noop("noop", free_port(), self.dir)
-        noop.start()
+        allow = self.dir / "product-allow.bin"
+        allow.write_bytes(product_allow(config))
+        for floor in FLOORS:
+            self.floors[floor] = Noop(floor, free_port(), self.dir, allow if floor == "floor_resp" else None)
+            self.floors[floor].start()
         generated = yaml.safe_load(generate_bootstrap([
             "-c", str(cfg_path), "--listen", f"127.0.0.1:{self.ports['product']}",
             "--upstream", f"app=127.0.0.1:{up_port}", "--extauth", ext.address,
             "--admin-port", "0", "--flush-interval", "20"]))
-        bootstrap = derive_bootstrap(generated, self.ports, noop.port)
+        bootstrap = derive_bootstrap(generated, self.ports, {k: v.port for k, v in self.floors.items()})
         path = self.dir / "envoy.yaml"
         path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self.envoy = Envoy("envoy", path, self.ports["product"], self.dir).start()
-        # Envoy's gRPC health checks must have found both authz clusters healthy.
-        wait_until(self._authz_healthy, 15, "Envoy health checks to pass for extauth and noop")
+        # Envoy's gRPC health checks must have found every authz cluster healthy.
+        wait_until(self._authz_healthy, 15, "Envoy health checks to pass for extauth and the floors")
 
     def _authz_healthy(self) -> bool:
         assert self.envoy is not None
         _, body = self.envoy.admin_get("/clusters")
         flags = [line for line in body.splitlines() if "::health_flags::" in line
-                 and line.split("::")[0] in ("extauth", "noop")]
-        return len(flags) == 2 and all(line.endswith("::healthy") for line in flags)
+                 and line.split("::")[0] in ("extauth", *FLOORS)]
+        return len(flags) == 1 + len(FLOORS) and all(line.endswith("::healthy") for line in flags)
 
     def pids(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for name, proc in (("envoy", self.envoy), ("extauth", self.extauth), ("noop", self.noop),
-                           ("upstream", self.upstream)):
+        procs: list[tuple[str, Proc | None]] = [("envoy", self.envoy), ("extauth", self.extauth),
+                                                ("upstream", self.upstream), *self.floors.items()]
+        for name, proc in procs:
             if proc is not None and proc.popen is not None:
                 out[name] = proc.popen.pid
         if self.redis is not None and self.redis.proc is not None:
@@ -273,7 +319,7 @@ class BenchStack:
         return out
 
     def close(self) -> None:
-        for proc in (self.envoy, self.noop, self.extauth, self.upstream):
+        for proc in (self.envoy, *self.floors.values(), self.extauth, self.upstream):
             if proc is not None:
                 proc.stop(timeout=5)
         if self.redis is not None:

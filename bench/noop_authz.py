@@ -3,7 +3,11 @@ product (grpc.aio server with the product's options, grpc.health.v1 so Envoy's g
 checks pass). It does no translation, no policy and no store call: whatever the product costs
 above this is extauth's own work.
 
-    .venv/bin/python bench/noop_authz.py --listen 127.0.0.1:PORT
+With ``--response FILE`` (a serialized CheckResponse) it answers that instead of a bare OK: given
+the product's own allow, Envoy then applies the same headers and metadata for both, and the
+product's remaining cost over this floor is its own code alone.
+
+    .venv/bin/python bench/noop_authz.py --listen 127.0.0.1:PORT [--response FILE]
 
 Bench only, never part of the product. SIGTERM/SIGINT stop it.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,14 +31,17 @@ _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)
 
 
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, response: Any = _OK) -> None:
+        self._response = response
+
     async def Check(self, request: Any, context: Any) -> Any:  # gRPC method name
-        return _OK
+        return self._response
 
 
-async def main(listen: str) -> None:
+async def main(listen: str, response: Any = _OK) -> None:
     # The product's server options (extauth/server.py: ExtAuthServer.start).
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(response), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(listen) == 0:
@@ -51,4 +59,7 @@ async def main(listen: str) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--listen", required=True, metavar="HOST:PORT")
-    asyncio.run(main(ap.parse_args().listen))
+    ap.add_argument("--response", type=Path, metavar="FILE", help="serialized CheckResponse to answer")
+    args = ap.parse_args()
+    fixed = external_auth_pb2.CheckResponse.FromString(args.response.read_bytes()) if args.response else _OK
+    asyncio.run(main(args.listen, fixed))
