@@ -209,7 +209,7 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# The native anchor (2), the floor (3) and the product (4), whose ratios are the targets, are
+# The native anchor (2), the floors (3, 3b) and the product (4), whose ratios matter, are
 # measured in interleaved 2-second slices, 2 3 3b 4 4 3b 3 2 repeated, and each is the sum of its
 # slices: this machine's speed drifts by 10-20% within a minute, and a ratio of two runs taken
 # one after the other carries that drift whole, while the mirrored order cancels a steady drift
@@ -247,13 +247,16 @@ def http_scenarios(stack: BenchStack, s: Settings, headers: list[str], python_lo
     return {key: out[key] for key in titles}
 
 
+def _rate(runs: list[bm.HttpResult]) -> float:
+    """Requests per second over several runs taken as one."""
+    elapsed = sum(r.elapsed for r in runs)
+    return sum(r.requests for r in runs) / elapsed if elapsed else 0.0
+
+
 def _round_ratios(ours: list[bm.HttpResult], theirs: list[bm.HttpResult]) -> list[float]:
     """Per interleaved round (two slices each, mirrored), our rate over theirs."""
-    def rate(runs: list[bm.HttpResult]) -> float:
-        elapsed = sum(r.elapsed for r in runs)
-        return sum(r.requests for r in runs) / elapsed if elapsed else 0.0
     pairs = [(ours[i:i + 2], theirs[i:i + 2]) for i in range(0, len(ours), 2)]
-    return [rate(a) / rate(b) for a, b in pairs if rate(b)]
+    return [_rate(a) / _rate(b) for a, b in pairs if _rate(b)]
 
 
 def _http_run(stack: BenchStack, s: Settings, key: str, headers: list[str], seconds: float,
@@ -269,7 +272,7 @@ def _http_entry(stack: BenchStack, key: str, title: str, runs: list[bm.HttpResul
                 before: bm.Samples) -> dict[str, Any]:
     requests = sum(r.requests for r in runs)
     elapsed = sum(r.elapsed for r in runs)
-    rps = requests / elapsed if elapsed else 0.0
+    rps = _rate(runs)
     cores = {k: sum(r.cores.get(k, 0.0) * r.elapsed for r in runs) / elapsed for k in runs[0].cores}
     non2xx = sum(r.non2xx for r in runs)
     entry: dict[str, Any] = {
