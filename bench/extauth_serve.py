@@ -4,9 +4,9 @@ product process without touching product code. Same arguments as ``extauth serve
 What it adds (all registered on extauth's own /metrics registry, scraped by bench/run.py):
 
 - ``extauth_bench_redis_round_trips_total{op}``: network writes to Redis (one per command,
-  one per pipeline: a round trip each), counted at redis-py's connection and attributed to the
-  store operation that made them (acquire, refresh, release, count_all, other), with a new
-  pooled connection's setup commands apart (connection_setup).
+  one per pipeline: a round trip each), counted at redis-py's connection and at the store's
+  RespLane, and attributed to the store operation that made them (acquire, refresh, release,
+  count_all, other), with a new connection's setup commands apart (connection_setup).
 - ``extauth_bench_store_refs_total{op}``: leases handed to refresh/release (to turn round
   trips into round trips per lease).
 - cProfile on demand: SIGUSR1 starts profiling the event-loop thread, SIGUSR2 stops and
@@ -41,6 +41,7 @@ def install() -> None:
     import extauth.server as server_mod
     from extauth.metrics import Metrics
     from extauth.store.redis import RedisStore
+    from extauth.store.resp import RespLane
 
     holder: dict[str, Any] = {}
 
@@ -76,6 +77,26 @@ def install() -> None:
             _OP.reset(token)
 
     rconn.AbstractConnection.on_connect_check_health = tagged_on_connect  # type: ignore[method-assign]
+
+    lane_send = RespLane._send
+
+    async def counted_lane_send(self: Any, conn: Any, data: bytes, count: int) -> Any:
+        rt = holder.get("rt")
+        if rt is not None:
+            rt.labels(_OP.get()).inc()
+        return await lane_send(self, conn, data, count)
+
+    RespLane._send = counted_lane_send  # type: ignore[method-assign]
+    lane_handshake = RespLane._handshake
+
+    async def tagged_lane_handshake(self: Any, conn: Any) -> None:
+        token = _OP.set("connection_setup")
+        try:
+            await lane_handshake(self, conn)
+        finally:
+            _OP.reset(token)
+
+    RespLane._handshake = tagged_lane_handshake  # type: ignore[method-assign]
 
     def tagged(name: str, fn: Callable[..., Any], counts_refs: bool) -> Callable[..., Any]:
         @functools.wraps(fn)
