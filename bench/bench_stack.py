@@ -11,7 +11,8 @@ is then adjusted here, in the bench only:
 - ``floor_resp``: the same, to a second no-op servicer that answers the product's own allow for
   the bench request (identity header, credential removal, dynamic metadata), rendered once by
   extauth's code at start-up: Envoy does the same work on the answer as for ``product``.
-- ``ceiling``: the same HCM with the ext_authz filter removed (direct_response only).
+- ``ceiling``: the same HCM with the ext_authz filter removed (/api a direct_response, /ws to the
+  echo upstream: churn with no auth at all).
 - ``jwt`` / ``jwt_cached``: the same HCM with Envoy's native ``jwt_authn`` (same RS256 key,
   inline local JWKS) in place of ext_authz, without and with its verified-JWT cache.
 
@@ -150,23 +151,24 @@ def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int],
                 f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = floor
         listeners[floor] = lst
 
-    def without_authz(extra: list[dict[str, Any]]) -> dict[str, Any]:
+    def without_authz(extra: list[dict[str, Any]], prefixes: tuple[str, ...]) -> dict[str, Any]:
         lst = copy.deepcopy(product)
         h = _hcm(lst)
         h["http_filters"] = [*extra, *[f for f in h["http_filters"]
                                        if f["name"] != "envoy.filters.http.ext_authz"]]
         h["access_log"] = []
         h.pop("access_log_options", None)
-        api = [copy.deepcopy(r) for r in h["route_config"]["virtual_hosts"][0]["routes"]
-               if r["match"]["prefix"] == "/api"]
-        for r in api:
+        kept = [copy.deepcopy(r) for r in h["route_config"]["virtual_hosts"][0]["routes"]
+                if r["match"]["prefix"] in prefixes]
+        for r in kept:
             r.pop("typed_per_filter_config", None)
-        h["route_config"]["virtual_hosts"][0]["routes"] = api
+        h["route_config"]["virtual_hosts"][0]["routes"] = kept
         return dict(lst)
 
-    listeners["ceiling"] = without_authz([])
-    listeners["jwt"] = without_authz([_jwt_authn(cached=False)])
-    listeners["jwt_cached"] = without_authz([_jwt_authn(cached=True)])
+    # The ceiling keeps /ws too: churn without any auth is the machine's own churn limit.
+    listeners["ceiling"] = without_authz([], ("/api", "/ws"))
+    listeners["jwt"] = without_authz([_jwt_authn(cached=False)], ("/api",))
+    listeners["jwt_cached"] = without_authz([_jwt_authn(cached=True)], ("/api",))
     out = []
     for name in LISTENERS:
         lst = listeners[name]

@@ -75,6 +75,8 @@ class Settings:
         self.churn_lanes = 8
         self.churn_seconds = 4.0 if quick else 10.0
         self.churn_warmup = 1.0 if quick else 2.0
+        # Each churn reference runs one slice before the product's churn and (full run) one after.
+        self.churn_reference_seconds = 2.0 if quick else 4.0
         self.held_target = held if held is not None else (1000 if quick else 10_000)
         self.held_lanes = 8
         self.users = 200
@@ -352,12 +354,12 @@ _PROFILE_GROUPS = (
      "repeat_key", False),
     ("  CheckRequest -> CheckInput", "extauth/envoy_api.py", "check_input", False),
     ("  decision pipeline (Authorizer.check, store acquire included)", "extauth/pipeline.py", "check", False),
-    ("    store acquire: RedisStore.acquire + redis-py", "extauth/store/redis.py", "acquire", False),
+    ("    store acquire: RedisStore.acquire (RespLane)", "extauth/store/redis.py", "acquire", False),
     ("  Decision -> CheckResponse", "extauth/envoy_api.py", "check_response", False),
     ("access-log stream, whole (entries parsed, refresh and release included)", "extauth/accesslog.py",
      "StreamAccessLogs", True),
-    ("  lease refresh: RedisStore.refresh + redis-py", "extauth/store/redis.py", "refresh", False),
-    ("  lease release: RedisStore.release + redis-py", "extauth/store/redis.py", "release", False),
+    ("  lease refresh: RedisStore.refresh (RespLane)", "extauth/store/redis.py", "refresh", False),
+    ("  lease release: RedisStore.release (RespLane)", "extauth/store/redis.py", "release", False),
     ("idle: waiting in epoll", "~", "<method 'poll' of 'select.epoll' objects>", True),
 )
 
@@ -395,12 +397,63 @@ def _fname(key: tuple[str, int, str]) -> str:
 
 
 def churn_clients(stack: BenchStack, s: Settings, tokens: Path, lanes: int, seconds: float,
-                  label: str) -> list[dict[str, Any]]:
-    procs = [spawn([str(BENCH / "ws_clients.py"), "churn", "--url", f"ws://127.0.0.1:{stack.ports['product']}/ws",
+                  label: str, listener: str = "product") -> list[dict[str, Any]]:
+    procs = [spawn([str(BENCH / "ws_clients.py"), "churn", "--url", f"ws://127.0.0.1:{stack.ports[listener]}/ws",
                     "--origin", ALLOWED_ORIGIN, "--tokens", str(tokens), "--concurrency", str(lanes),
                     "--duration", str(seconds), "--offset", str(i * lanes)])
              for i in range(s.churn_procs)]
     return [finish(p, seconds + 60, f"{label} client {i}") for i, p in enumerate(procs)]
+
+
+# The churn references, on the same clients, upstream and Envoy: no auth at all (the machine's
+# own churn limit) and ext_authz to the no-op servicer (the framework floor; its allow carries
+# no lease, so Envoy streams no access-log entries and Redis is not used).
+CHURN_REFERENCES = ("ceiling", "noop")
+
+
+def churn_reference(stack: BenchStack, s: Settings, tokens: Path, listener: str) -> dict[str, Any]:
+    """One slice of churn through a reference listener: its rate and CPU per upgrade."""
+    meter = bm.CpuMeter(stack.pids()).start()
+    outs = churn_clients(stack, s, tokens, s.churn_lanes, s.churn_reference_seconds,
+                         f"churn reference {listener}", listener)
+    cores = meter.stop()
+    upgrades = sum(o["upgrades"] for o in outs)
+    elapsed = max(o["elapsed"] for o in outs)
+    rate = upgrades / elapsed if elapsed else 0.0
+    return {"upgrades": upgrades, "seconds": elapsed, "rate": rate,
+            "statuses": _sum_counts(outs, "statuses"), "errors": _sum_counts(outs, "errors"),
+            "cpu_ms_per_upgrade": {k: v / rate * 1e3 for k, v in cores.items() if rate}}
+
+
+def _sum_counts(outs: list[dict[str, Any]], field: str) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for o in outs:
+        for k, v in o[field].items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def churn_references(stack: BenchStack, s: Settings, tokens: Path,
+                     slices: dict[str, list[dict[str, Any]]]) -> None:
+    for listener in CHURN_REFERENCES:
+        slices.setdefault(listener, []).append(churn_reference(stack, s, tokens, listener))
+
+
+def merge_references(slices: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each reference over all its slices: the rate over the summed time, CPU averaged."""
+    merged: dict[str, Any] = {}
+    for listener, runs in slices.items():
+        upgrades = sum(r["upgrades"] for r in runs)
+        seconds = sum(r["seconds"] for r in runs)
+        names = {k for r in runs for k in r["cpu_ms_per_upgrade"]}
+        merged[listener] = {
+            "upgrades": upgrades, "seconds": seconds, "rate": upgrades / seconds if seconds else 0.0,
+            "slice_rates": [r["rate"] for r in runs],
+            "statuses": _sum_counts(runs, "statuses"), "errors": _sum_counts(runs, "errors"),
+            "cpu_ms_per_upgrade": {k: sum(r["cpu_ms_per_upgrade"].get(k, 0.0) for r in runs) / len(runs)
+                                   for k in names},
+        }
+    return merged
 
 
 def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
@@ -418,6 +471,10 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
                                reason="store_unavailable")
         raise RuntimeError(f"{left} leases left after the churn warm-up ({unavailable:.0f} checks denied "
                            "store_unavailable: an acquire timed out after its script ran)")
+    # The references run just before and just after the product, so a change in the machine's
+    # speed during the run falls on both sides alike.
+    references: dict[str, list[dict[str, Any]]] = {}
+    churn_references(stack, s, tokens, references)
     before = bm.scrape(stack.metrics_port)
     cmd_before = redis_cmdstats(stack)
     env_before = envoy_stats(stack)
@@ -435,17 +492,14 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
     after = bm.scrape(stack.metrics_port)
     cmd_after = redis_cmdstats(stack)
     env_after = envoy_stats(stack)
+    if not s.quick:
+        churn_references(stack, s, tokens, references)
     upgrades = sum(o["upgrades"] for o in outs)
     cycles = sum(o["cycles"] for o in outs)
     elapsed = max(o["elapsed"] for o in outs)
     lat = sorted(x for o in outs for x in o["latencies_us"])
-    statuses: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    for o in outs:
-        for k, v in o["statuses"].items():
-            statuses[k] = statuses.get(k, 0) + v
-        for k, v in o["errors"].items():
-            errors[k] = errors.get(k, 0) + v
+    statuses = _sum_counts(outs, "statuses")
+    errors = _sum_counts(outs, "errors")
     d = {op: bm.delta(before, after, "extauth_bench_redis_round_trips_total", op=op)
          for op in ("acquire", "refresh", "release", "connection_setup", "other", "count_all")}
     refs = {op: bm.delta(before, after, "extauth_bench_store_refs_total", op=op)
@@ -475,6 +529,7 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
         "check_p50": check.quantile(0.5), "check_p99": check.quantile(0.99),
         "acquire_p50": acquire.quantile(0.5),
         "acquire_p99": acquire.quantile(0.99),
+        "references": merge_references(references),
     }
 
 
@@ -553,13 +608,8 @@ def held(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
     close_seconds = time.perf_counter() - t_close
     rss.append({"held": 0, "extauth": bm.rss_bytes(ext_pid), "envoy": bm.rss_bytes(envoy_pid), "leases": left,
                 "after_close": True})
-    statuses: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    for o in opened:
-        for k, v in o["statuses"].items():
-            statuses[k] = statuses.get(k, 0) + v
-        for k, v in o["errors"].items():
-            errors[k] = errors.get(k, 0) + v
+    statuses = _sum_counts(opened, "statuses")
+    errors = _sum_counts(opened, "errors")
     lat = sorted(x for o in opened for x in o["latencies_us"])
     leases = max(1, leases_full)
     return {
