@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from extauth.store.base import (
     AcquireResult,
@@ -74,6 +74,9 @@ class GuardedStore(Store):
         self.rejected = 0  # calls refused at once because the breaker was open
         self.opened = 0  # times the breaker opened
         self._compensations: set[asyncio.Future[int]] = set()
+        # The latency histogram's child per op, looked up once: labels() is a locked dict
+        # lookup that every store call would otherwise pay.
+        self._latency: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, inner: Store, cfg: Config, metrics: Metrics | None = None) -> GuardedStore:
@@ -173,7 +176,10 @@ class GuardedStore(Store):
 
     def _observe(self, op: str, started: float) -> None:
         if self._metrics is not None:
-            self._metrics.store_seconds.labels(op).observe(time.perf_counter() - started)
+            child = self._latency.get(op)
+            if child is None:
+                child = self._latency[op] = self._metrics.store_seconds.labels(op)
+            child.observe(time.perf_counter() - started)
 
     def _count_error(self, op: str) -> None:
         self.errors += 1

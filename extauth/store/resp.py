@@ -41,23 +41,8 @@ __all__ = ["Command", "RespLane"]
 
 
 def encode(commands: Sequence[Command]) -> bytes:
-    """Commands as RESP arrays of bulk strings, ready for one write."""
-    out: list[bytes] = []
-    for cmd in commands:
-        out.append(b"*%d\r\n" % len(cmd))
-        for arg in cmd:
-            if isinstance(arg, bytes):
-                b = arg
-            elif isinstance(arg, str):
-                b = arg.encode()
-            elif isinstance(arg, int):
-                b = b"%d" % arg
-            else:  # not in the signature, but never truncate a float through %d
-                b = str(arg).encode()
-            out.append(b"$%d\r\n" % len(b))
-            out.append(b)
-            out.append(b"\r\n")
-    return b"".join(out)
+    """Commands as RESP arrays of bulk strings, ready for one write (hiredis packs them in C)."""
+    return b"".join([hiredis.pack_command(tuple(cmd)) for cmd in commands])
 
 
 def _error(reply: hiredis.ReplyError) -> ResponseError:
