@@ -366,8 +366,8 @@ def _churn(w: Any, r: dict[str, Any]) -> None:
     allowed = max(1.0, c["allowed"])
     rel = max(1.0, refs.get("release", 0))
     ref = max(1.0, refs.get("refresh", 0))
-    w("\n**Round trips to Redis** (network writes counted at redis-py's connection inside extauth; a pipeline "
-      "is one):\n")
+    w("\n**Round trips to Redis** (network writes counted inside extauth, on its request-path connection "
+      "(`extauth.store.resp`) and its redis-py pool; a pipeline is one):\n")
     w("| operation | round trips | per lease |")
     w("|---|---:|---:|")
     w(f"| acquire (one EVALSHA: ban, both quotas, record) | {n0(rt['acquire'])} for {n0(c['allowed'])} upgrades | "
@@ -376,7 +376,7 @@ def _churn(w: Any, r: dict[str, Any]) -> None:
       f"{n0(rt['refresh'])} for {n0(refs.get('refresh', 0))} leases | {rt['refresh'] / ref:.3f} |")
     w(f"| release on end entries (pipelined ZREM, batched per access-log message) | {n0(rt['release'])} for "
       f"{n0(refs.get('release', 0))} leases | **{rt['release'] / rel:.3f} per release** |")
-    w(f"| new pooled connections' setup (CLIENT SETINFO…) | {n0(rt['connection_setup'])} | |")
+    w(f"| new connections' setup (CLIENT SETNAME, SETINFO…) | {n0(rt['connection_setup'])} | |")
     w(f"| other (the jail's ban refresh, once a second) | {n0(rt['other'])} | |")
     w("")
     w("So one WebSocket costs exactly one Redis round trip on the request path (the acquire), and its refresh "
