@@ -7,6 +7,7 @@ be made to send garbage)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -183,11 +184,15 @@ async def test_garbage_from_the_server_fails_the_calls_and_reconnects() -> None:
         await server.wait_closed()
 
 
-def test_from_client_speaks_only_for_plain_tcp_standalone(redis_server: RedisServer) -> None:
+def test_from_client_speaks_for_one_server_plain_or_tls(redis_server: RedisServer) -> None:
     lane = RespLane.from_client(client_from_url("redis://u:p%40ss@127.0.0.1:6390/2"))
     assert lane is not None
-    assert (lane.host, lane.port, lane._db, lane._username, lane._password) == ("127.0.0.1", 6390, 2, "u", "p@ss")
-    assert RespLane.from_client(client_from_url("rediss://127.0.0.1:6390")) is None
+    assert (lane.host, lane.port, lane._db) == ("127.0.0.1", 6390, 2)
+    assert (lane._username, lane._password) == ("u", "p@ss")
+    assert lane.ssl_context is None
+    tls = RespLane.from_client(client_from_url("rediss://127.0.0.1:6390?ssl_cert_reqs=none"))
+    assert tls is not None and tls.ssl_context is not None
+    assert tls.ssl_context.verify_mode == ssl.CERT_NONE  # redis-py's context for the URL
     assert RespLane.from_client(RedisCluster(host="127.0.0.1", port=redis_server.port)) is None
     pool = aioredis.ConnectionPool(host="127.0.0.1", port=6390, connection_class=_Custom)
     assert RespLane.from_client(aioredis.Redis(connection_pool=pool)) is None

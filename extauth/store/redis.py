@@ -258,9 +258,9 @@ class RedisStore(Store):
     Round trips: acquire is one EVALSHA on a standalone Redis; refresh and release are one
     pipelined round trip per ``batch_size`` refs (per node on a Cluster).
 
-    On a plain-TCP standalone server the request path (the scripts and the lease pipelines)
-    runs over one multiplexed connection (``extauth.store.resp.RespLane``), a quarter of
-    redis-py's CPU per call; the rest, and Cluster and TLS servers, use the redis-py client.
+    On a standalone server (TLS or not) the request path (the scripts and the lease
+    pipelines) runs over one multiplexed connection (``extauth.store.resp.RespLane``), about
+    a third of redis-py's CPU per call; the rest, and a Cluster, use the redis-py client.
     """
 
     def __init__(self, client: RedisClient, *, key_prefix: str = "extauth", batch_size: int = 500) -> None:

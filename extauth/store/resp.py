@@ -7,9 +7,10 @@ answers the commands of one connection in the order they arrive, so a single con
 can carry every call in flight: a call is one write and one future, and replies are matched
 first in, first out. The same EVALSHA costs about 70 µs that way.
 
-Scope, on purpose small: plain TCP to one server (``redis://``), RESP2, used by RedisStore
-for its scripts and lease pipelines only. Everything else (SCAN, admin listings), TLS servers
-and Cluster stay on redis-py (``RespLane.from_client`` answers None for those).
+Scope, on purpose small: one server (``redis://`` or ``rediss://``, with the TLS context
+redis-py builds for the same URL), RESP2, used by RedisStore for its scripts and lease
+pipelines only. Everything else (SCAN, admin listings) and Cluster stay on redis-py
+(``RespLane.from_client`` answers None for a Cluster).
 
 Failure behaviour, the same as redis-py's where it matters:
 - every connect is bounded by ``connect_timeout``; AUTH and SELECT replies are checked;
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -142,9 +144,10 @@ class RespLane:
 
     def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
                  password: str | None = None, connect_timeout: float = 1.0, reply_timeout: float = 1.0,
-                 client_name: str | None = None) -> None:
+                 client_name: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self._db = db
         self._username = username
         self._password = password
@@ -157,17 +160,26 @@ class RespLane:
     @classmethod
     def from_client(cls, client: Any) -> RespLane | None:
         """A lane to the server a redis-py client talks to, or None when the lane cannot speak
-        for it: a Cluster, TLS, a Unix socket, a credential provider or a custom connection."""
+        for it: a Cluster, a Unix socket, a credential provider or a custom connection class."""
         if type(client) is not aioredis.Redis:
             return None
         pool = client.connection_pool
         kw = pool.connection_kwargs
-        if pool.connection_class is not aioredis.Connection or kw.get("credential_provider"):
+        if kw.get("credential_provider"):
+            return None
+        if pool.connection_class is aioredis.SSLConnection:
+            # The very context redis-py would use for this client (CA, client certificate,
+            # verification mode, hostname check, minimum version, ciphers).
+            ssl_context: ssl.SSLContext | None = pool.connection_class(**kw).ssl_context.get()
+        elif pool.connection_class is aioredis.Connection:
+            ssl_context = None
+        else:
             return None
         return cls(kw.get("host", "localhost"), int(kw.get("port", 6379)), db=int(kw.get("db", 0)),
                    username=kw.get("username"), password=kw.get("password"),
                    connect_timeout=kw.get("socket_connect_timeout") or 1.0,
-                   reply_timeout=kw.get("socket_timeout") or 1.0, client_name=kw.get("client_name"))
+                   reply_timeout=kw.get("socket_timeout") or 1.0, client_name=kw.get("client_name"),
+                   ssl_context=ssl_context)
 
     async def call(self, *args: str | int | bytes) -> Any:
         """One command; an error reply raises (``NoScriptError``, ``ResponseError``)."""
@@ -207,7 +219,7 @@ class RespLane:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self._reply_timeout), self.host, self.port)
+                    lambda: _Connection(self._reply_timeout), self.host, self.port, ssl=self.ssl_context)
                 try:
                     await self._handshake(conn)
                 except BaseException:
