@@ -53,6 +53,26 @@ async def test_store_works_over_verified_tls(tls_proxy: TlsProxy, key_prefix: st
         await store.close()
 
 
+async def test_mutual_tls_presents_the_client_certificate(redis_server: RedisServer, tmp_path: Path,
+                                                          key_prefix: str) -> None:
+    proxy = TlsProxy(tmp_path, redis_server.port, client_certs=True).start()
+    with_cert = open_store(f"{_url(proxy, proxy.ca)}&ssl_certfile={proxy.client_cert}"
+                           f"&ssl_keyfile={proxy.client_key}", key_prefix=key_prefix)
+    without = open_store(_url(proxy, proxy.ca), key_prefix=key_prefix)
+    try:
+        ref = LeaseRef(new_lease_id(), "chat", "alice", "10.0.0.1")
+        assert (await with_cert.acquire(ref, Limits(), 30)).granted  # the lane
+        assert await with_cert.count("chat", user="alice") == 1  # the redis-py pool
+        with pytest.raises(StoreError):
+            await without.acquire(LeaseRef(new_lease_id(), "chat", "bob", "10.0.0.1"), Limits(), 30)
+        with pytest.raises(StoreError):
+            await without.count("chat", user="alice")
+    finally:
+        await with_cert.close()
+        await without.close()
+        proxy.close()
+
+
 async def test_a_server_signed_by_another_ca_is_refused(tls_proxy: TlsProxy, tmp_path: Path,
                                                         key_prefix: str) -> None:
     other_dir = tmp_path / "other"

@@ -46,12 +46,12 @@ def make_ca(workdir: Path, name: str) -> tuple[Path, ec.EllipticCurvePrivateKey,
     return path, key, cert
 
 
-def make_server_cert(workdir: Path, ca_key: ec.EllipticCurvePrivateKey,
-                     ca_cert: x509.Certificate) -> tuple[Path, Path]:
-    """A server certificate for 127.0.0.1 and localhost, signed by the CA: (cert, key) paths."""
+def make_leaf_cert(workdir: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                   name: str = "server") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, signed by the CA: (cert, key) paths."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name("redis-test")).issuer_name(ca_cert.subject)
+    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -59,7 +59,7 @@ def make_server_cert(workdir: Path, ca_key: ec.EllipticCurvePrivateKey,
                 [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
                 critical=False)
             .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = workdir / "server.pem", workdir / "server.key"
+    cert_path, key_path = workdir / f"{name}.pem", workdir / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(_pem_key(key))
     return cert_path, key_path
@@ -67,13 +67,19 @@ def make_server_cert(workdir: Path, ca_key: ec.EllipticCurvePrivateKey,
 
 class TlsProxy:
     """TLS on ``port`` (127.0.0.1), relayed in clear to ``127.0.0.1:upstream_port``.
-    ``ca`` is the PEM a client must trust; ``handshakes`` counts completed TLS sessions."""
+    ``ca`` is the PEM a client must trust; ``handshakes`` counts completed TLS sessions.
+    With ``client_certs``, a client must present a certificate signed by ``ca`` (mutual
+    TLS); ``client_cert`` and ``client_key`` are one."""
 
-    def __init__(self, workdir: Path, upstream_port: int) -> None:
+    def __init__(self, workdir: Path, upstream_port: int, *, client_certs: bool = False) -> None:
         self.ca, ca_key, ca_cert = make_ca(workdir, "test-ca")
-        cert, key = make_server_cert(workdir, ca_key, ca_cert)
+        cert, key = make_leaf_cert(workdir, ca_key, ca_cert, "server")
+        self.client_cert, self.client_key = make_leaf_cert(workdir, ca_key, ca_cert, "client")
         self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ctx.load_cert_chain(cert, key)
+        if client_certs:
+            self._ctx.verify_mode = ssl.CERT_REQUIRED
+            self._ctx.load_verify_locations(self.ca)
         self.upstream_port = upstream_port
         self.port = 0
         self.handshakes = 0
