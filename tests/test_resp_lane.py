@@ -133,6 +133,13 @@ async def test_connect_refused_is_a_connection_error() -> None:
         await lane.call("PING")
 
 
+async def test_a_missing_ca_file_is_a_connection_error_at_connect() -> None:
+    lane = RespLane.from_client(client_from_url(f"rediss://127.0.0.1:{free_port()}?ssl_ca_certs=/nonexistent.pem"))
+    assert lane is not None
+    with pytest.raises(RedisConnectionError, match="No such file"):
+        await lane.call("PING")
+
+
 async def test_auth_and_database_are_honoured(own_server: RedisServer) -> None:
     admin = own_server.client()
     try:
@@ -189,10 +196,14 @@ def test_from_client_speaks_for_one_server_plain_or_tls(redis_server: RedisServe
     assert lane is not None
     assert (lane.host, lane.port, lane._db) == ("127.0.0.1", 6390, 2)
     assert (lane._username, lane._password) == ("u", "p@ss")
-    assert lane.ssl_context is None
+    assert not lane.tls and lane.ssl_context() is None
     tls = RespLane.from_client(client_from_url("rediss://127.0.0.1:6390?ssl_cert_reqs=none"))
-    assert tls is not None and tls.ssl_context is not None
-    assert tls.ssl_context.verify_mode == ssl.CERT_NONE  # redis-py's context for the URL
+    assert tls is not None and tls.tls
+    ctx = tls.ssl_context()
+    assert ctx is not None and ctx.verify_mode == ssl.CERT_NONE  # redis-py's context for the URL
+    # Certificate files are read at the first connect: a missing one is a store error then.
+    missing = RespLane.from_client(client_from_url("rediss://127.0.0.1:6390?ssl_ca_certs=/nonexistent.pem"))
+    assert missing is not None and missing.tls
     assert RespLane.from_client(RedisCluster(host="127.0.0.1", port=redis_server.port)) is None
     pool = aioredis.ConnectionPool(host="127.0.0.1", port=6390, connection_class=_Custom)
     assert RespLane.from_client(aioredis.Redis(connection_pool=pool)) is None

@@ -35,7 +35,7 @@ def _url(proxy: TlsProxy, ca: Path) -> str:
 async def test_store_works_over_verified_tls(tls_proxy: TlsProxy, key_prefix: str) -> None:
     store = open_store(_url(tls_proxy, tls_proxy.ca), key_prefix=key_prefix)
     assert isinstance(store, RedisStore) and store._lane is not None
-    assert store._lane.ssl_context is not None
+    assert store._lane.tls
     try:
         refs = [LeaseRef(new_lease_id(), "chat", "alice", "10.0.0.1") for _ in range(2)]
         assert (await store.acquire(refs[0], Limits(connections_per_user=1), 30)).granted  # lane

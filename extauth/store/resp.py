@@ -28,7 +28,7 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -144,10 +144,13 @@ class RespLane:
 
     def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
                  password: str | None = None, connect_timeout: float = 1.0, reply_timeout: float = 1.0,
-                 client_name: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+                 client_name: str | None = None,
+                 ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None) -> None:
         self.host = host
         self.port = port
-        self.ssl_context = ssl_context
+        # A context, or how to build one at the first connect (it reads certificate files,
+        # and a missing one is then a store error, as it is for redis-py, not a start-up crash).
+        self._ssl = ssl_context
         self._db = db
         self._username = username
         self._password = password
@@ -169,8 +172,8 @@ class RespLane:
             return None
         if pool.connection_class is aioredis.SSLConnection:
             # The very context redis-py would use for this client (CA, client certificate,
-            # verification mode, hostname check, minimum version, ciphers).
-            ssl_context: ssl.SSLContext | None = pool.connection_class(**kw).ssl_context.get()
+            # verification mode, hostname check, minimum version, ciphers), built as late.
+            ssl_context: Callable[[], ssl.SSLContext] | None = pool.connection_class(**kw).ssl_context.get
         elif pool.connection_class is aioredis.Connection:
             ssl_context = None
         else:
@@ -180,6 +183,17 @@ class RespLane:
                    connect_timeout=kw.get("socket_connect_timeout") or 1.0,
                    reply_timeout=kw.get("socket_timeout") or 1.0, client_name=kw.get("client_name"),
                    ssl_context=ssl_context)
+
+    @property
+    def tls(self) -> bool:
+        return self._ssl is not None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the next connect (built on first use), None for plain TCP."""
+        if self._ssl is None or isinstance(self._ssl, ssl.SSLContext):
+            return self._ssl
+        self._ssl = self._ssl()
+        return self._ssl
 
     async def call(self, *args: str | int | bytes) -> Any:
         """One command; an error reply raises (``NoScriptError``, ``ResponseError``)."""
@@ -217,9 +231,10 @@ class RespLane:
     async def _dial(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
+            ssl_context = self.ssl_context()
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self._reply_timeout), self.host, self.port, ssl=self.ssl_context)
+                    lambda: _Connection(self._reply_timeout), self.host, self.port, ssl=ssl_context)
                 try:
                     await self._handshake(conn)
                 except BaseException:
