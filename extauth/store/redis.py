@@ -301,17 +301,13 @@ class RedisStore(Store):
             self._initialized = True
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        script = self._scripts[name]
         if self._lane is None:
             # redis-py's Script runs EVALSHA and, on NOSCRIPT (SCRIPT FLUSH, a restarted or
             # failed-over server), loads the script (on every primary of a cluster) and retries.
-            return await script(keys=list(keys), args=list(args))
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return await self._lane.call(*command)
-        except NoScriptError:
-            script.sha = await self._client.script_load(script.script)
-            return await self._lane.call(*command)
+            return await self._scripts[name](keys=list(keys), args=list(args))
+        # On the lane: a pipeline of one, which reloads the script on NOSCRIPT and raises errors.
+        (result,) = await self._pipeline([self._evalsha(name, keys, args)], raw=True)
+        return result
 
     async def _pipeline(self, commands: Sequence[tuple[str | int, ...]], *, raw: bool = False) -> list[Any]:
         """Run commands in one non-transactional pipeline (per node on a cluster); EVALSHA
