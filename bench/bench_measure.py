@@ -4,6 +4,7 @@ fallback) and their parsing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -187,6 +188,27 @@ class HttpResult:
 
 def wrk_path() -> str | None:
     return shutil.which("wrk")
+
+
+def build_wschurn(out_dir: Path) -> tuple[Path | None, str]:
+    """The C churn client (bench/wschurn.c) built with the system C compiler, once per source
+    version; (None, why) when there is no compiler or the build fails (the Python client runs)."""
+    source = BENCH / "wschurn.c"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return None, "no C compiler on PATH"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    binary = out_dir / f"wschurn-{digest}"
+    if binary.exists():
+        return binary, cc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_suffix(".tmp")
+    proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(source)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return None, f"{cc} failed: {proc.stderr.strip()[-500:]}"
+    tmp.rename(binary)
+    return binary, cc
 
 
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}

@@ -150,8 +150,14 @@ def render(r: dict[str, Any]) -> str:
         w("| HTTP load | **Python fallback** (`bench/httpload.py`): wrk was not on PATH. "
           "Install it (`apt-get install wrk`, `brew install wrk`) for better figures: the Python "
           "generator spends a core of its own and caps the fastest scenarios |")
-    w("| WebSocket clients | `bench/ws_clients.py` in separate processes: a lean RFC 6455 client for churn, "
-      "`websockets` asyncio clients for the held connections |")
+    if r.get("churn_tool") == "c":
+        churn_client = f"`bench/wschurn.c` (built with `{r.get('churn_tool_note')}`), one epoll process"
+    else:
+        churn_client = (f"**Python fallback** (`bench/ws_clients.py`, lean asyncio client: "
+                        f"{r.get('churn_tool_note', '')}); with a C compiler the bench builds `bench/wschurn.c`, "
+                        "which costs the shared cores far less")
+    w(f"| WebSocket clients | churn: {churn_client}; held connections: `websockets` asyncio clients "
+      "(`bench/ws_clients.py`) in separate processes |")
     nofile = m.get("nofile", ["?", "?"])
     w(f"| RLIMIT_NOFILE | soft {nofile[0]}, hard {nofile[1]} (soft raised to hard by the bench) |")
     w("")
@@ -337,7 +343,8 @@ def _churn(w: Any, r: dict[str, Any]) -> None:
     if not c:
         return
     w("## WebSocket churn (scenario 5)\n")
-    w(f"{c['procs']} client processes × {c['lanes']} lanes = {c['procs'] * c['lanes']} upgrades in flight, "
+    procs = "1 client process" if c["procs"] == 1 else f"{c['procs']} client processes"
+    w(f"{procs} × {c['lanes']} lanes = {c['procs'] * c['lanes']} upgrades in flight, "
       f"{c['seconds']:.1f} s after a warm-up; each lane: connect (upgrade through Envoy → extauth origin + JWT + "
       "per-user and per-IP quota on valkey → echo upstream), send one message, read the echo, close. "
       "Quotas: 100 connections per user (200 users), 50,000 per IP.\n")
@@ -500,14 +507,18 @@ def _finding_churn(w: Any, r: dict[str, Any]) -> None:
     refs = c.get("references", {})
     if "noop" in refs and "ceiling" in refs:
         noop, ceiling = refs["noop"], refs["ceiling"]
-        extra = c["cpu_ms_per_upgrade"].get("extauth", 0.0) - noop["cpu_ms_per_upgrade"].get("noop", 0.0)
+        mine, floor = c["cpu_ms_per_upgrade"], noop["cpu_ms_per_upgrade"]
+        extra = mine.get("extauth", 0.0) - floor.get("noop", 0.0)
+        envoy_extra = mine.get("envoy", 0.0) - floor.get("envoy", 0.0)
         text += (f" Measured in the same run: the same clients reach {n0(ceiling['rate'])} upgrades/s through "
                  f"Envoy with no auth at all, and {n0(noop['rate'])}/s with ext_authz to a servicer that does "
                  f"nothing, so {n0(TARGET_UPGRADES)}/s is "
                  f"{'within' if noop['rate'] >= TARGET_UPGRADES else 'beyond'} what this machine does with any "
                  f"ext_authz servicer on grpc.aio. The product reaches {c['rate'] / noop['rate']:.2f} of that "
                  f"floor; its process spends {extra:.2f} ms more CPU per upgrade than the no-op servicer "
-                 "(the pipeline, the acquire, the access-log stream and its releases).")
+                 f"(the pipeline, the acquire, the access-log stream and its releases), Envoy {envoy_extra:.2f} ms "
+                 f"more (two access-log entries per WebSocket, the lease metadata) and valkey "
+                 f"{mine.get('valkey', 0.0):.2f} ms.")
     w(text)
 
 
@@ -541,13 +552,15 @@ def _method(w: Any, r: dict[str, Any]) -> None:
     w("- **One machine, 2 cores, everything on it.** Envoy (one worker), extauth, valkey-server, the echo "
       "upstream and the load generators compete for the same two cores; the *cores* columns show who used "
       "what. Ratios between scenarios are more meaningful than absolute numbers.")
-    w("- **The WebSocket clients are expensive.** A `websockets` client costs about 0.6 ms of CPU per "
-      "connect-echo-close cycle (asyncio client and sans-I/O protocol alike), more than extauth's share, so "
-      "churn uses a lean client (`bench/ws_clients.py`: a bare asyncio protocol with a fresh "
-      "`Sec-WebSocket-Key` per connection, the `Sec-WebSocket-Accept` checked, a masked frame and the close "
-      "handshake). It still costs what the churn table shows next to the servers: on this box that CPU is "
-      "taken from Envoy and extauth, so the upgrade rate is a lower bound of what the servers sustain with "
-      "the clients elsewhere. The held connections use `websockets` clients.")
+    w("- **The churn client is C, for the reason wrk is.** Every CPU second the load generator spends is "
+      "taken from Envoy and extauth on this box. A `websockets` client costs about 0.6 ms of CPU per "
+      "connect-echo-close cycle (asyncio client and sans-I/O protocol alike) and a lean asyncio client "
+      "(`bench/ws_clients.py`, the fallback when there is no C compiler, or with `--python-churn`) about "
+      "0.8 ms under load, a quarter of what the whole machine spends per upgrade. `bench/wschurn.c`, built "
+      "by the bench with the system compiler, costs about 0.1 ms (the churn table's *load generator* "
+      "column). Both speak the same RFC 6455 cycle: a fresh random `Sec-WebSocket-Key` per connection and "
+      "the `Sec-WebSocket-Accept` checked (a 101 without it counts as a failure), a masked text frame and "
+      "its echo, the close handshake. The held connections use `websockets` clients.")
     w("- **Upstream**: `bench/ws_upstream.py`, a minimal RFC 6455 echo server (bare asyncio protocol) in its own "
       "process, so that the upstream costs as little as possible.")
     w("- **Envoy bootstrap**: produced by `extauth envoy-config` (the product's generator), then adjusted in "

@@ -70,6 +70,8 @@ class Settings:
         self.half_seconds = 3.0 if quick else 8.0
         self.profile_seconds = 2.0 if quick else 5.0
         self.churn_procs = 2
+        # The churn client: bench/wschurn.c when it builds, else bench/ws_clients.py (set in main).
+        self.wschurn: Path | None = None
         # In-flight upgrades = procs x lanes. Beyond ~16 on this 2-core machine extauth's
         # event-loop queueing alone exceeds store_timeout_ms (50 ms): see the findings.
         self.churn_lanes = 8
@@ -89,8 +91,9 @@ class Settings:
 _CHILDREN: list[subprocess.Popen[str]] = []
 
 
-def spawn(args: list[str], *, stdin: bool = False) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+def spawn(args: list[str], *, stdin: bool = False, python: bool = True) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, *args] if python else args,
+                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=REPO)
     _CHILDREN.append(proc)
@@ -398,10 +401,19 @@ def _fname(key: tuple[str, int, str]) -> str:
 
 def churn_clients(stack: BenchStack, s: Settings, tokens: Path, lanes: int, seconds: float,
                   label: str, listener: str = "product") -> list[dict[str, Any]]:
-    procs = [spawn([str(BENCH / "ws_clients.py"), "churn", "--url", f"ws://127.0.0.1:{stack.ports[listener]}/ws",
-                    "--origin", ALLOWED_ORIGIN, "--tokens", str(tokens), "--concurrency", str(lanes),
-                    "--duration", str(seconds), "--offset", str(i * lanes)])
-             for i in range(s.churn_procs)]
+    """``lanes`` per client process x ``s.churn_procs`` upgrades in flight; the C client
+    runs them all in one process."""
+    port = stack.ports[listener]
+    if s.wschurn is not None:
+        procs = [spawn([str(s.wschurn), "--host", "127.0.0.1", "--port", str(port), "--path", "/ws",
+                        "--origin", ALLOWED_ORIGIN, "--tokens", str(tokens),
+                        "--concurrency", str(lanes * s.churn_procs), "--duration", str(seconds)],
+                       python=False)]
+    else:
+        procs = [spawn([str(BENCH / "ws_clients.py"), "churn", "--url", f"ws://127.0.0.1:{port}/ws",
+                        "--origin", ALLOWED_ORIGIN, "--tokens", str(tokens), "--concurrency", str(lanes),
+                        "--duration", str(seconds), "--offset", str(i * lanes)])
+                 for i in range(s.churn_procs)]
     return [finish(p, seconds + 60, f"{label} client {i}") for i, p in enumerate(procs)]
 
 
@@ -510,7 +522,8 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
     acquire = bm.histogram_delta(before, after, "extauth_store_call_duration_seconds", op="acquire")
     rate = upgrades / elapsed if elapsed else 0.0
     return {
-        "procs": s.churn_procs, "lanes": s.churn_lanes, "seconds": elapsed, "upgrades": upgrades,
+        "procs": len(outs), "lanes": s.churn_lanes * s.churn_procs // len(outs), "seconds": elapsed,
+        "upgrades": upgrades,
         "cycles": cycles, "rate": rate, "statuses": statuses, "errors": errors,
         "handshake_p50_us": bm.percentile(lat, 50), "handshake_p99_us": bm.percentile(lat, 99),
         "cores": cores,
@@ -677,6 +690,8 @@ def main() -> int:
     ap.add_argument("--held", type=int, help="held-connection target (default 10,000; 1,000 with --quick)")
     ap.add_argument("--python-load", action="store_true",
                     help="use the Python HTTP load generator even if wrk exists")
+    ap.add_argument("--python-churn", action="store_true",
+                    help="use the Python churn client (bench/ws_clients.py) even if a C compiler exists")
     args = ap.parse_args()
     s = Settings(args.quick, args.held)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -692,6 +707,11 @@ def main() -> int:
                                "load_tool": "python" if python_load else "wrk", "failures": []}
     log(f"workdir {workdir}; HTTP load with {results['load_tool']}"
         + ("" if not python_load else " (wrk not found: apt-get install wrk for better figures)"))
+    s.wschurn, why = (None, "--python-churn") if args.python_churn else bm.build_wschurn(out_dir)
+    results["churn_tool"] = "c" if s.wschurn is not None else "python"
+    results["churn_tool_note"] = why
+    log(f"churn client: bench/wschurn.c built with {why}" if s.wschurn
+        else f"churn client: bench/ws_clients.py ({why})")
     stack: BenchStack | None = None
     try:
         results["machine"] = machine()
