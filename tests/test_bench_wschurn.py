@@ -72,7 +72,8 @@ def _run(binary: Path, port: int, tokens: Path, seconds: float = 0.5) -> dict[st
     return dict(json.loads(out.stdout))
 
 
-def test_cycles_against_a_real_websockets_server(wschurn: Path, tokens: Path, loop_thread: _LoopThread) -> None:
+def test_cycles_against_a_real_websockets_server(wschurn: Path, tokens: Path,
+                                                 loop_thread: _LoopThread) -> None:
     seen: list[tuple[str, str | None]] = []
 
     async def echo(ws: ServerConnection) -> None:
