@@ -27,6 +27,7 @@ class Reason(enum.StrEnum):
     TOKEN_MISSING = "token_missing"
     TOKEN_MALFORMED = "token_malformed"
     TOKEN_BAD_SIGNATURE = "token_bad_signature"
+    TOKEN_UNKNOWN_KEY = "token_unknown_key"
     TOKEN_EXPIRED = "token_expired"
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
     TOKEN_CLAIMS = "token_claims"
@@ -59,11 +60,20 @@ class Reason(enum.StrEnum):
 _INFO: dict[Reason, ReasonInfo] = {
     Reason.BAD_HANDSHAKE: ReasonInfo(400, "not a valid WebSocket handshake for this route"),
     Reason.TOKEN_MISSING: ReasonInfo(401, "a bearer token is required"),
-    # Structurally broken tokens (and injected jku/x5u/jwk/crit headers) are
-    # what forgers and fuzzers send; an honest client's library never does.
-    Reason.TOKEN_MALFORMED: ReasonInfo(401, "the token is malformed", hostile=True),
-    # Includes alg=none, key confusion and an unknown kid after a refetch.
+    # Not hostile: honest clients send these too. "?token=undefined", "Bearer null",
+    # an empty cookie, two same-name cookies (old and new Domain/Path) and an
+    # over-long token are application bugs, and an office behind one NAT address
+    # must not be banned for one colleague's broken tab.
+    Reason.TOKEN_MALFORMED: ReasonInfo(401, "the token is malformed"),
+    # The one forgery signal: a well-formed token whose signature fails against a key
+    # we hold, alg none or missing, a key-confusion attempt (alg not the key's), or a
+    # self-declared key (jku, x5u, jwk, x5c, crit): no honest issuer produces these.
     Reason.TOKEN_BAD_SIGNATURE: ReasonInfo(401, "the token signature is invalid", hostile=True),
+    # Not hostile: a kid we do not (yet) have is key rotation as often as forgery
+    # (a new key before our refetch, an old key rotated out, a token without kid once
+    # the set has two keys), and an algorithm the policy does not list is a
+    # misconfigured issuer. Nothing is verified, so nothing is admitted either way.
+    Reason.TOKEN_UNKNOWN_KEY: ReasonInfo(401, "the token is signed with a key this service does not accept"),
     Reason.TOKEN_EXPIRED: ReasonInfo(401, "the token has expired"),
     Reason.TOKEN_NOT_YET_VALID: ReasonInfo(401, "the token is not valid yet"),
     Reason.TOKEN_CLAIMS: ReasonInfo(401, "the token claims are not acceptable"),

@@ -70,9 +70,9 @@ def test_filter_matches_exactly_the_hostile_reasons(reason: Reason, ip: str) -> 
         assert host is None
 
 
-def test_hostile_set_is_the_two_forgery_codes() -> None:
-    # The filter's alternation lists them by name: it must be updated if this ever changes.
-    assert {r.value for r in HOSTILE_REASONS} == {"token_malformed", "token_bad_signature"}
+def test_hostile_set_is_the_forgery_code() -> None:
+    # The filter names it: it must be updated if this ever changes.
+    assert {r.value for r in HOSTILE_REASONS} == {"token_bad_signature"}
     text = FILTER.read_text()
     for r in HOSTILE_REASONS:
         assert r.value in text
@@ -91,7 +91,7 @@ def test_filter_cannot_be_steered_by_field_values() -> None:
     line = decision_line(Reason.TOKEN_EXPIRED, "203.0.113.7", user=evil, detail=evil)
     assert matched_host(line) is None
     # And a hostile line cannot be redirected to another address.
-    line = decision_line(Reason.TOKEN_MALFORMED, "203.0.113.7", detail='"client_ip":"192.0.2.1"')
+    line = decision_line(Reason.TOKEN_BAD_SIGNATURE, "203.0.113.7", detail='"client_ip":"192.0.2.1"')
     assert matched_host(line) == "203.0.113.7"
 
 
@@ -155,7 +155,7 @@ def test_log_event_lines_match_too() -> None:
     old = DECISION_LOG.level
     DECISION_LOG.setLevel(logging.INFO)
     try:
-        log_event(DECISION_LOG, logging.INFO, "deny", reason="token_malformed", status=401, policy=None,
+        log_event(DECISION_LOG, logging.INFO, "deny", reason="token_bad_signature", status=401, policy=None,
                   client_ip="198.51.100.9", user=None, decision_id="d", request_id="", host="h",
                   route="/", detail="")
     finally:

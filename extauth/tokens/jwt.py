@@ -205,7 +205,7 @@ class JwtVerifier:
         injected = FORBIDDEN_HEADERS.intersection(header)
         if injected:
             names = ", ".join(sorted(injected))
-            raise _deny(Reason.TOKEN_MALFORMED, f"forbidden header parameter(s): {names}")
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, f"forbidden header parameter(s): {names}")
         if "b64" in header:
             raise _deny(Reason.TOKEN_MALFORMED, "b64 header parameter is not supported")
         kid = header.get("kid")
@@ -218,7 +218,11 @@ class JwtVerifier:
         if alg.strip().lower() == "none":
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, "alg none")
         if alg not in self._algorithms:
-            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "alg not allowed by the policy")
+            if alg.upper().startswith("HS"):
+                # HMAC where the policy holds only public keys: the key-confusion attack.
+                raise _deny(Reason.TOKEN_BAD_SIGNATURE, "HMAC alg on a policy without HMAC keys")
+            # Another issuer's algorithm (a misconfigured client), not evidence of forgery.
+            raise _deny(Reason.TOKEN_UNKNOWN_KEY, "alg not allowed by the policy")
         if not s64:
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, "empty signature")
         return header
@@ -230,8 +234,8 @@ class JwtVerifier:
             entry = (await self._source.keys()).select(kid)
         if entry is None:
             if kid is None:
-                raise _deny(Reason.TOKEN_BAD_SIGNATURE, "no kid and the key set has several keys")
-            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "unknown kid")
+                raise _deny(Reason.TOKEN_UNKNOWN_KEY, "no kid and the key set has several keys")
+            raise _deny(Reason.TOKEN_UNKNOWN_KEY, "unknown kid")
         return entry
 
     def _check_signature(self, token: str, entry: KeyEntry) -> bytes:
