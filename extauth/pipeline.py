@@ -77,6 +77,7 @@ class _Ctx:
     headers_to_remove: list[str] = field(default_factory=list)
     query_params_to_remove: list[str] = field(default_factory=list)
     lease: LeaseRef | None = None
+    stripped: bool = False  # the credential edits above are complete
 
 
 def client_ip(req: CheckInput, xff_hops: int) -> str:
@@ -189,18 +190,27 @@ class Authorizer:
         if not policy.origins.allows(origin):
             raise DenyError(Reason.ORIGIN_NOT_ALLOWED)
 
-    async def _verify(self, policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> None:
-        assert policy.sources is not None and policy.verifier is not None
+    @staticmethod
+    def _strip(policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> str | None:
+        """Record the edits that remove every credential copy; the token, if any.
+        Raises DenyError when the transports are ambiguous (then nothing is recorded)."""
+        assert policy.sources is not None
         extracted = policy.sources.extract(req.headers, req.query)
         strip = extracted.stripping
         ctx.headers_to_remove.extend(strip.headers_to_remove)
         ctx.headers_to_set.update(strip.headers_to_set)
         ctx.query_params_to_remove.extend(strip.query_params_to_remove)
-        if extracted.token is None:
+        ctx.stripped = True
+        return extracted.token
+
+    async def _verify(self, policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> None:
+        assert policy.sources is not None and policy.verifier is not None
+        token = self._strip(policy, req, ctx)
+        if token is None:
             raise DenyError(Reason.TOKEN_MISSING)
-        verified = policy.verifier.verify_cached(extracted.token)
+        verified = policy.verifier.verify_cached(token)
         if verified is None:
-            verified = await policy.verifier.verify(extracted.token)
+            verified = await policy.verifier.verify(token)
         ctx.verified = verified
 
     async def _acquire(self, rt: Runtime, policy: CompiledPolicy, ctx: _Ctx) -> None:
@@ -258,7 +268,8 @@ class Authorizer:
         if reason.hostile and self.jail is not None:
             self.jail.observe(ctx.client_ip, reason)
         policy_name = ctx.policy.policy.name if ctx.policy else None
-        if ctx.policy is not None and ctx.policy.policy.shadow and reason is not Reason.INTERNAL_ERROR:
+        if (ctx.policy is not None and ctx.policy.policy.shadow and reason is not Reason.INTERNAL_ERROR
+                and self._strippable(ctx.policy, req, ctx)):
             self.metrics.shadow.labels(policy_name, reason.value).inc()
             allowed = self._allow(ctx)
             self._log(logging.INFO, "shadow deny", req, ctx, reason, err.detail)
@@ -275,6 +286,19 @@ class Authorizer:
             websocket=ctx.websocket,
             deny_headers=_deny_headers(reason, err.retry_after),
         )
+
+    def _strippable(self, policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> bool:
+        """Whether a shadow allow can strip every credential copy. A denial that came before
+        the token step (origin, ban, handshake) has recorded no edits yet; when the transports
+        are ambiguous they cannot be computed, and the request is denied for real rather
+        than let a token through to the upstream."""
+        if ctx.stripped or policy.sources is None:
+            return True
+        try:
+            self._strip(policy, req, ctx)
+        except DenyError:
+            return False
+        return True
 
     def _log(self, level: int, msg: str, req: CheckInput, ctx: _Ctx, reason: Reason, detail: str) -> None:
         # Path without its query string (it may hold a token); never the token itself.

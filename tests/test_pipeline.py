@@ -81,6 +81,24 @@ async def test_shadow_mode_allows_and_tags(jwks_file: str) -> None:
     assert d.query_params_to_remove == ("token",)
 
 
+async def test_shadow_allow_strips_the_token_when_denied_before_the_token_step(jwks_file: str) -> None:
+    # The origin is checked before the token is read: the shadow allow must still strip it.
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    d = await authz.check(req(f"token={token()}", origin="https://evil.com"))
+    assert d.allowed and d.shadow_reason is Reason.ORIGIN_NOT_ALLOWED
+    assert d.query_params_to_remove == ("token",)
+    assert "x-user-id" in d.headers_to_remove and "x-user-id" not in d.headers_to_set
+
+
+async def test_shadow_denies_for_real_when_the_token_cannot_be_stripped(jwks_file: str) -> None:
+    # Two different tokens in one transport: the edits are ambiguous, so no shadow allow.
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    d = await authz.check(req(f"token={token()}&token={token('bob')}", origin="https://evil.com"))
+    assert not d.allowed and d.reason is Reason.ORIGIN_NOT_ALLOWED and d.shadow_reason is None
+    d = await authz.check(req(f"token={token()}&token={token('bob')}"))
+    assert not d.allowed and d.reason is Reason.TOKEN_MALFORMED
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
