@@ -1,7 +1,7 @@
 import pytest
 
 from extauth.reasons import DenyError, Reason
-from extauth.tokens.extract import TokenSources
+from extauth.tokens.extract import ExtractDenied, TokenSources
 
 ALL = TokenSources(["query:token", "header:authorization", "cookie:access_token", "subprotocol"])
 TOK = "aaa.bbb.ccc"
@@ -72,3 +72,80 @@ def test_missing() -> None:
 def test_unconfigured_transport_ignored() -> None:
     only_header = TokenSources(["header:authorization"])
     assert only_header.extract({}, f"token={TOK}").token is None
+
+
+# -- query keys Envoy could not strip (it removes by the RAW key) ---------------
+
+
+@pytest.mark.parametrize("key", ["%74oken", "tok%65n", "%74%6F%6B%65%6E", "Token", "TOKEN", "T%6Fken"])
+def test_query_key_alias_is_a_bad_handshake(key: str) -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({}, f"a=1&{key}={TOK}")
+    assert isinstance(err.value, DenyError)
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert TOK not in err.value.detail
+    # The raw key is what Envoy matches: a shadow policy that forwards the request still strips it.
+    assert err.value.stripping.query_params_to_remove == [key]
+
+
+def test_query_key_alias_next_to_the_real_key_is_denied_and_both_stripped() -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({}, f"token={TOK}&%74oken={TOK}")
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert err.value.stripping.query_params_to_remove == ["token", "%74oken"]
+
+
+def test_query_raw_key_strip_list_holds_the_raw_key() -> None:
+    e = ALL.extract({}, f"x%20y=1&token={TOK}&tokens=2")
+    assert e.token == TOK
+    assert e.stripping.query_params_to_remove == ["token"]
+
+
+def test_query_encoded_value_still_decoded() -> None:
+    e = ALL.extract({}, "token=aaa%2Ebbb.ccc")
+    assert e.token == TOK
+
+
+def test_query_alias_only_matters_for_configured_names() -> None:
+    assert TokenSources(["header:authorization"]).extract({}, f"%74oken={TOK}").token is None
+
+
+# -- several cookie sources -------------------------------------------------------
+
+
+def test_two_cookie_sources_both_cut_in_one_edit() -> None:
+    two = TokenSources(["cookie:access_token", "cookie:session"])
+    e = two.extract({"cookie": f"access_token={TOK}; theme=dark; session=other.tok.en"}, "")
+    assert e.token == TOK and e.source == "cookie"
+    assert e.stripping.headers_to_set == {"cookie": "theme=dark"}
+    assert e.stripping.headers_to_remove == []
+
+
+def test_two_cookie_sources_nothing_left_removes_the_header() -> None:
+    two = TokenSources(["cookie:access_token", "cookie:session"])
+    e = two.extract({"cookie": f"access_token={TOK}; session=other.tok.en"}, "")
+    assert e.stripping.headers_to_remove == ["cookie"]
+    assert "cookie" not in e.stripping.headers_to_set
+
+
+def test_second_cookie_source_alone() -> None:
+    two = TokenSources(["cookie:access_token", "cookie:session"])
+    e = two.extract({"cookie": f"lang=en; session={TOK}"}, "")
+    assert e.token == TOK
+    assert e.stripping.headers_to_set == {"cookie": "lang=en"}
+
+
+def test_several_tokens_denial_still_strips_every_copy() -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({"cookie": f"access_token={TOK}; theme=dark", "authorization": f"Bearer {TOK}"},
+                    "token=a.b.c&token=d.e.f")
+    assert err.value.reason is Reason.TOKEN_MALFORMED
+    s = err.value.stripping
+    assert s.query_params_to_remove == ["token"]
+    assert "authorization" in s.headers_to_remove
+    assert s.headers_to_set["cookie"] == "theme=dark"
+
+
+def test_token_never_in_repr() -> None:
+    e = ALL.extract({}, f"token={TOK}")
+    assert TOK not in repr(e) and TOK not in str(e)

@@ -2,9 +2,13 @@
 
 Transports (configured per policy, first present wins):
 - ``query:NAME``: ``wss://host/ws?NAME=<jwt>``; removed with query_parameters_to_remove.
+  Envoy removes a parameter by its raw key, so a key that only decodes or
+  case-folds to NAME (``?%74oken=<jwt>``, ``?Token=<jwt>``) could not be stripped:
+  it is denied (bad_handshake).
 - ``header:NAME``: ``Authorization: Bearer <jwt>`` (the scheme is required for
   ``authorization``; other headers carry the bare token); removed with headers_to_remove.
-- ``cookie:NAME``: the cookie is cut out of the Cookie header, other cookies stay.
+- ``cookie:NAME``: the cookie is cut out of the Cookie header, other cookies stay
+  (every configured cookie name is cut in one edit of the header).
 - ``subprotocol``: the browser-friendly transport, since a browser cannot set
   headers on a WebSocket: ``Sec-WebSocket-Protocol: app.v1, bearer.<jwt>``. The
   ``bearer.`` entry is removed and only the real protocols are forwarded, so the
@@ -36,9 +40,19 @@ class Stripping:
 
 @dataclass(frozen=True, slots=True)
 class Extracted:
-    token: str | None  # None: no configured transport carried one
+    # None: no configured transport carried one. Never in a repr: a debug print must not leak it.
+    token: str | None = field(repr=False)
     source: str | None  # "query", "header", "cookie" or "subprotocol"
     stripping: Stripping
+
+
+class ExtractDenied(DenyError):
+    """A denial found while extracting, with the edits that strip every credential copy
+    seen so far (a shadow policy forwards the request, and must still strip them)."""
+
+    def __init__(self, reason: Reason, detail: str, stripping: Stripping) -> None:
+        super().__init__(reason, detail)
+        self.stripping = stripping
 
 
 def _unquote(text: str) -> str:
@@ -46,15 +60,23 @@ def _unquote(text: str) -> str:
     return unquote(text) if "%" in text else text
 
 
-def _query_values(query: str, name: str) -> list[str]:
-    if name not in query and "%" not in query:
-        return []
-    out = []
+def _query_values(query: str, name: str) -> tuple[list[str], list[str]]:
+    """Values of parameter ``name`` and the aliases of ``name``: other raw keys that decode
+    to it, or match it but for case. Envoy strips by raw key and an upstream may decode
+    keys or ignore their case, so an alias could carry a credential past the stripping."""
+    folded = name.lower()
+    if "%" not in query and folded not in query.lower():
+        return [], []
+    out: list[str] = []
+    aliases: list[str] = []
     for part in query.split("&"):
         key, sep, value = part.partition("=")
-        if sep and _unquote(key) == name:
-            out.append(_unquote(value))
-    return out
+        if key == name:
+            if sep:
+                out.append(_unquote(value))
+        elif _unquote(key).lower() == folded:
+            aliases.append(key)
+    return out, aliases
 
 
 def _bearer(value: str) -> str | None:
@@ -64,16 +86,18 @@ def _bearer(value: str) -> str | None:
     return rest.strip()
 
 
-def _cookie_split(header: str, name: str) -> tuple[list[str], list[str]]:
-    """Values of cookie ``name`` and the remaining ``k=v`` pairs."""
-    found, kept = [], []
+def _cookie_split(header: str, names: frozenset[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Values of every cookie in ``names`` and the remaining ``k=v`` pairs."""
+    found: dict[str, list[str]] = {}
+    kept: list[str] = []
     for pair in header.split(";"):
         pair = pair.strip()
         if not pair:
             continue
         key, _, value = pair.partition("=")
-        if key.strip() == name:
-            found.append(value.strip().strip('"'))
+        key = key.strip()
+        if key in names:
+            found.setdefault(key, []).append(value.strip().strip('"'))
         else:
             kept.append(pair)
     return found, kept
@@ -82,7 +106,7 @@ def _cookie_split(header: str, name: str) -> tuple[list[str], list[str]]:
 class TokenSources:
     """A compiled ``token_sources`` list."""
 
-    __slots__ = ("_sources",)
+    __slots__ = ("_cookie_names", "_sources")
 
     def __init__(self, sources: Sequence[str]) -> None:
         parsed: list[tuple[str, str]] = []
@@ -90,6 +114,7 @@ class TokenSources:
             kind, _, name = s.partition(":")
             parsed.append((kind, name.lower() if kind == "header" else name))
         self._sources = tuple(parsed)
+        self._cookie_names = frozenset(name for kind, name in parsed if kind == "cookie")
 
     def inputs(self) -> tuple[tuple[str, ...], bool]:
         """Every header ``extract`` reads (lower-case) and whether it reads the query string."""
@@ -107,28 +132,59 @@ class TokenSources:
         """Find the token and the edits that strip all credential copies.
 
         A transport that carries two different values is ambiguous: deny as
-        malformed rather than guess which one the upstream would have used.
+        malformed rather than guess which one the upstream would have used. A
+        query key that only decodes (or case-folds) to a configured name cannot
+        be stripped by Envoy: deny as a bad handshake. A denial (ExtractDenied)
+        still carries the edits that strip every credential copy seen.
         """
         token: str | None = None
         used: str | None = None
         strip = Stripping()
+        denial: tuple[Reason, str] | None = None
+        cookies: dict[str, list[str]] | None = None
         for kind, name in self._sources:
-            values = self._values(kind, name, headers, query, strip)
+            if kind == "cookie":
+                if cookies is None:  # every configured cookie, cut in one edit
+                    cookies = self._cookies(headers, strip)
+                values = [v for v in cookies.get(name, ()) if v]
+            elif kind == "query":
+                values, aliases = _query_values(query, name) if query else ([], [])
+                if values:
+                    strip.query_params_to_remove.append(name)
+                if aliases:
+                    strip.query_params_to_remove.extend(aliases)
+                    why = f"a query key aliases {name!r} (encoded or case-changed)"
+                    denial = denial or (Reason.BAD_HANDSHAKE, why)
+            else:
+                values = self._values(kind, name, headers, strip)
             if not values:
                 continue
             if len(set(values)) > 1:
-                raise DenyError(Reason.TOKEN_MALFORMED, f"{kind} carries several tokens")
+                denial = denial or (Reason.TOKEN_MALFORMED, f"{kind} carries several tokens")
             if token is None:
                 token, used = values[0], kind
+        if denial is not None:
+            raise ExtractDenied(denial[0], denial[1], strip)
         return Extracted(token, used, strip)
 
+    def _cookies(self, headers: Mapping[str, str], strip: Stripping) -> dict[str, list[str]]:
+        """Values of every configured cookie, cut out of the Cookie header in one edit."""
+        if not self._cookie_names:
+            return {}
+        raw = headers.get("cookie")
+        if raw is None:
+            return {}
+        found, kept = _cookie_split(raw, self._cookie_names)
+        if not found:
+            return {}
+        if kept:
+            strip.headers_to_set["cookie"] = "; ".join(kept)
+        else:
+            strip.headers_to_remove.append("cookie")
+        return found
+
     @staticmethod
-    def _values(kind: str, name: str, headers: Mapping[str, str], query: str, strip: Stripping) -> list[str]:
-        if kind == "query":
-            values = _query_values(query, name) if query else []
-            if values:
-                strip.query_params_to_remove.append(name)
-            return values
+    def _values(kind: str, name: str, headers: Mapping[str, str], strip: Stripping) -> list[str]:
         if kind == "header":
             raw = headers.get(name)
             if raw is None:
@@ -136,23 +192,7 @@ class TokenSources:
             strip.headers_to_remove.append(name)
             value = _bearer(raw) if name == "authorization" else raw.strip()
             return [value] if value else []
-        if kind == "cookie":
-            return _cookie_values(headers, name, strip)
         return _subprotocol_values(headers, strip)
-
-
-def _cookie_values(headers: Mapping[str, str], name: str, strip: Stripping) -> list[str]:
-    raw = headers.get("cookie")
-    if raw is None:
-        return []
-    found, kept = _cookie_split(raw, name)
-    if not found:
-        return []
-    if kept:
-        strip.headers_to_set["cookie"] = "; ".join(kept)
-    else:
-        strip.headers_to_remove.append("cookie")
-    return [v for v in found if v]
 
 
 def _subprotocol_values(headers: Mapping[str, str], strip: Stripping) -> list[str]:
