@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -40,6 +41,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _SOURCE_RE = re.compile(r"^(query:[A-Za-z0-9_.-]+|header:[A-Za-z0-9-]+|cookie:[A-Za-z0-9_.-]+|subprotocol)$")
 _TEMPLATE_FIELD_RE = re.compile(r"\{([^{}]*)\}")
+# A JWKS document is a few KiB; a cap well above any real one bounds memory and parse time.
+JWKS_MAX_BYTES_LIMIT = 4 * 1024 * 1024
 # Headers an upstream identity header must never overwrite.
 _RESERVED_HEADERS = frozenset(
     {"host", "connection", "upgrade", "content-length", "transfer-encoding", "te",
@@ -55,6 +58,18 @@ class ConfigError(Exception):
 class _Model(BaseModel):
     # Unknown keys are refused: a typo in a security config must not be ignored silently.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip in ipaddress.IPv4Network("127.0.0.0/8")
+    return ip == ipaddress.IPv6Address("::1")
 
 
 def _hostport(value: str) -> str:
@@ -98,7 +113,7 @@ class JwtConfig(_Model):
     jwks_refetch_cooldown_seconds: float = Field(default=30, ge=0)
     jwks_max_stale_seconds: float = Field(default=3600, ge=0)
     jwks_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
-    jwks_max_bytes: int = Field(default=256 * 1024, gt=0)
+    jwks_max_bytes: int = Field(default=256 * 1024, gt=0, le=JWKS_MAX_BYTES_LIMIT)
 
     @field_validator("token_sources")
     @classmethod
@@ -115,8 +130,20 @@ class JwtConfig(_Model):
     @field_validator("jwks_uri")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("https://", "http://")):
-            raise ValueError("must be an http(s) URL")
+        # The keys decide who gets in: fetched in clear text, anyone on the path could
+        # substitute them. Plain http is only for an endpoint on this host.
+        if v is None:
+            return v
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("must be an https:// URL")
+        try:
+            host = urlsplit(v).hostname
+        except ValueError:
+            host = None
+        if not host:
+            raise ValueError("must be an https:// URL with a host")
+        if v.startswith("http://") and not _loopback(host):
+            raise ValueError("must be https:// (plain http:// only for localhost, 127.0.0.0/8 or ::1)")
         return v
 
     @model_validator(mode="after")

@@ -148,3 +148,59 @@ def test_not_yaml(tmp_path: Path) -> None:
     p.write_text("policies: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+# -- JWKS endpoint and bounds -------------------------------------------------------
+
+
+def _jwks_uri_policy(**jwt: object) -> dict:
+    return {"policies": [{"name": "p", "jwt": {"issuer": "i", "audiences": ["a"], **jwt}}]}
+
+
+@pytest.mark.parametrize("uri", [
+    "https://idp.example.com/.well-known/jwks.json",
+    "http://127.0.0.1:8080/jwks",
+    "http://127.8.9.10/jwks",
+    "http://[::1]:8080/jwks",
+    "http://localhost:8080/jwks",
+])
+def test_jwks_uri_https_or_loopback_http(uri: str) -> None:
+    jwt = parse_config(_jwks_uri_policy(jwks_uri=uri)).policies[0].jwt
+    assert jwt is not None and jwt.jwks_uri == uri
+
+
+@pytest.mark.parametrize("uri", [
+    "http://idp.example.com/jwks",
+    "http://10.0.0.5/jwks",
+    "http://127.0.0.1.nip.io/jwks",  # a name, not a loopback address
+    "http://127.0.0.1@idp.example.com/jwks",  # userinfo, the host is idp.example.com
+    "http://[::ffff:127.0.0.1]/jwks",
+])
+def test_jwks_uri_plain_http_off_loopback_refused(uri: str) -> None:
+    msg = error_of(_jwks_uri_policy(jwks_uri=uri))
+    assert "policies[0].jwt.jwks_uri" in msg and "https://" in msg
+
+
+@pytest.mark.parametrize("uri", ["ftp://idp.example.com/jwks", "file:///etc/jwks.json", "https://", "https:///jwks"])
+def test_jwks_uri_not_an_https_url_refused(uri: str) -> None:
+    assert "policies[0].jwt.jwks_uri" in error_of(_jwks_uri_policy(jwks_uri=uri))
+
+
+def test_jwks_uri_error_does_not_echo_the_url() -> None:
+    msg = error_of(_jwks_uri_policy(jwks_uri="http://user:hunter2@idp.example.com/jwks?key=s3cret"))
+    assert "hunter2" not in msg and "s3cret" not in msg
+
+
+def test_jwks_max_bytes_capped() -> None:
+    uri = "https://idp.example.com/jwks"
+    assert "policies[0].jwt.jwks_max_bytes" in error_of(_jwks_uri_policy(jwks_uri=uri, jwks_max_bytes=10**12))
+    assert "policies[0].jwt.jwks_max_bytes" in error_of(_jwks_uri_policy(jwks_uri=uri, jwks_max_bytes=0))
+    jwt = parse_config(_jwks_uri_policy(jwks_uri=uri, jwks_max_bytes=4 * 1024 * 1024)).policies[0].jwt
+    assert jwt is not None and jwt.jwks_max_bytes == 4 * 1024 * 1024
+
+
+def test_jwks_defaults_are_valid() -> None:
+    jwt = parse_config(_jwks_uri_policy(jwks_uri="https://idp.example.com/jwks")).policies[0].jwt
+    assert jwt is not None
+    assert jwt.jwks_max_bytes == 256 * 1024
+    assert jwt.jwks_refresh_seconds >= 1 and jwt.jwks_refetch_cooldown_seconds >= 1
