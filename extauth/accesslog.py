@@ -7,7 +7,8 @@ is up, one per interval while it lives, and one at the end, each carrying the
 ext_authz dynamic metadata we returned, so the lease id comes back to us:
 
 - DownstreamTunnelSuccessfullyEstablished: confirm (refresh) the lease
-- DownstreamPeriodic: refresh it
+- DownstreamPeriodic: refresh it; a lease the store lost (Redis restarted without
+  persistence, refreshes cut off for a TTL) is put back, since the connection is open
 - DownstreamEnd: release it, whatever the response code (an upgrade that failed
   upstream after we allowed it must free its slot too)
 
@@ -137,12 +138,24 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         await self._apply(store, refresh, release)
 
     async def _apply(self, store: Store, refresh: list[LeaseRef], release: list[LeaseRef]) -> None:
-        try:
-            if refresh:
-                await store.refresh(refresh, self._ttl_of())
-            if release:
+        # Separately, releases first: a failed refresh must not keep ended connections'
+        # slots counted (that is a user refused for a whole TTL), nor the reverse.
+        if release:
+            try:
                 await store.release(release)
-        except Exception as e:
-            # The lease TTL is the safety net: log and move on, never break the stream.
-            log_event(log, logging.WARNING, "lease update failed; leases will expire by TTL",
-                      refresh=len(refresh), release=len(release), error=type(e).__name__)
+            except Exception as e:
+                # The lease TTL is the safety net: log and move on, never break the stream.
+                log_event(log, logging.WARNING, "lease release failed; the leases will expire by TTL",
+                          release=len(release), error=type(e).__name__)
+        if refresh:
+            try:
+                live = await store.refresh(refresh, self._ttl_of())
+            except Exception as e:
+                log_event(log, logging.WARNING, "lease refresh failed; the leases may expire",
+                          refresh=len(refresh), error=type(e).__name__)
+                return
+            if live < len(refresh):
+                lost = len(refresh) - live
+                self._metrics.leases_restored.inc(lost)
+                log_event(log, logging.WARNING, "leases of open connections were missing from the "
+                          "store and are restored", restored=lost)

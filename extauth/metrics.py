@@ -60,6 +60,11 @@ class Metrics:
             "extauth_accesslog_entries_total", "Envoy access-log entries by type and outcome",
             ["type", "outcome"], registry=r,
         )
+        self.leases_restored = Counter(
+            "extauth_leases_restored_total",
+            "Leases of open connections the store had lost (restart, flush, refreshes cut off for a "
+            "TTL), put back by their refresh", registry=r,
+        )
         self.bans = Counter("extauth_bans_total", "Bans by kind (enforced, dry_run, manual)", ["kind"],
                             registry=r)
         self.hostile = Counter("extauth_hostile_signals_total", "Hostile signals counted by the jail",

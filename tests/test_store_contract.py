@@ -143,30 +143,35 @@ async def test_refresh_keeps_a_lease_alive_past_its_ttl(store: Store) -> None:
     await eventually(gone)  # stop refreshing: it expires
 
 
-async def test_refresh_never_resurrects(store: Store) -> None:
-    expired, released = ref(), ref()
-    assert (await store.acquire(expired, Limits(), 0.2)).granted
-    assert (await store.acquire(released, Limits(), 30)).granted
-    assert await store.release([released]) == 1
+async def test_refresh_restores_a_lease_the_store_lost(store: Store) -> None:
+    # Refreshes come only for connections Envoy reports open: a lease that expired while its
+    # refreshes were cut off (or that the store lost) is put back, and counts again.
+    lost, live = ref(), ref()
+    lim = Limits(connections_per_user=2)
+    assert (await store.acquire(lost, lim, 0.2)).granted
+    assert (await store.acquire(live, lim, 30)).granted
 
-    async def expired_gone() -> bool:
-        return await store.count("chat", user="alice") == 0
+    async def lost_gone() -> bool:
+        return await store.count("chat", user="alice") == 1
 
-    await eventually(expired_gone)
-    assert await store.refresh([expired, released], 30) == 0
-    assert await store.count("chat", user="alice") == 0
-    assert await store.count("chat", ip="10.0.0.1") == 0
-    assert await store.list_leases("chat", user="alice") == []
+    await eventually(lost_gone)
+    assert (await store.acquire(ref(), Limits(connections_per_user=2), 0.2)).granted  # its slot was free
+    assert await store.refresh([lost, live], 30) == 1  # one was live, one is restored
+    both = {lost.lease_id, live.lease_id}
+    assert {i.lease_id for i in await store.list_leases("chat", user="alice")} >= both
+    assert {i.lease_id for i in await store.list_leases("chat", ip="10.0.0.1")} >= both
+    assert not (await store.acquire(ref(), lim, 30)).granted  # the restored lease counts
+    assert await store.release([lost, live]) == 2
 
 
 async def test_refresh_and_release_batches(store: Store) -> None:
     refs = [ref(f"u{i % 7}", f"10.2.0.{i % 11}") for i in range(120)]
     for r in refs:
         assert (await store.acquire(r, Limits(), 30)).granted
-    ghost = ref("ghost", "10.3.3.3")
+    ghost = ref("ghost", "10.3.3.3")  # open, but unknown to the store: restored
     assert await store.refresh([*refs, ghost], 60) == 120
-    assert await store.count_all() == 120
-    assert await store.release([*refs[:100], ghost]) == 100
+    assert await store.count_all() == 121
+    assert await store.release([*refs[:100], ghost]) == 101
     assert await store.count_all() == 20
     assert await store.release(refs) == 20
     assert await store.count_all() == 0
@@ -458,6 +463,23 @@ async def test_store_recovers_after_a_redis_restart(redis_server: RedisServer,
         assert await store.count("chat", user="alice") == 1
         assert not (await store.acquire(ref(), lim, 30)).granted
         await store.ping()
+
+        # A connection that was open before the restart is counted again at its next refresh.
+        first = ref("bob")
+        assert (await store.acquire(first, lim, 30)).granted
+        restart_redis()
+
+        async def pings() -> bool:
+            try:
+                await store.ping()
+            except StoreError:
+                return False
+            return True
+
+        await eventually(pings)
+        assert await store.refresh([first], 30) == 0  # lost with the old process, restored
+        assert await store.count("chat", user="bob") == 1
+        assert not (await store.acquire(ref("bob"), lim, 30)).granted
     finally:
         await store.close()
 

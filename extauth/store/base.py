@@ -79,7 +79,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
-        """Extend live leases to now+ttl; never resurrects an expired one. Returns how many were live."""
+        """Extend leases to now+ttl, putting back any the store lost (expired or missing): only
+        called for connections Envoy reports open. Returns how many were live before."""
 
     @abc.abstractmethod
     async def release(self, refs: Sequence[LeaseRef]) -> int:

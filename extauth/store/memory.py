@@ -178,11 +178,9 @@ class MemoryStore(Store):
         for ref in refs:
             was_live = False
             for key in self._keys_of(ref):
-                leases = self._live(key, now)
-                entry = leases.get(ref.lease_id)
-                if entry is not None:
-                    leases[ref.lease_id] = (now + ttl, entry[1])
-                    was_live = True
+                was_live |= ref.lease_id in self._live(key, now)
+                # Put back a lost lease too: see lua/refresh.lua for why.
+                self._leases.setdefault(key, {})[ref.lease_id] = (now + ttl, ref)
             live += was_live
         return live
 

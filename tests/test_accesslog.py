@@ -1,0 +1,59 @@
+"""The access-log service's handling of one batch: releases, refreshes, restores, failures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from extauth.accesslog import AccessLogService
+from extauth.metrics import Metrics
+from extauth.store import new_lease_id
+from extauth.store.base import LeaseRef, Limits, StoreError
+from extauth.store.memory import MemoryStore
+from tests.envoy_msgs import log_entry
+
+
+def ref(user: str = "alice") -> LeaseRef:
+    return LeaseRef(new_lease_id(), "chat", user, "10.0.0.1")
+
+
+def metadata(r: LeaseRef) -> dict[str, str]:
+    assert r.user is not None
+    return {"lease_id": r.lease_id, "policy": r.policy, "user": r.user, "client_ip": r.ip}
+
+
+class RefreshFails(MemoryStore):
+    """A store whose refresh call fails (a timeout on one slow node, say) while releases work."""
+
+    async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
+        raise StoreError("store call refresh timed out after 1000 ms")
+
+
+async def test_a_failed_refresh_does_not_keep_ended_connections_counted() -> None:
+    store = RefreshFails()
+    alive, ended = ref("bob"), ref("alice")
+    lim = Limits(connections_per_user=1)
+    assert (await store.acquire(alive, lim, 60)).granted
+    assert (await store.acquire(ended, lim, 60)).granted
+    service = AccessLogService(lambda: store, lambda: 60.0, Metrics())
+    await service.handle_entries([log_entry(metadata(alive), "DownstreamPeriodic"),
+                                  log_entry(metadata(ended), "DownstreamEnd")])
+    assert await store.count("chat", user="alice") == 0
+    assert (await store.acquire(ref("alice"), lim, 60)).granted  # alice reconnects at once
+
+
+async def test_refresh_restores_lost_leases_and_counts_them() -> None:
+    store = MemoryStore()
+    metrics = Metrics()
+    service = AccessLogService(lambda: store, lambda: 60.0, metrics)
+    known, lost = ref("bob"), ref("alice")
+    assert (await store.acquire(known, Limits(), 60)).granted
+    await service.handle_entries([log_entry(metadata(known), "DownstreamPeriodic"),
+                                  log_entry(metadata(lost), "DownstreamPeriodic")])
+    assert await store.count("chat", user="alice") == 1
+    assert metrics.leases_restored._value.get() == 1
+    # An end entry in the same batch wins over the refresh: nothing is restored.
+    gone = ref("carol")
+    await service.handle_entries([log_entry(metadata(gone), "DownstreamPeriodic"),
+                                  log_entry(metadata(gone), "DownstreamEnd")])
+    assert await store.count("chat", user="carol") == 0
+    assert metrics.leases_restored._value.get() == 1
