@@ -136,6 +136,9 @@ async def test_background_calls_are_bounded_and_do_not_move_the_breaker(silent_p
             await guarded.refresh([ref()], 30)
         with pytest.raises(StoreError, match="timed out"):
             await guarded.release([ref()])
+        # So is the jail's once-a-second ban-list sync: failing it must not refuse acquires.
+        with pytest.raises(StoreError, match="timed out after 200 ms"):
+            await guarded.list_bans()
         assert state(guarded) == "closed"
         with pytest.raises(StoreError):
             await guarded.acquire(ref(), Limits(), 30)

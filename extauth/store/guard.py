@@ -276,7 +276,10 @@ class GuardedStore(Store):
         return await self._guard("unban", lambda: self.inner.unban(ip))
 
     async def list_bans(self) -> list[BanInfo]:
-        return await self._guard("list_bans", self.inner.list_bans)
+        # The jail's once-a-second sync, off the request path: a long ban list read through
+        # the request timeout would fail, and three failures would open the breaker and
+        # refuse every check's acquire. Bounded by scan_timeout; never moves the breaker.
+        return await self._background("list_bans", self.inner.list_bans)
 
     async def ping(self) -> None:
         await self._guard("ping", self.inner.ping)
