@@ -149,6 +149,9 @@ def _fill_metadata(fields: Any, d: Decision) -> None:
         fields["shadow_reason"].string_value = d.shadow_reason.value
     if d.lease is not None:
         fields["lease_id"].string_value = d.lease.lease_id
+        # Even when empty (a listener whose peer has no IP, e.g. a Unix socket): the access
+        # log finds the lease by it, and without it the lease could never be released.
+        fields["client_ip"].string_value = d.lease.ip
 
 
 def _add_headers(options: Any, headers: Mapping[str, str]) -> None:

@@ -8,6 +8,7 @@ store round trip. The pipeline never raises: every outcome is a ``Decision``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import itertools
@@ -99,6 +100,8 @@ def client_ip(req: CheckInput, xff_hops: int) -> str:
 # and a counter cost a fraction of reading /dev/urandom on every check.
 _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
+# Background releases of leases whose allow failed to build: a bug path, so few; bounded anyway.
+_MAX_TAKE_BACKS = 256
 
 
 def new_decision_id() -> str:
@@ -124,6 +127,7 @@ class Authorizer:
         self._clock = clock
         # Bounded by policies x reasons: label values never come from the request.
         self._decision_counters: dict[tuple[str | None, bool, Reason | None, Reason | None], Any] = {}
+        self._take_backs: set[asyncio.Future[int]] = set()
 
     @property
     def runtime(self) -> Runtime:
@@ -156,6 +160,7 @@ class Authorizer:
         except Exception:
             # Never a crash, never an allow: a bug becomes a 500 with a log line.
             log.exception("check failed", extra={"fields": {"decision_id": ctx.decision_id}})
+            self.take_back(ctx.lease)
             decision = self._deny(rt, req, ctx, DenyError(Reason.INTERNAL_ERROR, "unexpected exception"))
         self._observe(decision, time.perf_counter() - started)
         return decision
@@ -179,6 +184,21 @@ class Authorizer:
         if ctx.websocket and policy.limits is not None:
             await self._acquire(rt, policy, ctx)
         return self._allow(ctx)
+
+    def take_back(self, lease: LeaseRef | None) -> None:
+        """Release, in the background, a granted lease whose allow never reaches Envoy (a bug
+        after the acquire), rather than hold its slot for a whole TTL."""
+        if lease is None or self.store is None or len(self._take_backs) >= _MAX_TAKE_BACKS:
+            return  # beyond the bound, the lease TTL is the backstop
+        task = asyncio.ensure_future(self.store.release([lease]))
+        self._take_backs.add(task)
+        task.add_done_callback(self._taken_back)
+
+    def _taken_back(self, task: asyncio.Future[int]) -> None:
+        self._take_backs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log_event(log, logging.WARNING, "taking back a lease failed; it will expire by TTL",
+                      error=type(task.exception()).__name__)
 
     @staticmethod
     def _check_origin(policy: CompiledPolicy, headers: Mapping[str, str]) -> None:

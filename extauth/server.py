@@ -63,6 +63,7 @@ class AuthorizationService:
         started = time.perf_counter()
         rt = authorizer.runtime  # the one check() reads too: nothing awaits in between
         key = None
+        decision: Decision | None = None
         try:
             key = repeat_key(request, rt)
             if key is not None:
@@ -77,6 +78,8 @@ class AuthorizationService:
         except Exception:
             # check() itself never raises; this guards the protobuf translation.
             log.exception("check translation failed")
+            if decision is not None:
+                authorizer.take_back(decision.lease)  # its allow never reaches Envoy
             decision = Decision(allowed=False, status=500, decision_id=new_decision_id(),
                                 reason=Reason.INTERNAL_ERROR,
                                 deny_headers={"x-extauth-reason": Reason.INTERNAL_ERROR.value})

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from extauth.accesslog import AccessLogService
+from extauth.envoy_api import check_response
 from extauth.metrics import Metrics
+from extauth.pipeline import Decision
 from extauth.store import new_lease_id
 from extauth.store.base import LeaseRef, Limits, StoreError
 from extauth.store.memory import MemoryStore
@@ -57,3 +59,17 @@ async def test_refresh_restores_lost_leases_and_counts_them() -> None:
                                   log_entry(metadata(gone), "DownstreamEnd")])
     assert await store.count("chat", user="carol") == 0
     assert metrics.leases_restored._value.get() == 1
+
+
+async def test_a_lease_without_a_client_ip_is_still_released() -> None:
+    # A peer with no IP address (a Unix-socket listener): the lease lives under the empty IP,
+    # and the metadata Envoy echoes back must still name it, or the slot is held for a TTL.
+    store = MemoryStore()
+    lease = LeaseRef(new_lease_id(), "chat", "alice", "")
+    assert (await store.acquire(lease, Limits(), 60)).granted
+    decision = Decision(allowed=True, status=200, decision_id="d1", policy="chat", user="alice",
+                        client_ip="", websocket=True, lease=lease)
+    echoed = {k: v.string_value for k, v in check_response(decision).dynamic_metadata.fields.items()}
+    await AccessLogService(lambda: store, lambda: 60.0, Metrics()).handle_entries(
+        [log_entry(echoed, "DownstreamEnd")])
+    assert await store.count("chat", user="alice") == 0

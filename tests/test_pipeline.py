@@ -181,3 +181,22 @@ async def test_swap_under_concurrent_load_never_fails_a_check(jwks_file: str) ->
     swaps = await task
     assert swaps >= 10
     assert all(d.allowed for d in results), {d.reason for d in results}
+
+
+async def test_a_lease_granted_before_a_bug_is_taken_back(jwks_file: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug after the acquire (building the allow) must not hold the user's slot for a TTL.
+    store = MemoryStore()
+    authz = Authorizer(build_runtime(cfg(jwks_file)), store)
+
+    def broken_allow(ctx: Any) -> Any:
+        raise RuntimeError("a template bug")
+
+    monkeypatch.setattr(authz, "_allow", broken_allow)
+    d = await authz.check(req(f"token={token()}"))
+    assert not d.allowed and d.reason is Reason.INTERNAL_ERROR and d.lease is None
+    for _ in range(100):
+        if await store.count("chat", user="alice") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await store.count("chat", user="alice") == 0
