@@ -143,6 +143,17 @@ async def test_refresh_keeps_a_lease_alive_past_its_ttl(store: Store) -> None:
     await eventually(gone)  # stop refreshing: it expires
 
 
+async def test_acquire_is_idempotent_per_lease_id(store: Store) -> None:
+    # A retry whose first reply was lost (the script ran) must not deny itself at the quota.
+    r = ref()
+    lim = Limits(connections_per_user=1, attempts_per_user_per_minute=1)
+    assert (await store.acquire(r, lim, 30)).granted
+    assert (await store.acquire(r, lim, 30)).granted
+    assert await store.count("chat", user="alice") == 1
+    assert not (await store.acquire(ref(), lim, 30)).granted
+    assert await store.release([r]) == 1
+
+
 async def test_refresh_restores_a_lease_the_store_lost(store: Store) -> None:
     # Refreshes come only for connections Envoy reports open: a lease that expired while its
     # refreshes were cut off (or that the store lost) is put back, and counts again.

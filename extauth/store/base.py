@@ -75,6 +75,8 @@ class Store(abc.ABC):
         drop expired leases; check the user's and the IP's live leases against the
         limits; then add the lease under both with expiry now+ttl.
         One round trip on a standalone Redis. The user part is skipped when ref.user is None.
+        Idempotent per lease id: a retried call that finds its own live lease is admitted
+        again without counting against itself.
         """
 
     @abc.abstractmethod

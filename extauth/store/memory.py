@@ -134,6 +134,8 @@ class MemoryStore(Store):
             return AcquireResult(False, Reason.BANNED, retry_seconds(ban[0] - now))
 
         ip_key: _SubjectKey = ("ip", ref.ip, ref.policy)
+        if ref.lease_id in self._live(ip_key, now):
+            return AcquireResult(True)  # idempotent, as acquire.lua: a retried call is admitted again
         user_key: _SubjectKey | None = ("u", ref.user, ref.policy) if ref.user is not None else None
         rate_checks: list[tuple[_SubjectKey, int | None, Reason]] = [
             (ip_key, limits.attempts_per_ip_per_minute, Reason.RATE_IP)

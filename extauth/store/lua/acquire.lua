@@ -19,6 +19,9 @@
 -- lease quota in reverse order; with subjects {ip, user} this is
 -- ban -> rate_ip -> rate_user -> quota_user -> quota_ip.
 -- A denial records nothing (it only drops entries that had already expired).
+-- Idempotent: a recording call that finds its own live lease (a retry after a lost
+-- reply: redis-py's Cluster client retries once on a connection error) is admitted
+-- again without counting against itself, instead of denied with its slot held.
 --
 -- Returns {code, subject_index, ms}:
 --   {0, 0, expires_at_ms}  admitted (and recorded when ARGV[3] == '1')
@@ -40,6 +43,13 @@ if ARGV[4] == '1' then
 end
 local n = (#KEYS - first + 1) / 2
 local function arg(i, j) return ARGV[4 + 3 * (i - 1) + j] end
+
+if ARGV[3] == '1' then
+  local mine = redis.call('ZSCORE', KEYS[first + 1], arg(1, 3))
+  if mine and tonumber(mine) > now then
+    return {0, 0, tonumber(mine)}
+  end
+end
 
 for i = 1, n do
   local limit = arg(i, 1)
