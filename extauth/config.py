@@ -137,11 +137,15 @@ class JwtConfig(_Model):
         if not v.startswith(("https://", "http://")):
             raise ValueError("must be an https:// URL")
         try:
-            host = urlsplit(v).hostname
+            parts = urlsplit(v)
+            host = parts.hostname
         except ValueError:
-            host = None
-        if not host:
+            parts, host = None, None
+        if parts is None or not host:
             raise ValueError("must be an https:// URL with a host")
+        if "@" in parts.netloc:
+            # urllib would not send it as credentials but look the whole "user:pass@host" up in DNS.
+            raise ValueError("must not contain user:password@ (credentials in the URL are not supported)")
         if v.startswith("http://") and not _loopback(host):
             raise ValueError("must be https:// (plain http:// only for localhost, 127.0.0.0/8 or ::1)")
         return v

@@ -173,7 +173,6 @@ def test_jwks_uri_https_or_loopback_http(uri: str) -> None:
     "http://idp.example.com/jwks",
     "http://10.0.0.5/jwks",
     "http://127.0.0.1.nip.io/jwks",  # a name, not a loopback address
-    "http://127.0.0.1@idp.example.com/jwks",  # userinfo, the host is idp.example.com
     "http://[::ffff:127.0.0.1]/jwks",
 ])
 def test_jwks_uri_plain_http_off_loopback_refused(uri: str) -> None:
@@ -184,6 +183,13 @@ def test_jwks_uri_plain_http_off_loopback_refused(uri: str) -> None:
 @pytest.mark.parametrize("uri", ["ftp://idp.example.com/jwks", "file:///etc/jwks.json", "https://", "https:///jwks"])
 def test_jwks_uri_not_an_https_url_refused(uri: str) -> None:
     assert "policies[0].jwt.jwks_uri" in error_of(_jwks_uri_policy(jwks_uri=uri))
+
+
+@pytest.mark.parametrize("uri", ["https://user:pw@idp.example.com/jwks", "http://127.0.0.1@idp.example.com/jwks",
+                                 "http://user@127.0.0.1/jwks"])
+def test_jwks_uri_with_userinfo_refused(uri: str) -> None:
+    msg = error_of(_jwks_uri_policy(jwks_uri=uri))
+    assert "policies[0].jwt.jwks_uri" in msg and "user:password@" in msg
 
 
 def test_jwks_uri_error_does_not_echo_the_url() -> None:
