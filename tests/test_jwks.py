@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -12,6 +16,7 @@ import pytest
 
 from extauth.config import JwtConfig
 from extauth.reasons import DenyError, Reason
+from extauth.tokens import jwks as jwks_module
 from extauth.tokens.jwks import UrlKeySource
 from extauth.tokens.jwt import JwtVerifier
 from tests.keys import (
@@ -346,3 +351,209 @@ async def test_close_cancels_inflight_fetch(server: JwksServer, clock: FakeClock
     await v.close()
     assert not source(v).fetching
     server.release()
+
+
+# -- total fetch deadline and the fetch threads ----------------------------------
+
+
+class SlowDripServer:
+    """A real server on 127.0.0.1:0 that answers every request with a few bytes every 0.2 s:
+    each socket read succeeds well inside any per-read timeout, and the response does not
+    end for DRIP_SECONDS (so a client without a total deadline fails the test, not hangs it)."""
+
+    DRIP_SECONDS = 10.0
+
+    def __init__(self, phase: str) -> None:
+        # "headers": drips inside a header line; "body": inside the body;
+        # "unsized": a 10 kB body without Content-Length, at once, then closes.
+        self.phase = phase
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}/jwks.json"
+
+    def start(self) -> SlowDripServer:
+        self._accepter.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            t = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                if self.phase == "unsized":
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + b" " * 10_000)
+                    return
+                if self.phase == "headers":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 100000\r\n\r\n{\"keys\": [")
+                until = time.monotonic() + self.DRIP_SECONDS
+                while not self._stop.wait(0.2) and time.monotonic() < until:
+                    conn.sendall(b"  ")
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._accepter.join(5)
+        for t in self._threads:
+            t.join(5)
+        self._sock.close()
+
+
+@pytest.fixture(params=["headers", "body"])
+def slow_drip(request: pytest.FixtureRequest) -> Iterator[SlowDripServer]:
+    srv = SlowDripServer(request.param).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_http_get_has_a_total_deadline(slow_drip: SlowDripServer) -> None:
+    # The thread itself must give up: abandoning it from asyncio would leave it stuck.
+    timeout = 1.0
+    started = time.monotonic()
+    with pytest.raises((TimeoutError, OSError)):
+        jwks_module._http_get(slow_drip.url, timeout, 256 * 1024)
+    # A bound on behaviour, not a benchmark: generous for a loaded 2-core machine.
+    assert time.monotonic() - started < timeout + 2
+
+
+async def test_slow_drip_endpoint_fails_closed_within_the_timeout(
+    slow_drip: SlowDripServer, clock: FakeClock
+) -> None:
+    timeout = 1.0
+    cfg = JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=slow_drip.url, jwks_timeout_seconds=timeout)
+    v = JwtVerifier(cfg, max_token_bytes=8192, cache_size=0, clock=clock)
+    started = time.monotonic()
+    try:
+        assert await reason_of(v, token()) is Reason.JWKS_UNAVAILABLE
+        assert v.jwks_fetch_failures == 1
+    finally:
+        await v.close()
+    assert time.monotonic() - started < timeout + 2
+
+
+async def test_fetches_run_on_the_jwks_threads_only(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = json.dumps(jwks_for(shared_rsa_key(), "k1", "RS256")).encode()
+    lock = threading.Lock()
+    names: list[str] = []
+    running = peak = 0
+
+    def fake_get(uri: str, timeout: float, max_bytes: int) -> bytes:
+        nonlocal running, peak
+        with lock:
+            names.append(threading.current_thread().name)
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+        return doc
+
+    monkeypatch.setattr(jwks_module, "_http_get", fake_get)
+    sources = [
+        UrlKeySource(JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=f"https://idp{i}.example/jwks",
+                               jwks_timeout_seconds=10), clock)
+        for i in range(6)
+    ]
+    try:
+        assert all(await asyncio.gather(*(s.refresh() for s in sources)))
+    finally:
+        for s in sources:
+            await s.close()
+    assert len(names) == 6
+    assert all(n.startswith("extauth-jwks") for n in names)  # never the default executor
+    assert peak <= 2  # a handful of stuck endpoints cannot take more threads than this
+
+
+async def test_default_executor_free_while_fetches_are_stuck(
+    slow_drip: SlowDripServer, clock: FakeClock
+) -> None:
+    cfgs = [JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=f"{slow_drip.url}?n={i}",
+                      jwks_timeout_seconds=2.0) for i in range(4)]
+    sources = [UrlKeySource(c, clock) for c in cfgs]
+    fetches = [asyncio.ensure_future(s.refresh()) for s in sources]
+    try:
+        await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 1) == "free"
+        assert not any(await asyncio.gather(*fetches))
+    finally:
+        for s in sources:
+            await s.close()
+
+
+@pytest.mark.parametrize("phase", ["unsized"])
+def test_size_cap_without_content_length(phase: str) -> None:
+    srv = SlowDripServer(phase).start()  # 10 kB, no Content-Length, then close
+    try:
+        with pytest.raises(jwks_module.JwksError, match="larger than 1000 bytes"):
+            jwks_module._http_get(srv.url, 2.0, 1000)
+        assert len(jwks_module._http_get(srv.url, 2.0, 64 * 1024)) == 10_000
+    finally:
+        srv.stop()
+
+
+# -- the URL never reaches a log line or a detail whole ------------------------------
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://user:pa55@idp.example/jwks?key=s3cret#frag", "https://***@idp.example/jwks?***#***"),
+    ("https://idp.example:8443/.well-known/jwks.json", "https://idp.example:8443/.well-known/jwks.json"),
+    ("http://[::1]:80/jwks?k=v", "http://[::1]:80/jwks?***"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    assert jwks_module.redact_url(url) == shown
+
+
+async def test_url_credentials_never_logged_nor_in_details(
+    server: JwksServer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="extauth.jwks")
+    host = server.url.split("://", 1)[1]
+    secret_urls = [
+        f"http://user:password@{host}?key=secret",  # userinfo: the fetch fails
+        f"{server.url}?key=secret&other=secret",  # query only: the fetch works
+    ]
+    details: list[str] = []
+    for url in secret_urls:
+        # The config refuses userinfo; constructed unvalidated, the source must still not leak it.
+        cfg = JwtConfig.model_construct(issuer=ISS, audiences=[AUD], jwks_uri=url, jwks_timeout_seconds=1.0)
+        v = JwtVerifier(cfg, max_token_bytes=8192, cache_size=0, clock=clock)
+        try:
+            await v.start()
+            server.set(mode="500")
+            clock.advance(MAX_STALE + 1)  # the keys (if any) are too old, the refetch fails
+            with pytest.raises(DenyError) as ei:
+                await v.verify(token())
+            assert ei.value.reason is Reason.JWKS_UNAVAILABLE
+            details.append(ei.value.detail)
+            assert "password" not in source(v).uri and "secret" not in source(v).uri
+        finally:
+            server.set(mode="ok")
+            await v.close()
+    assert server.requests >= 2  # the query-only URL was really fetched
+    assert "fetched 1 key" in caplog.text and "fetch failed" in caplog.text
+    for text in [caplog.text, *details]:
+        assert "password" not in text and "secret" not in text
+        assert "user:" not in text
+    assert all("***" in d for d in details)

@@ -9,22 +9,34 @@ refetch at most once per ``jwks_refetch_cooldown_seconds`` for an unknown kid,
 share one in-flight fetch between all waiters, keep serving the last good keys
 while the endpoint is down, and fail closed (``jwks_unavailable``) once those
 keys are older than ``jwks_max_stale_seconds``.
+
+A fetch has a total deadline of ``jwks_timeout_seconds`` (connect, TLS, headers
+and body together, not per socket read) and runs on this module's own small
+thread pool, so a slow endpoint can neither hold a thread for long nor starve
+the event loop's default executor. URLs are logged without userinfo or query.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import http.client
+import io
 import json
 import logging
 import os
+import socket
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from jwt import PyJWK
 
@@ -42,6 +54,7 @@ __all__ = [
     "build_key_set",
     "hmac_min_bytes",
     "make_key_source",
+    "redact_url",
 ]
 
 log = logging.getLogger("extauth.jwks")
@@ -53,6 +66,9 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # How often a file source looks at the file's mtime.
 _FILE_CHECK_SECONDS = 1.0
+# Threads for JWKS fetches, shared by every URL source of the process.
+_FETCH_WORKERS = 2
+_READ_CHUNK = 64 * 1024
 
 
 class JwksError(Exception):
@@ -63,7 +79,7 @@ class JwksError(Exception):
 class KeyEntry:
     kid: str | None
     alg: str
-    jwk: PyJWK
+    jwk: PyJWK = field(repr=False)  # an HMAC entry holds the shared secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,32 +322,165 @@ class FileKeySource:
         return None
 
 
+def redact_url(uri: str) -> str:
+    """``uri`` for logs: no userinfo (it may hold a password), no query or fragment
+    (they may hold an API key)."""
+    try:
+        parts = urlsplit(uri)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<unparsable url>"
+    userinfo = "***@" if "@" in parts.netloc else ""
+    query = "?***" if parts.query else ""
+    fragment = "#***" if parts.fragment else ""
+    return f"{parts.scheme}://{userinfo}{host}{parts.path}{query}{fragment}"
+
+
+# -- HTTP with a total deadline -----------------------------------------------
+#
+# urllib's timeout bounds each socket operation, not the request: a server that
+# drips a byte every (timeout - e) seconds holds the thread indefinitely. Here
+# every connect and every read gets the time LEFT until one deadline as its
+# timeout, so the whole GET ends by the deadline. The deadline lives in a
+# thread-local: a fetch runs start to end on one worker thread.
+
+_CALL = threading.local()
+
+
+def _remaining() -> float:
+    """Seconds left until this thread's fetch deadline; TimeoutError once it passed."""
+    deadline: float | None = getattr(_CALL, "deadline", None)
+    if deadline is None:
+        raise RuntimeError("JWKS HTTP call outside _http_get")
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline exceeded")
+    return left
+
+
+class _DeadlineReader(socket.SocketIO):
+    """Reads the response through ``sock`` with the time left as each read's timeout."""
+
+    def __init__(self, sock: socket.socket, owner: io.BufferedReader) -> None:
+        super().__init__(sock, "rb")
+        self._target = sock
+        self._owner = owner  # the response's own reader: holds the socket's reference count
+
+    def readinto(self, b: Any) -> int | None:
+        self._target.settimeout(_remaining())
+        return super().readinto(b)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        io.RawIOBase.close(self)
+        self._owner.close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        self.fp = io.BufferedReader(_DeadlineReader(sock, self.fp))
+
+
+def _connect_by_deadline(address: tuple[str, int], timeout: Any = None,
+                         source_address: Any = None) -> socket.socket:
+    sock = socket.create_connection(address, _remaining(), source_address)
+    try:
+        sock.settimeout(_remaining())  # bounds the request write and the TLS handshake
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    response_class = _DeadlineResponse
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_by_deadline
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    response_class = _DeadlineResponse
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_by_deadline
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPConnection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self) -> None:
+        self._tls = ssl.create_default_context()  # verifies the certificate and the host name
+        super().__init__(context=self._tls)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPSConnection, req, context=self._tls)
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     # Returning None makes urllib raise HTTPError for the 3xx: never followed.
     def redirect_request(self, req: Any, fp: Any, code: Any, msg: Any, headers: Any, newurl: Any) -> None:
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+# Subclasses of the default handlers replace them (proxies from the environment still apply).
+_OPENER = urllib.request.build_opener(_NoRedirect, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
 
 
 def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
+    """GET ``uri``: at most ``max_bytes`` of body, all of it within ``timeout`` seconds."""
     if not uri.startswith(("https://", "http://")):
         raise JwksError("only http(s) URLs are fetched")
     req = urllib.request.Request(  # noqa: S310 - scheme checked above
         uri, headers={"Accept": "application/json", "User-Agent": "extauth-jwks"}
     )
-    with _OPENER.open(req, timeout=timeout) as resp:
-        status = resp.status
-        if status != 200:
-            raise JwksError(f"HTTP {status}")
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise JwksError(f"response larger than {max_bytes} bytes")
-        body: bytes = resp.read(max_bytes + 1)
-    if len(body) > max_bytes:
-        raise JwksError(f"response larger than {max_bytes} bytes")
-    return body
+    _CALL.deadline = time.monotonic() + timeout
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            status = resp.status
+            if status != 200:
+                raise JwksError(f"HTTP {status}")
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise JwksError(f"response larger than {max_bytes} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                _remaining()  # between reads too: raises once the deadline passed
+                chunk: bytes = resp.read(min(_READ_CHUNK, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise JwksError(f"response larger than {max_bytes} bytes")
+    finally:
+        _CALL.deadline = None
+    return b"".join(chunks)
+
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _fetch_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The JWKS module's own threads: stuck fetches never starve the default executor
+    (config reloads use it), and at most this many fetches run at once."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=_FETCH_WORKERS, thread_name_prefix="extauth-jwks"
+            )
+        return _executor
 
 
 def _describe(e: BaseException) -> str:
@@ -353,6 +502,7 @@ class UrlKeySource:
         if cfg.jwks_uri is None:
             raise ConfigError("jwks_uri: required for a URL key source")
         self._uri = cfg.jwks_uri
+        self._safe_uri = redact_url(cfg.jwks_uri)  # the only form that reaches logs and details
         self._algorithms = tuple(cfg.algorithms)
         self._clock = clock
         self._refresh = cfg.jwks_refresh_seconds
@@ -376,7 +526,8 @@ class UrlKeySource:
 
     @property
     def uri(self) -> str:
-        return self._uri
+        """The URL for display: without userinfo or query (they may hold credentials)."""
+        return self._safe_uri
 
     @property
     def fetching(self) -> bool:
@@ -399,6 +550,17 @@ class UrlKeySource:
             return False
         return self._failed_at is None or now - self._failed_at >= self._retry_after_failure
 
+    def _scrub(self, text: str) -> str:
+        """An error description with any part of the raw URL that may be secret cut out."""
+        try:
+            parts = urlsplit(self._uri)
+            secrets = [self._uri, parts.netloc.rpartition("@")[0], parts.query, parts.fragment]
+        except ValueError:
+            secrets = [self._uri]
+        for secret in sorted(filter(None, secrets), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
     # -- fetching ------------------------------------------------------------
 
     def _start_fetch(self) -> asyncio.Task[bool]:
@@ -411,27 +573,31 @@ class UrlKeySource:
         self.fetches += 1
         try:
             try:
+                # _http_get ends by its own deadline; wait_for only covers a queued fetch.
+                loop = asyncio.get_running_loop()
                 body = await asyncio.wait_for(
-                    asyncio.to_thread(_http_get, self._uri, self._timeout, self._max_bytes),
+                    loop.run_in_executor(_fetch_executor(), _http_get, self._uri, self._timeout,
+                                         self._max_bytes),
                     timeout=self._timeout,
                 )
-                new = parse_jwks_bytes(body, self._algorithms, source=self._uri)
+                new = parse_jwks_bytes(body, self._algorithms, source=self._safe_uri)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 self.fetch_failures += 1
                 self._failed_at = self._clock()
                 kept = len(self._set) if self._set is not None else 0
-                log.warning("jwks %s: fetch failed (%s); keeping %d key(s)", self._uri, _describe(e), kept)
+                log.warning("jwks %s: fetch failed (%s); keeping %d key(s)",
+                            self._safe_uri, self._scrub(_describe(e)), kept)
                 return False
             old = self._set
             self._set = new
             self._fetched_at = self._clock()
             self._failed_at = None
             if old is None or set(old.by_kid) != set(new.by_kid) or len(old) != len(new):
-                log.info("jwks %s: fetched %d key(s)", self._uri, len(new))
+                log.info("jwks %s: fetched %d key(s)", self._safe_uri, len(new))
             else:
-                log.debug("jwks %s: refreshed %d key(s)", self._uri, len(new))
+                log.debug("jwks %s: refreshed %d key(s)", self._safe_uri, len(new))
             return True
         finally:
             self._inflight = None
@@ -465,8 +631,8 @@ class UrlKeySource:
         usable = self._usable(self._clock())
         if usable is None:
             if self._set is None:
-                raise DenyError(Reason.JWKS_UNAVAILABLE, f"jwks {self._uri}: never loaded")
-            raise DenyError(Reason.JWKS_UNAVAILABLE, f"jwks {self._uri}: keys stale beyond max_stale")
+                raise DenyError(Reason.JWKS_UNAVAILABLE, f"jwks {self._safe_uri}: never loaded")
+            raise DenyError(Reason.JWKS_UNAVAILABLE, f"jwks {self._safe_uri}: keys stale beyond max_stale")
         return usable
 
     async def refetch_for_unknown_kid(self) -> bool:
@@ -483,7 +649,7 @@ class UrlKeySource:
         try:
             await self.keys()
         except Exception as e:
-            log.warning("jwks %s: warm-up failed: %s", self._uri, _describe(e))
+            log.warning("jwks %s: warm-up failed: %s", self._safe_uri, self._scrub(_describe(e)))
 
     async def close(self) -> None:
         self._closed = True
