@@ -109,8 +109,8 @@ class JwtConfig(_Model):
     user_claim: str = "sub"
     # JWKS caching: refresh on TTL; an unknown kid refetches at most once per
     # cooldown; stale keys serve while the endpoint is down, then fail closed.
-    jwks_refresh_seconds: float = Field(default=300, gt=0)
-    jwks_refetch_cooldown_seconds: float = Field(default=30, ge=0)
+    jwks_refresh_seconds: float = Field(default=300, ge=1)
+    jwks_refetch_cooldown_seconds: float = Field(default=30, ge=1)
     jwks_max_stale_seconds: float = Field(default=3600, ge=0)
     jwks_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
     jwks_max_bytes: int = Field(default=256 * 1024, gt=0, le=JWKS_MAX_BYTES_LIMIT)

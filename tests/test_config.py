@@ -210,3 +210,13 @@ def test_jwks_defaults_are_valid() -> None:
     assert jwt is not None
     assert jwt.jwks_max_bytes == 256 * 1024
     assert jwt.jwks_refresh_seconds >= 1 and jwt.jwks_refetch_cooldown_seconds >= 1
+
+
+@pytest.mark.parametrize(("key", "value"),
+                         [("jwks_refresh_seconds", 0.2), ("jwks_refetch_cooldown_seconds", 0)])
+def test_jwks_fetch_intervals_are_at_least_a_second(key: str, value: float) -> None:
+    # A zero cooldown would let every forged kid trigger a fetch of the issuer's JWKS.
+    uri = "https://idp.example.com/jwks"
+    assert f"policies[0].jwt.{key}" in error_of(_jwks_uri_policy(jwks_uri=uri, **{key: value}))
+    jwt = parse_config(_jwks_uri_policy(jwks_uri=uri, **{key: 1})).policies[0].jwt
+    assert jwt is not None and getattr(jwt, key) == 1

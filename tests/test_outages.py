@@ -43,8 +43,8 @@ async def test_jwks_down_stale_then_fail_closed_for_jwks_policies_only(tmp_path:
             "listen": "127.0.0.1:0", "drain_seconds": 0, "token_cache_size": 0,
             "policies": [
                 {"name": "remote", "origins": ["https://app.example.com"],
-                 "jwt": {**jwt_common, "jwks_uri": jwks.url, "jwks_refresh_seconds": 0.2,
-                         "jwks_refetch_cooldown_seconds": 0, "jwks_max_stale_seconds": 1.0,
+                 "jwt": {**jwt_common, "jwks_uri": jwks.url, "jwks_refresh_seconds": 1,
+                         "jwks_refetch_cooldown_seconds": 1, "jwks_max_stale_seconds": 1.0,
                          "jwks_timeout_seconds": 0.5}},
                 {"name": "local", "origins": ["https://app.example.com"],
                  "jwt": {**jwt_common, "jwks_file": str(jwks_file)}},
