@@ -580,3 +580,30 @@ async def test_memory_sliding_window_is_exact_with_a_driven_clock() -> None:
     assert await store.count("chat", ip="10.0.0.1") == 3
     now[0] += 3600
     assert await store.count_all() == 0
+
+
+async def test_memory_lease_expiry_with_refreshes_and_releases_on_a_driven_clock() -> None:
+    # The memory store keeps each subject's expiries in a heap that refreshes and releases
+    # leave stale entries in: counts and Retry-After must follow the live leases only.
+    now = [1_000_000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    refs = [ref(f"u{i}", "10.0.0.1") for i in range(300)]
+    for i, r in enumerate(refs):
+        assert (await store.acquire(r, Limits(), 10 + i)).granted  # r expires at +10+i
+    now[0] += 5
+    assert await store.refresh(refs[:100], 1000) == 100  # the first 100 now outlive the rest
+    assert await store.release(refs[100:150]) == 50
+    for _ in range(3):  # refresh again: more stale heap entries, rebuilt along the way
+        assert await store.refresh(refs[:100], 1000) == 100
+    assert await store.count("chat", ip="10.0.0.1") == 250
+    lim = Limits(connections_per_ip=250)
+    res = await store.acquire(ref("x", "10.0.0.1"), lim, 60)
+    # The earliest live lease is refs[150], acquired with TTL 160 at t=0: 155 s from now.
+    assert (res.denied, res.retry_after) == (Reason.QUOTA_IP, 155)
+    now[0] += 155
+    assert await store.count("chat", ip="10.0.0.1") == 249
+    assert (await store.acquire(ref("x", "10.0.0.1"), lim, 60)).granted
+    now[0] += 150  # every lease but the refreshed 100 has expired ("x" too, at +60)
+    assert await store.count("chat", ip="10.0.0.1") == 100
+    now[0] += 1000
+    assert await store.count_all() == 0

@@ -11,6 +11,7 @@ State lives in this process only: with more than one replica use Redis.
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -53,11 +54,49 @@ class _Log:
             self.times.popleft()
 
 
+class _Leases(dict[str, tuple[float, LeaseRef]]):
+    """One subject's leases, ``{lease_id: (expires_at, ref)}``, with a min-heap of expiries,
+    so that dropping the expired ones and finding the earliest cost O(log n) per lease
+    rather than a scan of all of them on every acquire (an office behind one NAT address
+    holds thousands under one IP). Heap entries are checked against the dict when popped:
+    a refreshed or released lease leaves a stale one, dropped when it surfaces, and the
+    heap is rebuilt when stale entries outnumber live ones."""
+
+    __slots__ = ("heap",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heap: list[tuple[float, str]] = []
+
+    def put(self, lease_id: str, expires: float, ref: LeaseRef) -> None:
+        self[lease_id] = (expires, ref)
+        heapq.heappush(self.heap, (expires, lease_id))
+        if len(self.heap) > 2 * len(self) + 64:
+            self.heap = [(exp, lid) for lid, (exp, _) in self.items()]
+            heapq.heapify(self.heap)
+
+    def _stale(self, top: tuple[float, str]) -> bool:
+        entry = self.get(top[1])
+        return entry is None or entry[0] != top[0]
+
+    def prune(self, now: float) -> None:
+        heap = self.heap
+        while heap and (heap[0][0] <= now or self._stale(heap[0])):
+            exp, lid = heapq.heappop(heap)
+            entry = self.get(lid)
+            if entry is not None and entry[0] == exp:
+                del self[lid]
+
+    def earliest(self) -> float:
+        """The earliest expiry among the leases (call after prune, on a non-empty set)."""
+        return self.heap[0][0]
+
+
 class MemoryStore(Store):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         # (kind, subject, policy) -> {lease_id: (expires_at, ref)}
-        self._leases: dict[_SubjectKey, dict[str, tuple[float, LeaseRef]]] = {}
+        self._leases: dict[_SubjectKey, _Leases] = {}
         self._rates: dict[_SubjectKey, _Log] = {}
         self._hits: dict[str, _Log] = {}
         self._hostile: dict[str, _Log] = {}
@@ -71,16 +110,20 @@ class MemoryStore(Store):
         if self._closed:
             raise StoreError("store is closed")
 
-    def _live(self, key: _SubjectKey, now: float) -> dict[str, tuple[float, LeaseRef]]:
+    def _live(self, key: _SubjectKey, now: float) -> _Leases:
         leases = self._leases.get(key)
         if leases is None:
-            return {}
-        for lid in [lid for lid, (exp, _) in leases.items() if exp <= now]:
-            del leases[lid]
+            return _Leases()
+        leases.prune(now)
         if not leases:
             del self._leases[key]
-            return {}
         return leases
+
+    def _put(self, key: _SubjectKey, ref: LeaseRef, expires: float) -> None:
+        leases = self._leases.get(key)
+        if leases is None:
+            leases = self._leases[key] = _Leases()
+        leases.put(ref.lease_id, expires, ref)
 
     def _ban_of(self, ip: str, now: float) -> tuple[float, str] | None:
         ban = self._bans.get(ip)
@@ -155,8 +198,7 @@ class MemoryStore(Store):
         for key, limit, reason in quota_checks:
             live = self._live(key, now)
             if limit is not None and len(live) >= limit:
-                earliest = min(exp for exp, _ in live.values())
-                return AcquireResult(False, reason, retry_seconds(earliest - now))
+                return AcquireResult(False, reason, retry_seconds(live.earliest() - now))
 
         for key, limit, _ in rate_checks:
             if limit is not None:
@@ -164,7 +206,7 @@ class MemoryStore(Store):
         expires = now + ttl
         for lease_key in (user_key, ip_key):
             if lease_key is not None:
-                self._leases.setdefault(lease_key, {})[ref.lease_id] = (expires, ref)
+                self._put(lease_key, ref, expires)
         return AcquireResult(True)
 
     def _keys_of(self, ref: LeaseRef) -> list[_SubjectKey]:
@@ -182,7 +224,7 @@ class MemoryStore(Store):
             for key in self._keys_of(ref):
                 was_live |= ref.lease_id in self._live(key, now)
                 # Put back a lost lease too: see lua/refresh.lua for why.
-                self._leases.setdefault(key, {})[ref.lease_id] = (now + ttl, ref)
+                self._put(key, ref, now + ttl)
             live += was_live
         return live
 
