@@ -204,6 +204,13 @@ class ExtAuthServer:
                 self.metrics.reloads.labels("error").inc()
                 log_event(log, logging.ERROR, "reload refused; keeping the current config", error=str(e))
                 return False
+            except Exception as e:
+                # Anything else a broken file can raise (RecursionError on deep YAML, say)
+                # is refused the same way: the watcher and SIGHUP must outlive any file.
+                self.metrics.reloads.labels("error").inc()
+                log_event(log, logging.ERROR, "reload refused; keeping the current config",
+                          error=type(e).__name__)
+                return False
             await self._warm(runtime)
             old: Runtime = self.authorizer.swap(runtime)
             self.config = cfg
@@ -267,7 +274,8 @@ def _redact(url: str) -> str:
     """A store URL without its password, for logs."""
     scheme, sep, rest = url.partition("://")
     if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
+        # The last "@", as the Redis client splits it: a password may contain "@" itself.
+        rest = "***@" + rest.rpartition("@")[2]
     return f"{scheme}{sep}{rest}"
 
 

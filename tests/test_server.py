@@ -361,6 +361,32 @@ async def test_reload_applies_store_timeout_and_breaker_settings(jwks: JwksServe
         await srv.stop(drain=0)
 
 
+async def test_a_file_that_breaks_the_parser_is_refused_and_reloads_go_on(jwks: JwksServer,
+                                                                        tmp_path: Any) -> None:
+    path = tmp_path / "extauth.yaml"
+    data = config(jwks.url)
+    path.write_text(yaml.safe_dump(data))
+    srv = ExtAuthServer(load_config(path), config_path=path)
+    await srv.start()
+    try:
+        path.write_text("[" * 5000 + "]" * 5000)  # deep nesting: RecursionError in the YAML parser
+        assert not await srv.reload()
+        assert srv.metrics.reloads.labels("error")._value.get() == 1
+        data.update(store_timeout_ms=120)
+        path.write_text(yaml.safe_dump(data))
+        assert await srv.reload()  # the next good file is taken
+        assert srv.config.store_timeout_ms == 120
+    finally:
+        await srv.stop(drain=0)
+
+
+def test_store_url_redaction_hides_a_password_containing_at() -> None:
+    from extauth.server import _redact
+
+    assert _redact("redis://:s3cr@t-pass@redis.internal:6379/0") == "redis://***@redis.internal:6379/0"
+    assert _redact("redis://redis.internal:6379/0") == "redis://redis.internal:6379/0"
+
+
 async def test_a_lease_whose_check_is_cancelled_at_envoys_deadline_is_given_back(jwks: JwksServer) -> None:
     from extauth.store.guard import GuardedStore
     from extauth.store.memory import MemoryStore

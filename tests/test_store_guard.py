@@ -136,9 +136,12 @@ async def test_background_calls_are_bounded_and_do_not_move_the_breaker(silent_p
             await guarded.refresh([ref()], 30)
         with pytest.raises(StoreError, match="timed out"):
             await guarded.release([ref()])
-        # So is the jail's once-a-second ban-list sync: failing it must not refuse acquires.
-        with pytest.raises(StoreError, match="timed out after 200 ms"):
-            await guarded.list_bans()
+        # So are the jail's once-a-second ban-list sync and the admin and metrics reads:
+        # failing them must not refuse acquires.
+        for read in (guarded.list_bans, guarded.count_all,
+                     lambda: guarded.list_leases("chat", user="alice")):
+            with pytest.raises(StoreError, match="timed out after 200 ms"):
+                await read()
         assert state(guarded) == "closed"
         with pytest.raises(StoreError):
             await guarded.acquire(ref(), Limits(), 30)
@@ -300,7 +303,7 @@ async def test_breaker_state_machine() -> None:
     await inner.called.wait()
     inner.mode = "ok"
     with pytest.raises(StoreError, match="half_open"):
-        await g.count_all()
+        await g.count("chat", user="alice")
     with pytest.raises(StoreError, match="timed out"):
         await probe
     assert state(g) == "open"

@@ -256,10 +256,12 @@ class GuardedStore(Store):
     async def list_leases(
         self, policy: str, *, user: str | None = None, ip: str | None = None
     ) -> list[LeaseInfo]:
-        return await self._guard("list_leases", lambda: self.inner.list_leases(policy, user=user, ip=ip))
+        # Admin reads, like count_all (the metrics sampler, admin Stats) and list_bans: off the
+        # request path, so slow ones must not open the breaker that refuses acquires.
+        return await self._background("list_leases", lambda: self.inner.list_leases(policy, user=user, ip=ip))
 
     async def count_all(self) -> int:
-        return await self._guard("count_all", self.inner.count_all, self.scan_timeout)
+        return await self._background("count_all", self.inner.count_all)
 
     async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
         return await self._guard("hit_rate", lambda: self.inner.hit_rate(key, limit, window))
