@@ -27,6 +27,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extauth.envoy_api import METADATA_NAMESPACE
+from extauth.lease_tag import METADATA_FIELD as LEASE_TAG_FIELD
+from extauth.lease_tag import LeaseTagger
 from extauth.logs import log_event
 from extauth.metrics import Metrics
 from extauth.store.base import LeaseRef, Store
@@ -43,8 +45,8 @@ _TYPE_NAMES = {
 }
 
 
-def lease_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LeaseRef | None:
-    """Our lease from an entry's ext_authz metadata; None for entries that are not ours."""
+def lease_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[LeaseRef, str | None] | None:
+    """Our lease and its tag from an entry's ext_authz metadata; None for entries not ours."""
     fm = entry.common_properties.metadata.filter_metadata
     if METADATA_NAMESPACE not in fm:
         return None
@@ -55,12 +57,14 @@ def lease_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LeaseRef | None:
     if lease is None or policy is None or ip is None:
         return None
     user = fields.get("user")
-    return LeaseRef(
+    tag = fields.get(LEASE_TAG_FIELD)
+    ref = LeaseRef(
         lease_id=lease.string_value,
         policy=policy.string_value,
         user=user.string_value if user is not None else None,
         ip=ip.string_value,
     )
+    return ref, tag.string_value if tag is not None else None
 
 
 def classify(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
@@ -79,11 +83,12 @@ def classify(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, store_of: Callable[[], Store | None], ttl_of: Callable[[], float],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, tagger: LeaseTagger | None = None) -> None:
         # Callables, so a config reload or store swap is seen by open streams.
         self._store_of = store_of
         self._ttl_of = ttl_of
         self._metrics = metrics
+        self._tagger = tagger or LeaseTagger()
         self._closing = asyncio.Event()
 
     def close_streams(self) -> None:
@@ -117,20 +122,33 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
     async def handle_entries(self, entries: Any) -> None:
         """One batch: refreshes in one pipelined call, releases in another."""
+        ours: list[tuple[str, str, LeaseRef, str | None]] = []
+        for entry in entries:
+            found = lease_of(entry)
+            action = classify(entry) if found is not None else None
+            kind = _TYPE_NAMES.get(entry.common_properties.access_log_type, "other")
+            if found is None or action is None:
+                self._metrics.accesslog_entries.labels(kind, "ignored").inc()
+                continue
+            ours.append((kind, action, *found))
+        store = self._store_of()
+        if store is None or not ours:
+            return
+        try:
+            await self._tagger.load(store)
+        except Exception as e:
+            log_event(log, logging.WARNING, "lease key unavailable; the leases will expire by TTL",
+                      entries=len(ours), error=type(e).__name__)
+            return
         refresh: list[LeaseRef] = []
         release: list[LeaseRef] = []
-        for entry in entries:
-            ref = lease_of(entry)
-            action = classify(entry) if ref is not None else None
-            kind = _TYPE_NAMES.get(entry.common_properties.access_log_type, "other")
-            if ref is None or action is None:
-                self._metrics.accesslog_entries.labels(kind, "ignored").inc()
+        for kind, action, ref, tag in ours:
+            if not self._tagger.valid(ref, tag):
+                # Not a lease this deployment issued: a forged entry, never acted on.
+                self._metrics.accesslog_entries.labels(kind, "bad_tag").inc()
                 continue
             (refresh if action == "refresh" else release).append(ref)
             self._metrics.accesslog_entries.labels(kind, action).inc()
-        store = self._store_of()
-        if store is None:
-            return
         if release:
             # A lease that ends in the same batch as its refresh must not be refreshed.
             gone = {r.lease_id for r in release}

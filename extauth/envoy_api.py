@@ -14,6 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.rpc import code_pb2
 
+from extauth.lease_tag import METADATA_FIELD as LEASE_TAG_FIELD
 from extauth.pipeline import Decision
 from extauth.policy import select_policy
 from extauth.reasons import Reason
@@ -152,6 +153,8 @@ def _fill_metadata(fields: Any, d: Decision) -> None:
         # Even when empty (a listener whose peer has no IP, e.g. a Unix socket): the access
         # log finds the lease by it, and without it the lease could never be released.
         fields["client_ip"].string_value = d.lease.ip
+        if d.lease_tag is not None:
+            fields[LEASE_TAG_FIELD].string_value = d.lease_tag
 
 
 def _add_headers(options: Any, headers: Mapping[str, str]) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extauth.handshake import is_upgrade_attempt, validate_handshake
+from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
 from extauth.memo import Repeat
 from extauth.metrics import Metrics
@@ -59,6 +60,7 @@ class Decision:
     query_params_to_remove: tuple[str, ...] = ()
     deny_headers: Mapping[str, str] = field(default_factory=dict)
     lease: LeaseRef | None = None
+    lease_tag: str | None = None  # extauth/lease_tag.py: the access log checks it
     shadow_reason: Reason | None = None
     # Until when (unix seconds) the same request would be allowed the same way: set only on
     # plain-HTTP allows that took no lease, for the allow memo (extauth/memo.py).
@@ -78,6 +80,7 @@ class _Ctx:
     headers_to_remove: list[str] = field(default_factory=list)
     query_params_to_remove: list[str] = field(default_factory=list)
     lease: LeaseRef | None = None
+    lease_tag: str | None = None
     stripped: bool = False  # the credential edits above are complete
 
 
@@ -119,9 +122,11 @@ class Authorizer:
         metrics: Metrics | None = None,
         jail: JailLike | None = None,
         clock: Callable[[], float] = time.time,
+        tagger: LeaseTagger | None = None,
     ) -> None:
         self._runtime = runtime
         self.store = store
+        self.tagger = tagger or LeaseTagger()
         self.metrics = metrics or Metrics()
         self.jail = jail
         self._clock = clock
@@ -240,6 +245,8 @@ class Authorizer:
         user = ctx.verified.user if ctx.verified else None
         ref = LeaseRef(new_lease_id(), policy.policy.name, user, ctx.client_ip)
         try:
+            if not self.tagger.ready:
+                await self.tagger.load(self.store)  # once per process
             result = await self.store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds)
         except (TimeoutError, StoreError) as e:
             if rt.config.store_on_error == "allow":
@@ -252,6 +259,7 @@ class Authorizer:
             retry = result.retry_after if result.retry_after is not None else _QUOTA_RETRY_HINT
             raise DenyError(reason, retry_after=max(1, math.ceil(retry)))
         ctx.lease = ref
+        ctx.lease_tag = self.tagger.tag(ref)
 
     def _allow(self, ctx: _Ctx) -> Decision:
         policy = ctx.policy
@@ -280,6 +288,7 @@ class Authorizer:
             headers_to_remove=tuple(dict.fromkeys(remove)),
             query_params_to_remove=tuple(dict.fromkeys(ctx.query_params_to_remove)),
             lease=ctx.lease,
+            lease_tag=ctx.lease_tag,
             valid_until=valid_until,
         )
 

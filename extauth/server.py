@@ -33,6 +33,7 @@ from extauth.admin import AdminServer
 from extauth.config import Config, ConfigError, load_config, with_overrides
 from extauth.envoy_api import check_input, decision_id_field, repeat_key, response_bytes
 from extauth.jail import Jail
+from extauth.lease_tag import LeaseTagger
 from extauth.logs import log_event
 from extauth.metrics import JwksCollector, Metrics
 from extauth.pipeline import Authorizer, Decision, new_decision_id
@@ -114,11 +115,15 @@ class ExtAuthServer:
         self.store = store or build_store(config, self.metrics)
         self.jail: Jail | None = (
             Jail(config.abuse, self.store, self.metrics) if config.abuse.enabled else None)
-        self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics, jail=self.jail)
+        # One lease tagger for the checks that issue leases and the access log that takes them back.
+        tagger = LeaseTagger()
+        self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics, jail=self.jail,
+                                     tagger=tagger)
         self.admin = AdminServer(lambda: self.config, self.store, self.metrics, lambda: self.jail)
         self.health = HealthServicer()
         self.accesslog = AccessLogService(
-            lambda: self.store, lambda: self.authorizer.runtime.config.lease_ttl_seconds, self.metrics)
+            lambda: self.store, lambda: self.authorizer.runtime.config.lease_ttl_seconds, self.metrics,
+            tagger)
         self._server: grpc.aio.Server | None = None
         self.port: int = 0
         self.metrics_port: int = 0

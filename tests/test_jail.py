@@ -220,6 +220,10 @@ class FlakyStore(Store):
     async def ping(self) -> None:
         self._check()
 
+    async def lease_key(self) -> str:
+        self._check()
+        return await self.inner.lease_key()
+
     async def close(self) -> None:
         await self.inner.close()
 

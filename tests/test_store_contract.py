@@ -143,6 +143,22 @@ async def test_refresh_keeps_a_lease_alive_past_its_ttl(store: Store) -> None:
     await eventually(gone)  # stop refreshing: it expires
 
 
+async def test_lease_key_is_stable_and_shared_by_every_replica(store: Store, key_prefix: str,
+                                                               request: pytest.FixtureRequest) -> None:
+    key = await store.lease_key()
+    assert len(bytes.fromhex(key)) == 32
+    assert await store.lease_key() == key
+    if isinstance(store, RedisStore):
+        backend = request.node.callspec.params["store"]
+        url = (request.getfixturevalue("redis_server") if backend == "redis"
+               else request.getfixturevalue("redis_cluster")).url
+        other = RedisStore.from_url(url, key_prefix=key_prefix)  # another replica
+        try:
+            assert await other.lease_key() == key
+        finally:
+            await other.close()
+
+
 async def test_acquire_is_idempotent_per_lease_id(store: Store) -> None:
     # A retry whose first reply was lost (the script ran) must not deny itself at the quota.
     r = ref()

@@ -125,4 +125,9 @@ class Store(abc.ABC):
     async def ping(self) -> None: ...
 
     @abc.abstractmethod
+    async def lease_key(self) -> str:
+        """A random secret (hex) shared by every replica on this store, created on first use:
+        the key of the lease tags (``extauth/lease_tag.py``)."""
+
+    @abc.abstractmethod
     async def close(self) -> None: ...

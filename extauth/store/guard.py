@@ -286,6 +286,10 @@ class GuardedStore(Store):
     async def ping(self) -> None:
         await self._guard("ping", self.inner.ping)
 
+    async def lease_key(self) -> str:
+        # Read once per process, off the request path's timeout (the first acquire waits on it).
+        return await self._background("lease_key", self.inner.lease_key)
+
     async def close(self) -> None:
         """Closes the wrapped store; never refused by the breaker."""
         await self.settle()

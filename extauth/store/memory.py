@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -103,6 +104,7 @@ class MemoryStore(Store):
         self._bans: dict[str, tuple[float, str]] = {}
         self._closed = False
         self._ops = 0
+        self._lease_key = secrets.token_hex(32)  # one replica: this process's own
 
     # -- helpers ---------------------------------------------------------
 
@@ -311,6 +313,10 @@ class MemoryStore(Store):
 
     async def ping(self) -> None:
         self._check_open()
+
+    async def lease_key(self) -> str:
+        self._check_open()
+        return self._lease_key
 
     async def close(self) -> None:
         self._closed = True

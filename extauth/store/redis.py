@@ -132,6 +132,9 @@ class Keys:
     def hostile(self, ip: str) -> str:
         return f"{self.prefix}:{self.ip_tag(ip)}:hostile"
 
+    def lease_key(self) -> str:
+        return f"{self.prefix}:{{lease_key}}"
+
     def bans_index(self) -> str:
         return f"{self.prefix}:{{bans}}"
 
@@ -607,6 +610,14 @@ class RedisStore(Store):
         with _errors():
             await self._ready()
             await self._client.ping()
+
+    async def lease_key(self) -> str:
+        # SET NX: the first replica to ask creates it, every other one reads the same value.
+        key = self.keys.lease_key()
+        with _errors():
+            await self._ready()
+            await self._client.set(key, secrets.token_hex(32), nx=True)
+            return _s(await self._client.get(key))
 
     async def close(self) -> None:
         if self._tasks:  # let background rollbacks finish (bounded by the socket timeouts)
