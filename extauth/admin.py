@@ -221,6 +221,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                       manual=True, dry_run=False)
             return admin_pb2.BanResponse(ban=admin_pb2.BanEntry(ip=ip, expires_at=expires, reason=reason))
 
+        if not cfg.abuse.enabled:
+            # Nothing would enforce it: say so rather than answer OK for a ban that is ignored.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "abuse.enabled is false: bans are neither made nor enforced")
         resp = await self._call(context, "ban", run)
         if resp is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

@@ -111,7 +111,7 @@ def _verifier_key(jwt: JwtConfig, cfg: Config) -> str:
     return f"{jwt.model_dump_json()}|{cfg.max_token_bytes}|{cfg.token_cache_size}"
 
 
-def _limits(policy: Policy) -> Limits | None:
+def _limits(policy: Policy, cfg: Config) -> Limits | None:
     q = policy.quotas
     if not q.any:
         return None
@@ -120,6 +120,9 @@ def _limits(policy: Policy) -> Limits | None:
         connections_per_ip=q.connections_per_ip,
         attempts_per_user_per_minute=q.attempts_per_user_per_minute,
         attempts_per_ip_per_minute=q.attempts_per_ip_per_minute,
+        # The jail enforces bans for every request; the acquire script checks them too (in
+        # the same round trip), so both follow abuse.enabled.
+        enforce_bans=cfg.abuse.enabled,
     )
 
 
@@ -146,7 +149,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 origins=OriginPolicy(p.origins),
                 sources=sources,
                 verifier=verifier,
-                limits=_limits(p),
+                limits=_limits(p, cfg),
                 header_templates=tuple((k, Template(v)) for k, v in p.upstream_headers.items()),
                 name=p.name,
                 match=p.match,

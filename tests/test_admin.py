@@ -181,6 +181,23 @@ async def test_ban_list_unban_reach_the_request_path(server: ExtAuthServer, admi
     assert list((await admin.ListBans(admin_pb2.ListBansRequest(), timeout=5)).bans) == []
 
 
+async def test_with_the_jail_disabled_bans_are_refused_and_not_enforced() -> None:
+    # abuse.enabled: false means no bans at all: an admin Ban says so instead of answering OK
+    # for a ban nothing would enforce, and a ban already in the store is not enforced either
+    # (not by the jail, and not by the acquire script on quota policies).
+    srv = await started(config_dict(abuse={"enabled": False}))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.admin_port}") as channel:
+            stub = admin_pb2_grpc.AdminStub(channel)
+            ip = "203.0.113.9"
+            assert await code_of(stub.Ban(admin_pb2.BanRequest(ip=ip, seconds=60), timeout=5)) == \
+                grpc.StatusCode.FAILED_PRECONDITION
+            await srv.store.ban(ip, 60, "left over from when the jail was on")
+            assert await check(srv, ip, token("carol")) == "allow"
+    finally:
+        await srv.stop(drain=0)
+
+
 async def test_ban_refuses_bad_input_and_never_ban(admin: Any) -> None:
     assert await code_of(admin.Ban(admin_pb2.BanRequest(ip="127.0.0.1", seconds=60), timeout=5)) == \
         grpc.StatusCode.FAILED_PRECONDITION

@@ -28,6 +28,8 @@ class Limits:
     connections_per_ip: int | None = None
     attempts_per_user_per_minute: int | None = None
     attempts_per_ip_per_minute: int | None = None
+    # False while abuse.enabled is false: bans are then neither made nor enforced anywhere.
+    enforce_bans: bool = True
 
 
 @dataclass(frozen=True, slots=True)

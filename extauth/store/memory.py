@@ -174,7 +174,7 @@ class MemoryStore(Store):
         self._check_open()
         now = self._clock()
         self._sweep(now)
-        ban = self._ban_of(ref.ip, now)
+        ban = self._ban_of(ref.ip, now) if limits.enforce_bans else None
         if ban is not None:
             return AcquireResult(False, Reason.BANNED, retry_seconds(ban[0] - now))
 

@@ -367,11 +367,12 @@ class RedisStore(Store):
         ip_args = [_lim(limits.attempts_per_ip_per_minute), _lim(limits.connections_per_ip), k.ip_member(ref)]
         ip_subject = (Reason.RATE_IP, Reason.QUOTA_IP)
         user_subject = (Reason.RATE_USER, Reason.QUOTA_USER)
+        ban, has_ban = ([k.ban(ref.ip)], "1") if limits.enforce_bans else ([], "0")
         with _errors():
             await self._ready()
             if ref.user is None:
-                res = await self._script("acquire", [k.ban(ref.ip), *ip_keys],
-                                         [attempt, ttl_ms, "1", "1", *ip_args])
+                res = await self._script("acquire", [*ban, *ip_keys],
+                                         [attempt, ttl_ms, "1", has_ban, *ip_args])
                 return self._decode(res, [ip_subject])
             user_tag = k.user_tag(ref.user)
             user_keys = [k.rate(user_tag, ref.policy), k.leases(user_tag, ref.policy)]
@@ -379,14 +380,16 @@ class RedisStore(Store):
                          k.user_member(ref)]
             if not self._cluster:
                 # Standalone: one EVALSHA over both subjects, one round trip, fully atomic.
-                res = await self._script("acquire", [k.ban(ref.ip), *ip_keys, *user_keys],
-                                         [attempt, ttl_ms, "1", "1", *ip_args, *user_args])
+                res = await self._script("acquire", [*ban, *ip_keys, *user_keys],
+                                         [attempt, ttl_ms, "1", has_ban, *ip_args, *user_args])
                 return self._decode(res, [ip_subject, user_subject])
-            return await self._acquire_cluster(ref, attempt, ttl_ms, ip_keys, ip_args, user_keys, user_args)
+            return await self._acquire_cluster(ref, attempt, ttl_ms, ip_keys, ip_args, user_keys, user_args,
+                                               limits.enforce_bans)
 
     async def _acquire_cluster(
         self, ref: LeaseRef, attempt: str, ttl_ms: int,
         ip_keys: list[str], ip_args: list[str], user_keys: list[str], user_args: list[str],
+        enforce_bans: bool = True,
     ) -> AcquireResult:
         """Redis Cluster: the IP's keys and the user's keys live in different slots, so no single
         script can see both. Two scripts, each atomic in its own slot:
@@ -407,8 +410,9 @@ class RedisStore(Store):
         ip_subject = (Reason.RATE_IP, Reason.QUOTA_IP)
         user_subject = (Reason.RATE_USER, Reason.QUOTA_USER)
         k = self.keys
-        ip_res = await self._script("acquire", [k.ban(ref.ip), *ip_keys],
-                                    [attempt, ttl_ms, "1", "1", *ip_args])
+        ban, has_ban = ([k.ban(ref.ip)], "1") if enforce_bans else ([], "0")
+        ip_res = await self._script("acquire", [*ban, *ip_keys],
+                                    [attempt, ttl_ms, "1", has_ban, *ip_args])
         ip_code = int(ip_res[0])
         if ip_code in (1, 2):
             return self._decode(ip_res, [ip_subject])
