@@ -44,8 +44,12 @@ def _cmd_token(args: argparse.Namespace) -> int:
         name, sep, value = extra.partition("=")
         if not sep:
             raise SystemExit(f"--claim expects KEY=VALUE, got {extra!r}")
-        is_json = value[:1] in "[{0123456789" or value in ("true", "false")
-        claims[name] = json.loads(value) if is_json else value
+        # ("" is "in" every string: an empty value is the empty string, not JSON.)
+        is_json = (value != "" and value[0] in "[{0123456789") or value in ("true", "false")
+        try:
+            claims[name] = json.loads(value) if is_json else value
+        except json.JSONDecodeError:
+            claims[name] = value  # "1.2.3", "{not json": a string, as typed
     if args.secret_env:
         import os
 

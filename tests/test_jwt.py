@@ -666,3 +666,15 @@ def test_no_internal_state_leaks_token(rsa_verifier: JwtVerifier) -> None:
     from extauth.tokens import VerifiedToken
 
     assert set(VerifiedToken.__slots__) == {"claims", "user", "expires_at"}
+
+
+def test_cli_token_claims(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from extauth.cli import main
+
+    monkeypatch.setenv("EXTAUTH_TEST_CLI_SECRET", HMAC_SECRET)
+    assert main(["token", "--secret-env", "EXTAUTH_TEST_CLI_SECRET", "--alg", "HS256", "--sub", "u",
+                 "--iss", "i", "--aud", "a", "--claim", "empty=", "--claim", "n=3", "--claim", "v=1.2.3",
+                 "--claim", "roles=[\"x\"]"]) == 0
+    token = capsys.readouterr().out.strip()
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert (payload["empty"], payload["n"], payload["v"], payload["roles"]) == ("", 3, "1.2.3", ["x"])
