@@ -342,50 +342,59 @@ async def test_file_reloads_under_concurrent_checks_fail_none(jwks: JwksServer, 
         await srv.stop(drain=0)
 
 
-async def test_reload_applies_store_timeout_and_breaker_settings(jwks: JwksServer, tmp_path: Any) -> None:
+class FileServer:
+    """A started server whose config comes from a file the test rewrites, then reloads."""
+
+    def __init__(self, jwks: JwksServer, tmp_path: Any) -> None:
+        self.path = tmp_path / "extauth.yaml"
+        self.data = config(jwks.url)
+        self.write()
+        self.srv = ExtAuthServer(load_config(self.path), config_path=self.path)
+
+    def write(self, **top: Any) -> None:
+        self.data.update(top)
+        self.path.write_text(yaml.safe_dump(self.data))
+
+
+@pytest.fixture
+async def file_server(jwks: JwksServer, tmp_path: Any) -> AsyncIterator[FileServer]:
+    fs = FileServer(jwks, tmp_path)
+    await fs.srv.start()
+    try:
+        yield fs
+    finally:
+        await fs.srv.stop(drain=0)
+
+
+async def test_reload_applies_store_timeout_and_breaker_settings(file_server: FileServer) -> None:
     from extauth.store.guard import GuardedStore
 
-    path = tmp_path / "extauth.yaml"
-    data = config(jwks.url)
-    path.write_text(yaml.safe_dump(data))
-    srv = ExtAuthServer(load_config(path), config_path=path)
-    await srv.start()
-    try:
-        assert isinstance(srv.store, GuardedStore) and srv.store.timeout == 0.05
-        data.update(store_timeout_ms=120, store_breaker={"failure_threshold": 7, "reset_seconds": 9})
-        path.write_text(yaml.safe_dump(data))
-        assert await srv.reload()
-        assert srv.store.timeout == 0.12
-        assert (srv.store.failure_threshold, srv.store.reset_seconds) == (7, 9)
-    finally:
-        await srv.stop(drain=0)
+    srv = file_server.srv
+    assert isinstance(srv.store, GuardedStore) and srv.store.timeout == 0.05
+    file_server.write(store_timeout_ms=120, store_breaker={"failure_threshold": 7, "reset_seconds": 9})
+    assert await srv.reload()
+    assert srv.store.timeout == 0.12
+    assert (srv.store.failure_threshold, srv.store.reset_seconds) == (7, 9)
 
 
 async def test_a_file_that_breaks_the_parser_is_refused_and_reloads_go_on(
-        jwks: JwksServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        file_server: FileServer, monkeypatch: pytest.MonkeyPatch) -> None:
     import extauth.server
 
-    path = tmp_path / "extauth.yaml"
-    data = config(jwks.url)
-    path.write_text(yaml.safe_dump(data))
-    srv = ExtAuthServer(load_config(path), config_path=path)
-    await srv.start()
-    try:
-        def parser_bug(_path: Any) -> Any:
-            # What PyYAML raises on a file nested thousands deep (not provoked for real here:
-            # a RecursionError leaves CPython's own recursion bookkeeping unreliable).
-            raise RecursionError("maximum recursion depth exceeded")
+    srv = file_server.srv
 
-        monkeypatch.setattr(extauth.server, "load_config", parser_bug)
-        assert not await srv.reload()
-        monkeypatch.undo()
-        assert srv.metrics.reloads.labels("error")._value.get() == 1
-        data.update(store_timeout_ms=120)
-        path.write_text(yaml.safe_dump(data))
-        assert await srv.reload()  # the next good file is taken
-        assert srv.config.store_timeout_ms == 120
-    finally:
-        await srv.stop(drain=0)
+    def parser_bug(_path: Any) -> Any:
+        # What PyYAML raises on a file nested thousands deep (not provoked for real here:
+        # a RecursionError leaves CPython's own recursion bookkeeping unreliable).
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(extauth.server, "load_config", parser_bug)
+    assert not await srv.reload()
+    monkeypatch.undo()
+    assert srv.metrics.reloads.labels("error")._value.get() == 1
+    file_server.write(store_timeout_ms=120)
+    assert await srv.reload()  # the next good file is taken
+    assert srv.config.store_timeout_ms == 120
 
 
 def test_store_url_redaction_hides_a_password_containing_at() -> None:
