@@ -8,7 +8,6 @@ store round trip. The pipeline never raises: every outcome is a ``Decision``.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import ipaddress
 import itertools
@@ -31,6 +30,7 @@ from extauth.request import CheckInput
 from extauth.runtime import CompiledPolicy, Runtime
 from extauth.store import new_lease_id
 from extauth.store.base import LeaseRef, Store, StoreError
+from extauth.store.guard import GuardedStore
 from extauth.tokens import VerifiedToken
 
 log = DECISION_LOG
@@ -103,8 +103,6 @@ def client_ip(req: CheckInput, xff_hops: int) -> str:
 # and a counter cost a fraction of reading /dev/urandom on every check.
 _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
-# Background releases of leases whose allow failed to build: a bug path, so few; bounded anyway.
-_MAX_TAKE_BACKS = 256
 
 
 def new_decision_id() -> str:
@@ -132,7 +130,6 @@ class Authorizer:
         self._clock = clock
         # Bounded by policies x reasons: label values never come from the request.
         self._decision_counters: dict[tuple[str | None, bool, Reason | None, Reason | None], Any] = {}
-        self._take_backs: set[asyncio.Future[int]] = set()
 
     @property
     def runtime(self) -> Runtime:
@@ -192,18 +189,11 @@ class Authorizer:
 
     def take_back(self, lease: LeaseRef | None) -> None:
         """Release, in the background, a granted lease whose allow never reaches Envoy (a bug
-        after the acquire), rather than hold its slot for a whole TTL."""
-        if lease is None or self.store is None or len(self._take_backs) >= _MAX_TAKE_BACKS:
-            return  # beyond the bound, the lease TTL is the backstop
-        task = asyncio.ensure_future(self.store.release([lease]))
-        self._take_backs.add(task)
-        task.add_done_callback(self._taken_back)
-
-    def _taken_back(self, task: asyncio.Future[int]) -> None:
-        self._take_backs.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log_event(log, logging.WARNING, "taking back a lease failed; it will expire by TTL",
-                      error=type(task.exception()).__name__)
+        after the acquire), rather than hold its slot for a whole TTL: the guard's bounded
+        background release, as for an acquire that timed out. (The server always wraps its
+        store in the guard; with a bare store the lease TTL is the backstop.)"""
+        if lease is not None and isinstance(self.store, GuardedStore):
+            self.store.release_later(lease)
 
     @staticmethod
     def _check_origin(policy: CompiledPolicy, headers: Mapping[str, str]) -> None:

@@ -187,7 +187,7 @@ async def test_a_lease_granted_before_a_bug_is_taken_back(jwks_file: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # A bug after the acquire (building the allow) must not hold the user's slot for a TTL.
     store = MemoryStore()
-    authz = Authorizer(build_runtime(cfg(jwks_file)), store)
+    authz = Authorizer(build_runtime(cfg(jwks_file)), GuardedStore(store))  # as the server wires it
 
     def broken_allow(ctx: Any) -> Any:
         raise RuntimeError("a template bug")
