@@ -4,10 +4,36 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from _pytest._code import code as _pytest_code
 
 from tests.redis_servers import RedisClusterServers, RedisServer
+
+
+def _install_traceback_guard() -> None:
+    """CPython 3.11.7 can raise "SystemError: AST constructor recursion depth mismatch" when
+    pytest parses a source file to show a failing test's traceback (seen late in full runs,
+    with async tests). pytest then stops with INTERNALERROR and reports no failure at all.
+    Show that one frame without its source instead. pytest's formatter is private API (its
+    class was renamed once), so this does nothing on a pytest where it is not found."""
+    formatter = getattr(_pytest_code, "ExceptionInfoFormatter", None) or getattr(
+        _pytest_code, "FormattedExcinfo", None)
+    original = getattr(formatter, "_getentrysource", None)
+    if formatter is None or original is None:
+        return
+
+    def entry_source_or_none(self: Any, entry: Any) -> Any:
+        try:
+            return original(self, entry)
+        except SystemError:
+            return None
+
+    formatter._getentrysource = entry_source_or_none
+
+
+_install_traceback_guard()
 
 
 @pytest.fixture(scope="session")
