@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from _pytest._code import code as _pytest_code
 
-from tests.redis_servers import RedisClusterServers, RedisServer
+from tests.redis_servers import RedisClusterServers, RedisServer, running_server
 
 
 def _install_traceback_guard() -> None:
@@ -39,11 +39,8 @@ _install_traceback_guard()
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One standalone server for the whole session (isolate keys with ``key_prefix``)."""
-    server = RedisServer()
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -59,11 +56,8 @@ def redis_cluster() -> Iterator[RedisClusterServers]:
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A standalone server of this test's own: kill it, restart it, flush it freely."""
-    server = RedisServer()
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -33,16 +33,6 @@ async def lane(redis_server: RedisServer) -> AsyncIterator[RespLane]:
         yield lane
     finally:
         await lane.close()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server of this test's own, for tests that change its configuration."""
-    server = RedisServer()
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
 
 
 def test_encode_is_resp_arrays_of_bulk_strings() -> None:
@@ -140,18 +130,18 @@ async def test_a_missing_ca_file_is_a_connection_error_at_connect() -> None:
         await lane.call("PING")
 
 
-async def test_auth_and_database_are_honoured(own_server: RedisServer) -> None:
-    admin = own_server.client()
+async def test_auth_and_database_are_honoured(private_redis: RedisServer) -> None:
+    admin = private_redis.client()
     try:
         admin.execute_command("ACL", "SETUSER", "svc", "on", ">s3cret", "~*", "+@all")
         admin.config_set("requirepass", "topsecret")
     finally:
         admin.close()
-    good = RespLane("127.0.0.1", own_server.port, username="svc", password="s3cret", db=3,
+    good = RespLane("127.0.0.1", private_redis.port, username="svc", password="s3cret", db=3,
                     client_name="extauth-test")
-    wrong = RespLane("127.0.0.1", own_server.port, username="svc", password="nope")
-    nobody = RespLane("127.0.0.1", own_server.port)
-    default = RespLane("127.0.0.1", own_server.port, password="topsecret")
+    wrong = RespLane("127.0.0.1", private_redis.port, username="svc", password="nope")
+    nobody = RespLane("127.0.0.1", private_redis.port)
+    default = RespLane("127.0.0.1", private_redis.port, password="topsecret")
     try:
         await good.call("SET", "in-db-3", "yes")
         assert await good.call("CLIENT", "GETNAME") == "extauth-test"
