@@ -190,15 +190,16 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def build_wschurn(out_dir: Path) -> tuple[Path | None, str]:
-    """The C churn client (bench/wschurn.c) built with the system C compiler, once per source
-    version; (None, why) when there is no compiler or the build fails (the Python client runs)."""
-    source = BENCH / "wschurn.c"
+def build_c_tool(name: str, out_dir: Path) -> tuple[Path | None, str]:
+    """``bench/<name>.c`` (the churn client ``wschurn``, the echo upstream ``wsecho``) built with
+    the system C compiler, once per version of its source and the shared header; (None, why)
+    when there is no compiler or the build fails (the bench then runs the Python twin)."""
+    source = BENCH / f"{name}.c"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, "no C compiler on PATH"
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    binary = out_dir / f"wschurn-{digest}"
+    digest = hashlib.sha256(source.read_bytes() + (BENCH / "rfc6455.h").read_bytes()).hexdigest()[:12]
+    binary = out_dir / f"{name}-{digest}"
     if binary.exists():
         return binary, cc
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
-"""The benchmark stack: valkey-server, the lean echo upstream, instrumented extauth, the no-op
-servicer and ONE Envoy (``--concurrency 1``) with one listener per scenario, so every scenario
-runs through the same Envoy process, side by side, in one run.
+"""The benchmark stack: valkey-server, the echo upstream (C, or its lean Python twin),
+instrumented extauth, the no-op servicer and ONE Envoy (``--concurrency 1``) with one listener
+per scenario, so every scenario runs through the same Envoy process, side by side, in one run.
 
 The Envoy bootstrap starts from ``extauth envoy-config`` (the generator the product ships) and
 is then adjusted here, in the bench only:
@@ -250,8 +250,11 @@ def port_open(port: int) -> bool:
 
 
 class BenchStack:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, upstream_binary: Path | None = None) -> None:
         self.dir = workdir
+        # bench/wsecho.c when it was built, else its Python twin bench/ws_upstream.py
+        self.upstream_cmd = ([str(upstream_binary)] if upstream_binary
+                             else [sys.executable, str(BENCH / "ws_upstream.py")])
         self.redis: RedisServer | None = None
         self.upstream: Proc | None = None
         self.extauth: Instrumented | None = None
@@ -277,8 +280,7 @@ class BenchStack:
     def _start(self) -> None:
         self.redis = RedisServer(self.dir / "redis").start()
         up_port = free_port()
-        self.upstream = Proc("upstream", [sys.executable, str(BENCH / "ws_upstream.py"),
-                                          "--port", str(up_port)], self.dir).start()
+        self.upstream = Proc("upstream", [*self.upstream_cmd, "--port", str(up_port)], self.dir).start()
         wait_until(lambda: (self.upstream.check_alive(), port_open(up_port))[1],  # type: ignore[union-attr]
                    15, "echo upstream")
         cfg_path = self.dir / "extauth.yaml"

@@ -692,6 +692,8 @@ def main() -> int:
                     help="use the Python HTTP load generator even if wrk exists")
     ap.add_argument("--python-churn", action="store_true",
                     help="use the Python churn client (bench/ws_clients.py) even if a C compiler exists")
+    ap.add_argument("--python-upstream", action="store_true",
+                    help="use the Python echo upstream (bench/ws_upstream.py) even if a C compiler exists")
     args = ap.parse_args()
     s = Settings(args.quick, args.held)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -707,16 +709,22 @@ def main() -> int:
                                "load_tool": "python" if python_load else "wrk", "failures": []}
     log(f"workdir {workdir}; HTTP load with {results['load_tool']}"
         + ("" if not python_load else " (wrk not found: apt-get install wrk for better figures)"))
-    s.wschurn, why = (None, "--python-churn") if args.python_churn else bm.build_wschurn(out_dir)
+    s.wschurn, why = (None, "--python-churn") if args.python_churn else bm.build_c_tool("wschurn", out_dir)
     results["churn_tool"] = "c" if s.wschurn is not None else "python"
     results["churn_tool_note"] = why
     log(f"churn client: bench/wschurn.c built with {why}" if s.wschurn
         else f"churn client: bench/ws_clients.py ({why})")
+    upstream, why = ((None, "--python-upstream") if args.python_upstream
+                     else bm.build_c_tool("wsecho", out_dir))
+    results["upstream_tool"] = "c" if upstream is not None else "python"
+    results["upstream_tool_note"] = why
+    log(f"echo upstream: bench/wsecho.c built with {why}" if upstream
+        else f"echo upstream: bench/ws_upstream.py ({why})")
     stack: BenchStack | None = None
     try:
         results["machine"] = machine()
         results["inproc"] = run_inproc(s)
-        stack = BenchStack(workdir).start()
+        stack = BenchStack(workdir, upstream).start()
         log(f"stack up: envoy {stack.ports}")
         http_tok = token(HTTP_USER, lifetime=3600)
         headers = [f"Authorization: Bearer {http_tok}", f"Origin: {ALLOWED_ORIGIN}"]

@@ -26,7 +26,7 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 @pytest.fixture(scope="module")
 def wschurn(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    binary, why = bench_measure.build_wschurn(tmp_path_factory.mktemp("wschurn"))
+    binary, why = bench_measure.build_c_tool("wschurn", tmp_path_factory.mktemp("wschurn"))
     assert binary is not None, why
     return binary
 
