@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from extauth._generated.extauth.admin.v1 import admin_pb2, admin_pb2_grpc
+from extauth.addresses import canonical_ip
 from extauth.config import Config, ConfigError
 from extauth.jail import in_networks, parse_networks
 from extauth.logs import log_event
@@ -97,10 +98,11 @@ def parse_duration(text: str) -> float:
 
 
 def normalize_ip(ip: str) -> str:
-    try:
-        return str(ipaddress.ip_address(ip.strip().strip("[]")))
-    except ValueError:
-        raise ValueError(f"not an IP address: {ip!r}") from None
+    """The address as the request path keys it (``extauth.addresses``), or ValueError."""
+    canonical = canonical_ip(ip)
+    if canonical is None:
+        raise ValueError(f"not an IP address: {ip!r}")
+    return canonical
 
 
 def _lease_msg(info: LeaseInfo) -> Any:

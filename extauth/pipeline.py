@@ -9,7 +9,6 @@ store round trip. The pipeline never raises: every outcome is a ``Decision``.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import itertools
 import logging
 import math
@@ -19,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from extauth.addresses import canonical_ip
 from extauth.handshake import is_upgrade_attempt, validate_handshake
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
@@ -86,17 +86,16 @@ class _Ctx:
 
 def client_ip(req: CheckInput, xff_hops: int) -> str:
     """The client address: the connection's source, or the entry ``xff_hops`` from
-    the right of X-Forwarded-For when that many trusted proxies append to it.
-    Falls back to the source address when the header is short or not an IP."""
+    the right of X-Forwarded-For when that many trusted proxies append to it, in canonical
+    form (``extauth.addresses``). Falls back to the source address when the header is short
+    or not an IP, and to the source as given when that is not an IP either."""
     if xff_hops > 0:
         entries = [e.strip() for e in req.headers.get("x-forwarded-for", "").split(",") if e.strip()]
         if len(entries) >= xff_hops:
-            candidate = entries[-xff_hops]
-            try:
-                return str(ipaddress.ip_address(candidate))
-            except ValueError:
-                pass
-    return req.source_ip
+            candidate = canonical_ip(entries[-xff_hops])
+            if candidate is not None:
+                return candidate
+    return canonical_ip(req.source_ip) or req.source_ip
 
 
 # Decision ids only need to be unique, not secret: a random per-process prefix

@@ -181,6 +181,19 @@ async def test_ban_list_unban_reach_the_request_path(server: ExtAuthServer, admi
     assert list((await admin.ListBans(admin_pb2.ListBansRequest(), timeout=5)).bans) == []
 
 
+async def test_a_ban_holds_every_spelling_of_the_address(server: ExtAuthServer, admin: Any) -> None:
+    # An operator pasting the IPv4-mapped form from a log bans the IPv4 client, and a request
+    # arriving in that form (a dual-stack hop) is the same client; IPv6 spellings likewise.
+    resp = await admin.Ban(admin_pb2.BanRequest(ip="::FFFF:203.0.113.7", seconds=60), timeout=5)
+    assert resp.ban.ip == "203.0.113.7"
+    assert await check(server, "203.0.113.7", token("carol")) == "banned"
+    assert await check(server, "::ffff:203.0.113.7", token("carol")) == "banned"
+    await admin.Ban(admin_pb2.BanRequest(ip="[2001:DB8:0:0::7]", seconds=60), timeout=5)
+    assert await check(server, "2001:db8::7", token("carol")) == "banned"
+    assert (await admin.Unban(admin_pb2.UnbanRequest(ip="2001:0db8::0007"), timeout=5)).unbanned
+    assert await check(server, "2001:db8::7", token("carol")) == "allow"
+
+
 async def test_with_the_jail_disabled_bans_are_refused_and_not_enforced() -> None:
     # abuse.enabled: false means no bans at all: an admin Ban says so instead of answering OK
     # for a ban nothing would enforce, and a ban already in the store is not enforced either

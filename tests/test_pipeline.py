@@ -69,6 +69,18 @@ def test_client_ip_from_trusted_xff_hops() -> None:
     assert client_ip(bad, 1) == "10.0.0.1"
 
 
+def test_client_ip_has_one_spelling_per_address() -> None:
+    # Quota keys and bans are per address: the mapped form and IPv6 spellings must not make
+    # one client several.
+    mapped = CheckInput(method="GET", host="h", path="/", query="", source_ip="::ffff:192.0.2.7",
+                        headers={"x-forwarded-for": "::FFFF:203.0.113.5, 2001:DB8:0::1"})
+    assert client_ip(mapped, 0) == "192.0.2.7"
+    assert client_ip(mapped, 1) == "2001:db8::1"
+    assert client_ip(mapped, 2) == "203.0.113.5"
+    odd = CheckInput(method="GET", host="h", path="/", query="", source_ip="unix:/run/envoy.sock", headers={})
+    assert client_ip(odd, 0) == "unix:/run/envoy.sock"  # not an IP: kept as given
+
+
 async def test_shadow_mode_allows_and_tags(jwks_file: str) -> None:
     authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
     d = await authz.check(req(origin="https://evil.com"))
