@@ -114,6 +114,15 @@ def summary(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _c_tool(r: dict[str, Any], key: str, name: str, python_twin: str, what: str) -> str:
+    """Which of a bench C tool and its Python twin ran (``results[key]``: "c" or "python")."""
+    note = r.get(f"{key}_note", "")
+    if r.get(key) == "c":
+        return f"`bench/{name}.c` (built with `{note}`), one epoll process"
+    return (f"**Python fallback** (`bench/{python_twin}`, {what}: {note}); with a C compiler the bench "
+            f"builds `bench/{name}.c`, which costs the shared cores far less")
+
+
 def render(r: dict[str, Any]) -> str:
     t = targets(r)
     m = r.get("machine", {})
@@ -150,21 +159,10 @@ def render(r: dict[str, Any]) -> str:
         w("| HTTP load | **Python fallback** (`bench/httpload.py`): wrk was not on PATH. "
           "Install it (`apt-get install wrk`, `brew install wrk`) for better figures: the Python "
           "generator spends a core of its own and caps the fastest scenarios |")
-    if r.get("churn_tool") == "c":
-        churn_client = f"`bench/wschurn.c` (built with `{r.get('churn_tool_note')}`), one epoll process"
-    else:
-        churn_client = (f"**Python fallback** (`bench/ws_clients.py`, lean asyncio client: "
-                        f"{r.get('churn_tool_note', '')}); with a C compiler the bench builds `bench/wschurn.c`, "
-                        "which costs the shared cores far less")
+    churn_client = _c_tool(r, "churn_tool", "wschurn", "ws_clients.py", "lean asyncio client")
     w(f"| WebSocket clients | churn: {churn_client}; held connections: `websockets` asyncio clients "
       "(`bench/ws_clients.py`) in separate processes |")
-    if r.get("upstream_tool") == "c":
-        upstream = f"`bench/wsecho.c` (built with `{r.get('upstream_tool_note')}`), one epoll process"
-    else:
-        upstream = (f"**Python fallback** (`bench/ws_upstream.py`, bare asyncio protocol: "
-                    f"{r.get('upstream_tool_note', '')}); with a C compiler the bench builds `bench/wsecho.c`, "
-                    "which costs the shared cores far less")
-    w(f"| WebSocket upstream | {upstream} |")
+    w(f"| WebSocket upstream | {_c_tool(r, 'upstream_tool', 'wsecho', 'ws_upstream.py', 'bare asyncio protocol')} |")
     nofile = m.get("nofile", ["?", "?"])
     w(f"| RLIMIT_NOFILE | soft {nofile[0]}, hard {nofile[1]} (soft raised to hard by the bench) |")
     w("")
