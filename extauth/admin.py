@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from extauth._generated.extauth.admin.v1 import admin_pb2, admin_pb2_grpc
-from extauth.addresses import canonical_ip
+from extauth.addresses import canonical_ip, client_subject
 from extauth.config import Config, ConfigError
 from extauth.jail import in_networks, parse_networks
 from extauth.logs import log_event
@@ -97,12 +97,18 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def normalize_ip(ip: str) -> str:
-    """The address as the request path keys it (``extauth.addresses``), or ValueError."""
-    canonical = canonical_ip(ip)
+def normalize_ip(ip: str, ipv6_prefix: int) -> str:
+    """An address as the request path keys per-IP quotas and bans (``extauth.addresses``):
+    canonical, and an IPv6 address as its /``ipv6_prefix`` network. That network itself is
+    accepted too (``2001:db8:1:2::/64``, as ``bans`` lists it); anything else is ValueError."""
+    address, slash, length = ip.strip().partition("/")
+    canonical = canonical_ip(address)
     if canonical is None:
         raise ValueError(f"not an IP address: {ip!r}")
-    return canonical
+    subject = client_subject(canonical, ipv6_prefix)
+    if slash and (subject == canonical or length != subject.rpartition("/")[2]):
+        raise ValueError(f"{ip!r}: give an address, or its /{ipv6_prefix} network for IPv6")
+    return subject
 
 
 def _lease_msg(info: LeaseInfo) -> Any:
@@ -153,7 +159,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if (user is None) == (ip is None):
             raise ValueError("give exactly one of user or ip")
         if ip is not None:
-            ip = normalize_ip(ip)
+            ip = normalize_ip(ip, self._config().ipv6_prefix_length)
         out: list[LeaseInfo] = []
         for name in self._policies(policy):
             out.extend(await self._store.list_leases(name, user=user, ip=ip))
@@ -206,7 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         cfg = self._config()
 
         async def run() -> Any:
-            ip = normalize_ip(request.ip)
+            ip = normalize_ip(request.ip, cfg.ipv6_prefix_length)
             seconds = float(request.seconds)
             if not 0 < seconds <= MAX_BAN_SECONDS:
                 raise ValueError(f"seconds must be in (0, {MAX_BAN_SECONDS}]")
@@ -235,7 +241,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     async def Unban(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
-            ip = normalize_ip(request.ip)
+            ip = normalize_ip(request.ip, self._config().ipv6_prefix_length)
             unbanned = await self._store.unban(ip)
             jail = self._jail()
             if jail is not None:

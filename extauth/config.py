@@ -272,6 +272,9 @@ class Config(_Model):
     listen: str = "127.0.0.1:9001"
     store: str = "memory://"
     client_ip: ClientIp = "source"
+    # Per-IP quotas and bans count an IPv6 client by its network of this length
+    # (extauth/addresses.py says why); 128 counts single addresses.
+    ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
     lease_ttl_seconds: float = Field(default=60, gt=0)
     store_timeout_ms: float = Field(default=50, gt=0, le=10_000)
     store_on_error: Literal["deny", "allow"] = "deny"

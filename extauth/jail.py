@@ -55,9 +55,18 @@ def parse_networks(cidrs: list[str]) -> tuple[IpNetwork, ...]:
 
 
 def in_networks(ip: str, networks: tuple[IpNetwork, ...]) -> bool:
-    """True when ``ip`` (an address string) lies in one of ``networks``; False for a non-address."""
+    """True when ``ip`` lies in one of ``networks``: an address string, or a client subject
+    that is a network (``2001:db8:1:2::/64``, extauth.addresses.client_subject), which counts
+    when it overlaps one, since banning it would ban what it shares with that network.
+    False for anything else."""
     if not networks:
         return False
+    if "/" in ip:
+        try:
+            net = ipaddress.ip_network(ip, strict=False)
+        except ValueError:
+            return False
+        return any(net.overlaps(n) for n in networks if n.version == net.version)
     try:
         addr = ipaddress.ip_address(ip.strip("[]"))
     except ValueError:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from extauth.addresses import canonical_ip
+from extauth.addresses import canonical_ip, client_subject
 from extauth.handshake import is_upgrade_attempt, validate_handshake
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
@@ -72,7 +72,8 @@ class _Ctx:
     """What the pipeline has learned so far; used to build the final Decision."""
 
     decision_id: str
-    client_ip: str
+    client_ip: str  # the subject per-IP quotas and bans count (extauth.addresses.client_subject)
+    client_address: str = ""  # the address itself, logged when it differs from client_ip
     websocket: bool = False
     policy: CompiledPolicy | None = None
     verified: VerifiedToken | None = None
@@ -167,7 +168,8 @@ class Authorizer:
         return decision
 
     async def _run(self, rt: Runtime, req: CheckInput, ctx: _Ctx) -> Decision:
-        ctx.client_ip = client_ip(req, rt.config.xff_hops)
+        ctx.client_address = client_ip(req, rt.config.xff_hops)
+        ctx.client_ip = client_subject(ctx.client_address, rt.config.ipv6_prefix_length)
         ctx.websocket = is_upgrade_attempt(req.headers)
         policy = select_policy(rt.policies, rt.by_name, req.context, req.host, req.path)
         if policy is None:
@@ -328,6 +330,8 @@ class Authorizer:
             user=ctx.verified.user if ctx.verified else None,
             decision_id=ctx.decision_id, request_id=req.request_id,
             host=req.host[:256], route=req.path[:256], detail=detail,
+            # An IPv6 client is counted by its network: the address itself too, for forensics.
+            **({"client_address": ctx.client_address} if ctx.client_address != ctx.client_ip else {}),
         )
 
     def _observe(self, d: Decision, elapsed: float) -> None:

@@ -188,10 +188,21 @@ async def test_a_ban_holds_every_spelling_of_the_address(server: ExtAuthServer, 
     assert resp.ban.ip == "203.0.113.7"
     assert await check(server, "203.0.113.7", token("carol")) == "banned"
     assert await check(server, "::ffff:203.0.113.7", token("carol")) == "banned"
-    await admin.Ban(admin_pb2.BanRequest(ip="[2001:DB8:0:0::7]", seconds=60), timeout=5)
+    # An IPv6 address is banned as its /64, which is how the request path counts it.
+    resp = await admin.Ban(admin_pb2.BanRequest(ip="[2001:DB8:0:0::7]", seconds=60), timeout=5)
+    assert resp.ban.ip == "2001:db8::/64"
     assert await check(server, "2001:db8::7", token("carol")) == "banned"
+    assert await check(server, "2001:db8::1:2:3:4", token("carol")) == "banned"
+    assert await check(server, "2001:db8:0:1::7", token("carol")) == "allow"  # the next /64
     assert (await admin.Unban(admin_pb2.UnbanRequest(ip="2001:0db8::0007"), timeout=5)).unbanned
     assert await check(server, "2001:db8::7", token("carol")) == "allow"
+    # The network as `bans` lists it is accepted; another length, or an IPv4 one, is not.
+    assert (await admin.Ban(admin_pb2.BanRequest(ip="2001:db8::/64", seconds=60), timeout=5)).ban.ip == \
+        "2001:db8::/64"
+    assert (await admin.Unban(admin_pb2.UnbanRequest(ip="2001:db8::/64"), timeout=5)).unbanned
+    for bad in ("2001:db8::/48", "203.0.113.0/24", "203.0.113.7/32"):
+        assert await code_of(admin.Ban(admin_pb2.BanRequest(ip=bad, seconds=60), timeout=5)) == \
+            grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_with_the_jail_disabled_bans_are_refused_and_not_enforced() -> None:

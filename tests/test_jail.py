@@ -456,6 +456,42 @@ async def test_never_ban_is_denied_but_never_banned() -> None:
         await rig.jail.stop()
 
 
+async def test_an_ipv6_forger_rotating_through_its_64_is_banned_as_one_client(rig: Rig) -> None:
+    # One IPv6 client holds a whole /64: a new address per attempt must not reset its count,
+    # and the ban holds every address in it, but not the neighbouring /64.
+    rig.jail.configure(rig.cfg.abuse.model_copy(update={"ban_seconds": 600}))
+    for i in range(rig.cfg.abuse.threshold):
+        assert (await rig.hostile(f"2001:db8:1:2::{i + 1:x}", forged())).reason is Reason.TOKEN_BAD_SIGNATURE
+    assert rig.jail.is_banned("2001:db8:1:2::/64")
+    assert (await rig.check("2001:db8:1:2:aaaa:bbbb:cccc:dddd", token("bob"))).reason is Reason.BANNED
+    assert (await rig.check("2001:db8:1:3::1", token("bob"))).allowed
+    assert [b.ip for b in await rig.store.list_bans()] == ["2001:db8:1:2::/64"]
+
+
+async def test_with_ipv6_prefix_128_each_address_is_its_own_client() -> None:
+    cfg = config().model_copy(update={"ipv6_prefix_length": 128})
+    rig = Rig(cfg, MemoryStore())
+    await rig.jail.start()
+    try:
+        for i in range(cfg.abuse.threshold):
+            await rig.hostile(f"2001:db8:1:2::{i + 1:x}", forged())
+        assert await rig.store.list_bans() == []
+    finally:
+        await rig.jail.stop()
+
+
+async def test_a_64_holding_a_never_ban_address_is_never_banned() -> None:
+    rig = Rig(config(never_ban=["2001:db8:1:2::7/128"]), MemoryStore())
+    await rig.jail.start()
+    try:
+        for _ in range(rig.cfg.abuse.threshold * 2):
+            assert (await rig.hostile("2001:db8:1:2::66", forged())).reason is Reason.TOKEN_BAD_SIGNATURE
+        assert await rig.store.list_bans() == []
+        assert (await rig.check("2001:db8:1:2::7", token("bob"))).allowed
+    finally:
+        await rig.jail.stop()
+
+
 async def test_dry_run_counts_would_be_bans_without_enforcing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="extauth.jail")
     rig = Rig(config(dry_run=True), MemoryStore())
@@ -561,6 +597,9 @@ def test_never_ban_matching() -> None:
     assert in_networks("127.0.0.1", nets) and in_networks("::1", nets) and in_networks("10.2.3.4", nets)
     assert in_networks("::ffff:10.1.1.1", nets)  # v4-mapped v6
     assert not in_networks("203.0.113.66", nets) and not in_networks("not-an-ip", nets)
+    # A client subject that is a network counts when it overlaps one (it would ban it too).
+    assert in_networks("::/64", nets) and not in_networks("2001:db8::/64", nets)
+    assert not in_networks("not/a-network", nets)
 
 
 async def test_server_wires_the_jail_and_reconfigures_it_on_reload(tmp_path: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from typing import Any
@@ -161,6 +162,38 @@ async def test_exactly_n_concurrent_upgrades(jwks_file: str) -> None:
     results = await asyncio.gather(*(authz.check(req(f"token={tok}")) for _ in range(30)))
     assert sum(d.allowed for d in results) == 3
     assert {d.reason for d in results if not d.allowed} == {Reason.QUOTA_USER}
+
+
+def _quota_ip_cfg(jwks_file: str, **top: Any) -> Any:
+    base = cfg(jwks_file, **top)
+    policy = base.policies[0]
+    quotas = policy.quotas.model_copy(update={"connections_per_ip": 2})
+    return base.model_copy(update={"policies": [policy.model_copy(update={"quotas": quotas})]})
+
+
+@pytest.mark.parametrize(("prefix", "allowed"), [(64, 2), (128, 4)])
+async def test_ipv6_addresses_of_one_64_share_the_per_ip_quota(
+        jwks_file: str, prefix: int, allowed: int, caplog: pytest.LogCaptureFixture) -> None:
+    # One IPv6 client holds a /64: by default its addresses are one client for per-IP quotas.
+    authz = Authorizer(build_runtime(_quota_ip_cfg(jwks_file, ipv6_prefix_length=prefix)), MemoryStore())
+    decisions = []
+    for i, user in enumerate(["u1", "u2", "u3", "u4"]):
+        r = req(f"token={token(user)}")
+        r = CheckInput(method=r.method, host=r.host, path=r.path, query=r.query, headers=r.headers,
+                       source_ip=f"2001:db8:1:2::{i + 1}")
+        decisions.append(await authz.check(r))
+    assert sum(d.allowed for d in decisions) == allowed
+    assert {d.reason for d in decisions if not d.allowed} <= {Reason.QUOTA_IP}
+    subject = "2001:db8:1:2::/64" if prefix == 64 else "2001:db8:1:2::1"
+    assert decisions[0].client_ip == decisions[0].lease.ip == subject  # type: ignore[union-attr]
+    # The log names the subject, and the address itself when they differ.
+    caplog.set_level(logging.INFO, logger="extauth.decision")
+    r = req(f"token={token('u1')}", origin="https://evil.example")
+    await authz.check(CheckInput(method=r.method, host=r.host, path=r.path, query=r.query,
+                                 headers=r.headers, source_ip="2001:db8:1:2::9"))
+    fields = caplog.records[-1].fields  # type: ignore[attr-defined]
+    assert fields["client_ip"] == ("2001:db8:1:2::/64" if prefix == 64 else "2001:db8:1:2::9")
+    assert fields.get("client_address") == ("2001:db8:1:2::9" if prefix == 64 else None)
 
 
 async def test_swap_under_concurrent_load_never_fails_a_check(jwks_file: str) -> None:

@@ -351,6 +351,24 @@ async def test_record_hostile_bans_at_threshold(store: Store) -> None:
     assert (await store.acquire(ref("omar", "198.51.100.2"), Limits(), 30)).granted
 
 
+async def test_an_ipv6_network_subject_is_a_subject_like_any_other(store: Store) -> None:
+    # Per-IP quotas and bans count an IPv6 client by its /64 (extauth.addresses.client_subject):
+    # the subject "2001:db8:1:2::/64" must round-trip through every key and listing.
+    subject = "2001:db8:1:2::/64"
+    lease = ref("quinn", subject)
+    one = Limits(connections_per_ip=1)
+    assert (await store.acquire(lease, one, 30)).granted
+    assert (await store.acquire(ref("rui", subject), one, 30)).denied == Reason.QUOTA_IP
+    assert [li.ip for li in await store.list_leases("chat", ip=subject)] == [subject]
+    await store.release([lease])
+    assert await store.count("chat", ip=subject) == 0
+    for _ in range(2):
+        banned = await store.record_hostile(subject, dry_run=False, threshold=2, window=60, ban_seconds=30)
+    assert banned and [b.ip for b in await store.list_bans()] == [subject]
+    assert (await store.acquire(ref("quinn", subject), Limits(), 30)).denied == Reason.BANNED
+    assert await store.unban(subject)
+
+
 async def test_record_hostile_dry_run_never_bans(store: Store) -> None:
     ip = "198.51.100.3"
     assert await store.record_hostile(ip, dry_run=True, threshold=2, window=60, ban_seconds=30) is False
