@@ -131,8 +131,11 @@ async def test_filter_against_real_pipeline_lines(monkeypatch: pytest.MonkeyPatc
         Reason.ORIGIN_MISSING: ws("203.0.113.6", tok(), origin=None),
         Reason.NO_POLICY: ws("203.0.113.8", tok(), path="/elsewhere"),
     }
+    # IPv6: extauth counts the client's /64 ("client_ip"); the filter takes the address itself.
+    ipv6 = [(Reason.TOKEN_BAD_SIGNATURE, ws("2001:db8:1:2::7", tok(secret="x" * 64))),
+            (Reason.TOKEN_EXPIRED, ws("2001:db8:1:2::8", tok(exp=now - 120)))]
     caplog.set_level(logging.INFO, logger=DECISION_LOG.name)
-    for reason, req in cases.items():
+    for reason, req in [*cases.items(), *ipv6]:
         caplog.clear()
         d = await auth.check(req)
         assert d.reason is reason
