@@ -30,14 +30,16 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from extauth._generated.extauth.admin.v1 import admin_pb2, admin_pb2_grpc
 from extauth.addresses import canonical_ip, client_subject
-from extauth.config import Config, ConfigError
+from extauth.config import AdminTls, Config, ConfigError
 from extauth.jail import in_networks, parse_networks
 from extauth.logs import log_event
 from extauth.metrics import Metrics
@@ -319,6 +321,21 @@ def admin_token(cfg: Config) -> str | None:
     return None
 
 
+def server_credentials(tls: AdminTls) -> grpc.ServerCredentials:
+    """The admin API's TLS credentials from the configured files (ConfigError when one
+    cannot be read, so a bad path stops start-up instead of serving in clear text)."""
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"admin_tls.{what}: cannot read {path}: {e.strerror}") from None
+
+    cert, key = read(tls.cert_file, "cert_file"), read(tls.key_file, "key_file")
+    ca = read(tls.client_ca_file, "client_ca_file") if tls.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
 class AdminServer:
     """The admin API on its own port. ``port`` is the bound port (``admin_listen`` may use port 0)."""
 
@@ -331,8 +348,11 @@ class AdminServer:
         self.requires_token = False
 
     def check(self) -> str | None:
-        """Validate the token settings without binding anything (raises ConfigError)."""
-        return admin_token(self._config())
+        """Validate the token and TLS settings without binding anything (raises ConfigError)."""
+        cfg = self._config()
+        if cfg.admin_tls is not None:
+            server_credentials(cfg.admin_tls)
+        return admin_token(cfg)
 
     async def start(self) -> None:
         cfg = self._config()
@@ -340,8 +360,13 @@ class AdminServer:
         interceptors = [_TokenInterceptor(token)] if token else []
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         admin_pb2_grpc.add_AdminServicer_to_server(self._servicer, server)
+        tls = cfg.admin_tls
+        if tls is None and not is_loopback(cfg.admin_listen):
+            log_event(log, logging.WARNING, "admin API off loopback without TLS: its bearer token "
+                      "crosses the network in clear text; set admin_tls", listen=cfg.admin_listen)
         try:
-            port = server.add_insecure_port(cfg.admin_listen)
+            port = (server.add_secure_port(cfg.admin_listen, server_credentials(tls)) if tls is not None
+                    else server.add_insecure_port(cfg.admin_listen))
         except RuntimeError as e:  # grpcio raises on a failed bind in recent versions
             raise OSError(f"cannot listen on {cfg.admin_listen}: {e}") from None
         if port == 0:
@@ -351,7 +376,8 @@ class AdminServer:
         self.port = port
         self.requires_token = token is not None
         log_event(log, logging.INFO, "admin API serving", listen=cfg.admin_listen, port=port,
-                  token_required=self.requires_token)
+                  token_required=self.requires_token, tls=tls is not None,
+                  client_certs=tls is not None and tls.client_ca_file is not None)
 
     async def stop(self, grace: float = 1.0) -> None:
         server, self._server = self._server, None
@@ -362,14 +388,41 @@ class AdminServer:
 # -- client ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """How ``extauth admin`` speaks TLS: the CA to trust (None: the system's roots), a client
+    certificate for mutual TLS, and the name to expect on the server's certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            try:
+                return Path(path).read_bytes() if path else None
+            except OSError as e:
+                raise ValueError(f"cannot read {path}: {e.strerror}") from None
+
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both --tls-cert and --tls-key, or neither")
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
 class AdminClient:
     """Synchronous client for the admin API. Every method raises AdminError on failure."""
 
-    def __init__(self, address: str, token: str | None = None, *, timeout: float = 5.0) -> None:
+    def __init__(self, address: str, token: str | None = None, *, timeout: float = 5.0,
+                 tls: ClientTls | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(address)
+        self._channel = (grpc.secure_channel(address, tls.credentials(), options=tls.options())
+                         if tls is not None else grpc.insecure_channel(address))
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
 
     def close(self) -> None:
@@ -541,6 +594,13 @@ def add_admin_parser(sub: Any) -> None:
     common.add_argument("--token-env", metavar="NAME",
                         help=f"environment variable holding the admin token (default: admin_token_env "
                              f"from -c CONFIG, else {DEFAULT_TOKEN_ENV})")
+    common.add_argument("--tls", action="store_true",
+                        help="speak TLS (implied by --tls-ca, and by admin_tls in -c CONFIG)")
+    common.add_argument("--tls-ca", metavar="PEM", help="CA to trust for the server (default: the system's)")
+    common.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    common.add_argument("--tls-key", metavar="PEM", help="client key, for mutual TLS")
+    common.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name the server's certificate must carry (default: the address's host)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     common.add_argument("--timeout", type=float, default=5.0, metavar="S", help="per-call deadline")
     # The same options after the subcommand; SUPPRESS keeps them from clobbering earlier ones.
@@ -586,21 +646,26 @@ def add_admin_parser(sub: Any) -> None:
     p.set_defaults(func=run_admin)
 
 
-def _client_settings(args: Any) -> tuple[str, str | None]:
+def _client_settings(args: Any) -> tuple[str, str | None, ClientTls | None]:
     address = args.admin
     token_env = args.token_env
-    if args.config and (address is None or token_env is None):
+    config_tls = False
+    if args.config:
         from extauth.config import load_config
 
         cfg = load_config(args.config)  # ConfigError: the CLI prints it
         address = address or cfg.admin_listen
         token_env = token_env or cfg.admin_token_env
+        config_tls = cfg.admin_tls is not None
     address = address or DEFAULT_ADMIN
     host, port = split_hostport(address)
     if host in ("0.0.0.0", "::", ""):  # a wildcard bind: talk to it over loopback
         address = f"127.0.0.1:{port}" if host != "::" else f"[::1]:{port}"
     token = os.environ.get(token_env or DEFAULT_TOKEN_ENV) or None
-    return address, token
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name or config_tls:
+        tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return address, token, tls
 
 
 def run_admin(args: Any) -> int:
@@ -608,8 +673,8 @@ def run_admin(args: Any) -> int:
     import sys
 
     try:
-        address, token = _client_settings(args)
-        with AdminClient(address, token, timeout=args.timeout) as client:
+        address, token, tls = _client_settings(args)
+        with AdminClient(address, token, timeout=args.timeout, tls=tls) as client:
             out = _run(client, args)
     except (AdminError, ValueError) as e:
         print(f"extauth admin: {e}", file=sys.stderr)

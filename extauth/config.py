@@ -265,6 +265,16 @@ class Abuse(_Model):
         return v
 
 
+class AdminTls(_Model):
+    """TLS for the admin API: its bearer token must not cross a network in clear text."""
+
+    cert_file: str  # PEM certificate chain, leaf first
+    key_file: str  # PEM private key
+    # Mutual TLS: clients must present a certificate signed by this CA (the token is still required
+    # off loopback).
+    client_ca_file: str | None = None
+
+
 ClientIp = Annotated[str, Field(pattern=r"^(source|xff:[0-9]{1,2})$")]
 
 
@@ -285,6 +295,7 @@ class Config(_Model):
     allow_memo_size: int = Field(default=10_000, ge=0, le=10_000_000)
     admin_listen: str = "127.0.0.1:9002"
     admin_token_env: str = "EXTAUTH_ADMIN_TOKEN"
+    admin_tls: AdminTls | None = None
     metrics_listen: str | None = None
     # How often active leases are counted in the store for the gauge (a SCAN on Redis).
     metrics_sample_seconds: float = Field(default=5.0, ge=0.1, le=3600)

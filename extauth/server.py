@@ -238,7 +238,7 @@ class ExtAuthServer:
     def _check_reloadable(self, cfg: Config) -> None:
         # Sockets and the store connection are not swapped live: say so instead
         # of silently ignoring the change.
-        for key in ("listen", "store", "admin_listen", "metrics_listen"):
+        for key in ("listen", "store", "admin_listen", "admin_tls", "metrics_listen"):
             if getattr(cfg, key) != getattr(self.config, key):
                 raise ValueError(f"{key}: changing it needs a restart")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -27,6 +28,7 @@ from extauth.store.memory import MemoryStore
 from tests.envoy_msgs import check_request, headers_of, ws_headers
 from tests.keys import HMAC_SECRET, sign
 from tests.test_jail import FlakyStore
+from tests.tls_proxy import make_ca, make_leaf_cert
 
 ISS = "https://issuer.example.com"
 SECRET_ENV = "EXTAUTH_TEST_ADMIN_SECRET"
@@ -270,11 +272,15 @@ async def test_store_down_unavailable_and_partial_stats() -> None:
 # -- authentication -----------------------------------------------------------------------------
 
 
-async def test_non_loopback_bind_requires_the_bearer_token(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_non_loopback_bind_requires_the_bearer_token(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv(TOKEN_ENV, ADMIN_TOKEN)
+    caplog.set_level(logging.WARNING, logger="extauth.admin")
     srv = await started(config_dict(admin_listen="0.0.0.0:0"))
     try:
         assert srv.admin.requires_token
+        # Without admin_tls the token crosses the network in clear text: say so at start.
+        assert any("without TLS" in r.getMessage() for r in caplog.records), caplog.text
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.admin_port}") as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             for method, req in [(admin.ListBans, admin_pb2.ListBansRequest()),
@@ -332,6 +338,95 @@ def test_helpers() -> None:
             parse_duration(bad)
     assert format_table(("A", "NUM"), [("x", 5), ("long", 100)]).splitlines() == [
         "A     NUM", "x       5", "long  100"]
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    ca, ca_key, ca_cert = make_ca(tmp_path, "admin-ca")
+    cert, key = make_leaf_cert(tmp_path, ca_key, ca_cert, "admin-server")
+    client_cert, client_key = make_leaf_cert(tmp_path, ca_key, ca_cert, "admin-client")
+    other_ca, _, _ = make_ca(tmp_path, "other-ca")
+    return {"ca": ca, "cert": cert, "key": key, "client_cert": client_cert, "client_key": client_key,
+            "other_ca": other_ca}
+
+
+async def _list_bans(port: int, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
+    target = f"127.0.0.1:{port}"
+    channel = (grpc.aio.secure_channel(target, credentials) if credentials
+               else grpc.aio.insecure_channel(target))
+    async with channel:
+        try:
+            await admin_pb2_grpc.AdminStub(channel).ListBans(admin_pb2.ListBansRequest(), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+async def test_admin_tls_serves_only_tls_clients_that_trust_it(pki: dict[str, Path]) -> None:
+    tls = {"cert_file": str(pki["cert"]), "key_file": str(pki["key"])}
+    srv = await started(config_dict(admin_tls=tls))
+    try:
+        trusted = grpc.ssl_channel_credentials(pki["ca"].read_bytes())
+        assert await _list_bans(srv.admin_port, trusted) == grpc.StatusCode.OK
+        assert await _list_bans(srv.admin_port, None) == grpc.StatusCode.UNAVAILABLE  # clear text
+        untrusted = grpc.ssl_channel_credentials(pki["other_ca"].read_bytes())
+        assert await _list_bans(srv.admin_port, untrusted) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await srv.stop(drain=0)
+
+
+async def test_admin_mutual_tls_wants_a_client_certificate(pki: dict[str, Path]) -> None:
+    tls = {"cert_file": str(pki["cert"]), "key_file": str(pki["key"]), "client_ca_file": str(pki["ca"])}
+    srv = await started(config_dict(admin_tls=tls))
+    try:
+        ca = pki["ca"].read_bytes()
+        no_cert = grpc.ssl_channel_credentials(ca)
+        assert await _list_bans(srv.admin_port, no_cert) == grpc.StatusCode.UNAVAILABLE
+        with_cert = grpc.ssl_channel_credentials(ca, pki["client_key"].read_bytes(),
+                                                 pki["client_cert"].read_bytes())
+        assert await _list_bans(srv.admin_port, with_cert) == grpc.StatusCode.OK
+    finally:
+        await srv.stop(drain=0)
+
+
+async def test_an_unreadable_admin_tls_file_stops_start_up(pki: dict[str, Path], tmp_path: Path) -> None:
+    srv = ExtAuthServer(parse_config(config_dict(
+        admin_tls={"cert_file": str(tmp_path / "missing.pem"), "key_file": str(pki["key"])})))
+    with pytest.raises(ConfigError, match=r"admin_tls\.cert_file"):
+        await srv.start()
+    await srv.stop(drain=0)
+
+
+async def test_cli_over_tls_and_mutual_tls(pki: dict[str, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, ADMIN_TOKEN)
+    port = _closed_port()
+    cfg = config_dict(admin_listen=f"0.0.0.0:{port}", admin_tls={
+        "cert_file": str(pki["cert"]), "key_file": str(pki["key"]), "client_ca_file": str(pki["ca"])})
+    srv = await started(cfg)
+    try:
+        path = tmp_path / "extauth.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {TOKEN_ENV: ADMIN_TOKEN, SECRET_ENV: HMAC_SECRET}
+        mtls = ("--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]),
+                "--tls-key", str(pki["client_key"]))
+        rc, out, err = await cli("-c", str(path), *mtls, "bans", env=env)  # TLS implied by the config
+        assert rc == 0 and out.strip() == "no active bans", err
+        rc, out, err = await cli("--admin", f"127.0.0.1:{port}", "--token-env", TOKEN_ENV, *mtls,
+                                 "bans", env=env)
+        assert rc == 0 and out.strip() == "no active bans", err
+        # Without the client certificate, or in clear text: one line, no traceback.
+        for args in (("-c", str(path), "--tls-ca", str(pki["ca"])), ("--admin", f"127.0.0.1:{port}")):
+            rc, out, err = await cli(*args, "bans", env=env)
+            assert rc == 1 and "unavailable" in err.lower() and "Traceback" not in err, err
+        rc, out, err = await cli("-c", str(path), "--tls-ca", str(pki["ca"]), "--tls-cert",
+                                 str(pki["client_cert"]), "bans", env=env)
+        assert rc == 1 and "--tls-key" in err and "Traceback" not in err, err
+    finally:
+        await srv.stop(drain=0)
 
 
 # -- the CLI ------------------------------------------------------------------------------------
