@@ -33,6 +33,7 @@ from extauth.admin import AdminServer
 from extauth.config import Config, ConfigError, load_config, with_overrides
 from extauth.envoy_api import check_input, decision_id_field, repeat_key, response_bytes
 from extauth.jail import Jail
+from extauth.lease_tag import REFRESH_SECONDS as LEASE_KEY_REFRESH_SECONDS
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import log_event
 from extauth.metrics import JwksCollector, Metrics
@@ -116,7 +117,7 @@ class ExtAuthServer:
         self.jail: Jail | None = (
             Jail(config.abuse, self.store, self.metrics) if config.abuse.enabled else None)
         # One lease tagger for the checks that issue leases and the access log that takes them back.
-        tagger = LeaseTagger()
+        tagger = self.tagger = LeaseTagger()
         self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics, jail=self.jail,
                                      tagger=tagger)
         self.admin = AdminServer(lambda: self.config, self.store, self.metrics, lambda: self.jail)
@@ -129,6 +130,7 @@ class ExtAuthServer:
         self.metrics_port: int = 0
         self._metrics_http: Any = None
         self._sampler: asyncio.Task[None] | None = None
+        self._lease_keys: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self.metrics.registry.register(JwksCollector(self._verifiers_by_policy))
 
@@ -164,6 +166,7 @@ class ExtAuthServer:
                       error=str(e))
         await self._warm(self.authorizer.runtime)
         self._start_metrics()
+        self._lease_keys = asyncio.create_task(self._check_lease_key())
         # SERVING only once config is loaded and the port is open.
         for name in ("", AUTHZ_SERVICE, ALS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -178,6 +181,16 @@ class ExtAuthServer:
         self._metrics_http = httpd
         self.metrics_port = httpd.server_address[1]
         self._sampler = asyncio.create_task(self._sample_store())
+
+    async def _check_lease_key(self) -> None:
+        """Keep this replica's lease-tag key in the store (extauth/lease_tag.py: a store that
+        lost its data gets it back, or the replicas converge on the one that won)."""
+        while True:
+            await asyncio.sleep(LEASE_KEY_REFRESH_SECONDS)
+            try:
+                await self.tagger.refresh(self.store)
+            except Exception as e:  # the store's own metrics tell an outage; try again later
+                log_event(log, logging.DEBUG, "lease key check failed", error=type(e).__name__)
 
     async def _sample_store(self) -> None:
         """Active leases come from the store (shared by all replicas), not a per-process guess."""
@@ -261,8 +274,9 @@ class ExtAuthServer:
         self._server = None
         if self.jail is not None:
             await self.jail.stop()
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._lease_keys):
+            if task is not None:
+                task.cancel()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -31,6 +31,7 @@ from extauth.store.base import (
     AcquireResult,
     BanInfo,
     LeaseInfo,
+    LeaseKeys,
     LeaseRef,
     Limits,
     Store,
@@ -220,9 +221,9 @@ class FlakyStore(Store):
     async def ping(self) -> None:
         self._check()
 
-    async def lease_key(self) -> str:
+    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
         self._check()
-        return await self.inner.lease_key()
+        return await self.inner.lease_key(candidate, replaces)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -7,6 +7,7 @@ deadlines instead of long sleeps.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 
 from extauth.reasons import Reason
 from extauth.store import LeaseRef, Limits, MemoryStore, Store, StoreError, new_lease_id, open_store
+from extauth.store.base import PREVIOUS_LEASE_KEYS, LeaseKeys
 from extauth.store.redis import RedisStore, escape
 from tests.redis_servers import RedisClusterServers, RedisServer
 
@@ -145,18 +147,33 @@ async def test_refresh_keeps_a_lease_alive_past_its_ttl(store: Store) -> None:
 
 async def test_lease_key_is_stable_and_shared_by_every_replica(store: Store, key_prefix: str,
                                                                request: pytest.FixtureRequest) -> None:
-    key = await store.lease_key()
-    assert len(bytes.fromhex(key)) == 32
-    assert await store.lease_key() == key
+    first, second = secrets.token_hex(32), secrets.token_hex(32)
+    keys = await store.lease_key(first)
+    assert keys == LeaseKeys(first)  # the first candidate becomes the key
+    assert await store.lease_key(second) == keys  # a later replica's candidate does not
     if isinstance(store, RedisStore):
         backend = request.node.callspec.params["store"]
         url = (request.getfixturevalue("redis_server") if backend == "redis"
                else request.getfixturevalue("redis_cluster")).url
         other = RedisStore.from_url(url, key_prefix=key_prefix)  # another replica
         try:
-            assert await other.lease_key() == key
+            assert await other.lease_key(secrets.token_hex(32)) == keys
         finally:
             await other.close()
+
+
+async def test_a_replaced_lease_key_stays_accepted_and_bounded(store: Store) -> None:
+    current = secrets.token_hex(32)
+    await store.lease_key(current)
+    # A replica that tagged leases under another key (the store had lost the key, and another
+    # replica's got in first): its key is kept among the previous ones, once, and bounded.
+    mine = secrets.token_hex(32)
+    assert await store.lease_key(mine, replaces=True) == LeaseKeys(current, (mine,))
+    assert await store.lease_key(mine, replaces=True) == LeaseKeys(current, (mine,))
+    assert await store.lease_key(current, replaces=True) == LeaseKeys(current, (mine,))
+    for _ in range(PREVIOUS_LEASE_KEYS + 3):
+        keys = await store.lease_key(secrets.token_hex(32), replaces=True)
+    assert keys.current == current and len(keys.previous) == PREVIOUS_LEASE_KEYS
 
 
 async def test_acquire_is_idempotent_per_lease_id(store: Store) -> None:

@@ -17,7 +17,7 @@ from extauth.config import parse_config
 from extauth.metrics import Metrics
 from extauth.reasons import Reason
 from extauth.store import GuardedStore, LeaseRef, Limits, MemoryStore, StoreError, new_lease_id
-from extauth.store.base import AcquireResult, BanInfo, LeaseInfo, Store
+from extauth.store.base import AcquireResult, BanInfo, LeaseInfo, LeaseKeys, Store
 from extauth.store.redis import RedisStore
 from tests.redis_servers import RedisServer
 
@@ -255,9 +255,9 @@ class Scripted(Store):
     async def ping(self) -> None:
         await self._go()
 
-    async def lease_key(self) -> str:
+    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
         await self._go()
-        return "00" * 32
+        return LeaseKeys("00" * 32)
 
     async def close(self) -> None:
         pass

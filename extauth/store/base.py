@@ -67,6 +67,21 @@ class BanInfo:
     reason: str
 
 
+# Replaced lease-tag keys kept for verification: a bounded few, for a day (longer than the
+# generated Envoy config lets a WebSocket live, max_stream_duration).
+PREVIOUS_LEASE_KEYS = 8
+PREVIOUS_LEASE_KEY_SECONDS = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseKeys:
+    """The lease-tag key (hex) every replica on a store shares, and keys it replaced that
+    tags of open connections may still carry (``Store.lease_key``)."""
+
+    current: str
+    previous: tuple[str, ...] = ()
+
+
 class Store(abc.ABC):
     """All methods are coroutines and may raise StoreError; none may hang (callers add timeouts)."""
 
@@ -127,9 +142,13 @@ class Store(abc.ABC):
     async def ping(self) -> None: ...
 
     @abc.abstractmethod
-    async def lease_key(self) -> str:
-        """A random secret (hex) shared by every replica on this store, created on first use:
-        the key of the lease tags (``extauth/lease_tag.py``)."""
+    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
+        """The key of the lease tags (``extauth/lease_tag.py``): a secret (hex) every replica
+        on this store shares. ``candidate`` becomes it when the store has none: the first
+        replica to ask, or a store that lost its data, where the replicas still running put
+        back the key they tag with (``LeaseTagger.refresh``). ``replaces``: the candidate
+        has tagged leases, so when another key is current it is kept among ``previous``
+        (bounded, and for a day) and tags made under it still verify on every replica."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

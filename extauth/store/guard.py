@@ -24,6 +24,7 @@ from extauth.store.base import (
     AcquireResult,
     BanInfo,
     LeaseInfo,
+    LeaseKeys,
     LeaseRef,
     Limits,
     Store,
@@ -286,9 +287,10 @@ class GuardedStore(Store):
     async def ping(self) -> None:
         await self._guard("ping", self.inner.ping)
 
-    async def lease_key(self) -> str:
-        # Read once per process, off the request path's timeout (the first acquire waits on it).
-        return await self._background("lease_key", self.inner.lease_key)
+    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
+        # At start and every few seconds, off the request path's timeout and breaker (the
+        # first acquire waits on it).
+        return await self._background("lease_key", lambda: self.inner.lease_key(candidate, replaces))
 
     async def close(self) -> None:
         """Closes the wrapped store; never refused by the breaker."""

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import heapq
 import math
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
 from extauth.reasons import Reason
 from extauth.store.base import (
+    PREVIOUS_LEASE_KEYS,
     AcquireResult,
     BanInfo,
     LeaseInfo,
+    LeaseKeys,
     LeaseRef,
     Limits,
     Store,
@@ -104,7 +105,8 @@ class MemoryStore(Store):
         self._bans: dict[str, tuple[float, str]] = {}
         self._closed = False
         self._ops = 0
-        self._lease_key = secrets.token_hex(32)  # one replica: this process's own
+        self._lease_key: str | None = None  # one replica: its tagger's own (lease_key)
+        self._previous_keys: tuple[str, ...] = ()
 
     # -- helpers ---------------------------------------------------------
 
@@ -314,9 +316,13 @@ class MemoryStore(Store):
     async def ping(self) -> None:
         self._check_open()
 
-    async def lease_key(self) -> str:
+    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
         self._check_open()
-        return self._lease_key
+        if self._lease_key is None:
+            self._lease_key = candidate
+        elif replaces and candidate != self._lease_key and candidate not in self._previous_keys:
+            self._previous_keys = (*self._previous_keys, candidate)[-PREVIOUS_LEASE_KEYS:]
+        return LeaseKeys(self._lease_key, self._previous_keys)
 
     async def close(self) -> None:
         self._closed = True

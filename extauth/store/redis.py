@@ -48,9 +48,12 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from extauth.reasons import Reason
 from extauth.store.base import (
+    PREVIOUS_LEASE_KEY_SECONDS,
+    PREVIOUS_LEASE_KEYS,
     AcquireResult,
     BanInfo,
     LeaseInfo,
+    LeaseKeys,
     LeaseRef,
     Limits,
     Store,
@@ -65,7 +68,7 @@ _FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException,
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@:-")
 _SAFE_RE = re.compile(r"[A-Za-z0-9._@:-]*")
-_SCRIPTS = ("acquire", "refresh", "hit", "hostile")
+_SCRIPTS = ("acquire", "refresh", "hit", "hostile", "lease_key")
 # Slack before the ban index forgets an entry by its score (the ban key itself is authoritative).
 _BAN_INDEX_SLACK_MS = 300_000
 
@@ -134,6 +137,9 @@ class Keys:
 
     def lease_key(self) -> str:
         return f"{self.prefix}:{{lease_key}}"
+
+    def previous_lease_keys(self) -> str:
+        return f"{self.prefix}:{{lease_key}}:previous"  # the same slot as lease_key
 
     def bans_index(self) -> str:
         return f"{self.prefix}:{{bans}}"
@@ -615,13 +621,16 @@ class RedisStore(Store):
             await self._ready()
             await self._client.ping()
 
-    async def lease_key(self) -> str:
-        # SET NX: the first replica to ask creates it, every other one reads the same value.
-        key = self.keys.lease_key()
+    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
+        # One script (lua/lease_key.lua): the first replica to ask creates the key, every
+        # other one reads it, and a store that lost it gets it back from the replicas.
+        k = self.keys
         with _errors():
             await self._ready()
-            await self._client.set(key, secrets.token_hex(32), nx=True)
-            return _s(await self._client.get(key))
+            current, previous = await self._script(
+                "lease_key", [k.lease_key(), k.previous_lease_keys()],
+                [candidate, "1" if replaces else "0", PREVIOUS_LEASE_KEY_SECONDS, PREVIOUS_LEASE_KEYS])
+        return LeaseKeys(_s(current), tuple(_s(p) for p in previous))
 
     async def close(self) -> None:
         if self._tasks:  # let background rollbacks finish (bounded by the socket timeouts)

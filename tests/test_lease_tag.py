@@ -1,0 +1,83 @@
+"""Lease tags across replicas when the store loses its data: a Redis restart without
+persistence (or FLUSHALL) takes the shared tag key with it while replicas still tag with it.
+The replicas must agree again, and the tags of connections already open must keep verifying
+on every replica, or their refreshes and releases are ignored and the leases expire under
+open connections."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from extauth.lease_tag import LeaseTagger
+from extauth.store import LeaseRef, MemoryStore
+from extauth.store.redis import RedisStore
+from tests.redis_servers import RedisServer
+
+
+def ref(user: str = "alice") -> LeaseRef:
+    return LeaseRef(f"lease-of-{user}", "chat", user, "198.51.100.7")
+
+
+async def _lose_the_data(redis_server: RedisServer, key_prefix: str) -> None:
+    store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
+    try:
+        keys = store.keys
+        await store._client.delete(keys.lease_key(), keys.previous_lease_keys())
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer, key_prefix: str) -> AsyncIterator[list[RedisStore]]:
+    stores = [RedisStore.from_url(redis_server.url, key_prefix=key_prefix) for _ in range(2)]
+    try:
+        yield stores
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_running_replicas_put_their_key_back(replicas: list[RedisStore], redis_server: RedisServer,
+                                                   key_prefix: str) -> None:
+    old_store, new_store = replicas
+    old = LeaseTagger()
+    await old.load(old_store)
+    tag = old.tag(ref())
+    await _lose_the_data(redis_server, key_prefix)
+    await old.refresh(old_store)  # its periodic check runs before the new replica starts
+    new = LeaseTagger()
+    await new.load(new_store)
+    assert new.valid(ref(), tag)
+    assert old.tag(ref("bob")) == new.tag(ref("bob"))
+
+
+async def test_when_a_new_replica_got_in_first_every_replica_accepts_both(
+        replicas: list[RedisStore], redis_server: RedisServer, key_prefix: str) -> None:
+    old_store, new_store = replicas
+    old = LeaseTagger()
+    await old.load(old_store)
+    before = old.tag(ref())  # a connection opened before the data loss
+    await _lose_the_data(redis_server, key_prefix)
+    new = LeaseTagger()
+    await new.load(new_store)  # started in between: its own key becomes the store's
+    assert not new.valid(ref(), before)
+    await old.refresh(old_store)  # adopts the new key, leaves its own among the previous
+    await new.refresh(new_store)  # learns the old one
+    assert new.valid(ref(), before) and old.valid(ref(), before)
+    after = old.tag(ref("bob"))
+    assert after == new.tag(ref("bob")) and new.valid(ref("bob"), after)
+    # A forged tag still fails under every accepted key.
+    assert not new.valid(ref(), before[:-2] + "AA") and not old.valid(ref("mallory"), before)
+
+
+async def test_refresh_before_load_does_nothing_and_memory_store_keeps_one_key() -> None:
+    store = MemoryStore()
+    tagger = LeaseTagger()
+    await tagger.refresh(store)
+    assert not tagger.ready
+    await tagger.load(store)
+    tag = tagger.tag(ref())
+    await tagger.refresh(store)
+    assert tagger.tag(ref()) == tag and tagger.valid(ref(), tag)
