@@ -58,28 +58,28 @@ def req(query: str = "", **headers: str) -> CheckInput:
     return CheckInput(method="GET", host="h", path="/ws", query=query, headers=h, source_ip="198.51.100.9")
 
 
+def _peer(source_ip: str, xff: str | None = None) -> CheckInput:
+    headers = {"x-forwarded-for": xff} if xff is not None else {}
+    return CheckInput(method="GET", host="h", path="/", query="", source_ip=source_ip, headers=headers)
+
+
 def test_client_ip_from_trusted_xff_hops() -> None:
-    r = CheckInput(method="GET", host="h", path="/", query="", source_ip="10.0.0.1",
-                   headers={"x-forwarded-for": "203.0.113.5, 192.0.2.1, 10.0.0.9"})
+    r = _peer("10.0.0.1", "203.0.113.5, 192.0.2.1, 10.0.0.9")
     assert client_ip(r, 0) == "10.0.0.1"
     assert client_ip(r, 1) == "10.0.0.9"
     assert client_ip(r, 3) == "203.0.113.5"
     assert client_ip(r, 4) == "10.0.0.1"  # fewer entries than trusted hops: use the peer
-    bad = CheckInput(method="GET", host="h", path="/", query="", source_ip="10.0.0.1",
-                     headers={"x-forwarded-for": "not-an-ip"})
-    assert client_ip(bad, 1) == "10.0.0.1"
+    assert client_ip(_peer("10.0.0.1", "not-an-ip"), 1) == "10.0.0.1"
 
 
 def test_client_ip_has_one_spelling_per_address() -> None:
     # Quota keys and bans are per address: the mapped form and IPv6 spellings must not make
     # one client several.
-    mapped = CheckInput(method="GET", host="h", path="/", query="", source_ip="::ffff:192.0.2.7",
-                        headers={"x-forwarded-for": "::FFFF:203.0.113.5, 2001:DB8:0::1"})
+    mapped = _peer("::ffff:192.0.2.7", "::FFFF:203.0.113.5, 2001:DB8:0::1")
     assert client_ip(mapped, 0) == "192.0.2.7"
     assert client_ip(mapped, 1) == "2001:db8::1"
     assert client_ip(mapped, 2) == "203.0.113.5"
-    odd = CheckInput(method="GET", host="h", path="/", query="", source_ip="unix:/run/envoy.sock", headers={})
-    assert client_ip(odd, 0) == "unix:/run/envoy.sock"  # not an IP: kept as given
+    assert client_ip(_peer("unix:/run/envoy.sock"), 0) == "unix:/run/envoy.sock"  # not an IP: as given
 
 
 async def test_shadow_mode_allows_and_tags(jwks_file: str) -> None:
