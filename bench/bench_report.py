@@ -389,7 +389,7 @@ def _churn(w: Any, r: dict[str, Any]) -> None:
     w(f"| release on end entries (pipelined ZREM, batched per access-log message) | {n0(rt['release'])} for "
       f"{n0(refs.get('release', 0))} leases | **{rt['release'] / rel:.3f} per release** |")
     w(f"| new connections' setup (CLIENT SETNAME, SETINFO…) | {n0(rt['connection_setup'])} | |")
-    w(f"| other (the jail's ban refresh, once a second) | {n0(rt['other'])} | |")
+    w(f"| other (the jail's ban refresh once a second, the lease-key check every 5 s) | {n0(rt['other'])} | |")
     w("")
     w("So one WebSocket costs exactly one Redis round trip on the request path (the acquire), and its refresh "
       f"and release ride on batched pipelines: {refs.get('release', 0) / max(1.0, rt['release']):.1f} releases "
