@@ -44,3 +44,14 @@ def client_subject(address: str, ipv6_prefix: int) -> str:
         return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     except ValueError:
         return address
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); False for any other
+    name, which may resolve to a public address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

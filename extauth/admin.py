@@ -23,7 +23,6 @@ shell over; the ``render_*`` helpers print its answers as tables or JSON.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from extauth._generated.extauth.admin.v1 import admin_pb2, admin_pb2_grpc
-from extauth.addresses import canonical_ip, client_subject
+from extauth.addresses import canonical_ip, client_subject, is_loopback_host
 from extauth.config import AdminTls, Config, ConfigError
 from extauth.jail import in_networks, parse_networks
 from extauth.logs import log_event
@@ -75,12 +74,7 @@ def split_hostport(value: str) -> tuple[str, int]:
 def is_loopback(listen: str) -> bool:
     """True when a HOST:PORT binds loopback only (127.0.0.0/8, ::1 or localhost)."""
     host, _ = split_hostport(listen)
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: assume it may resolve to a public address
+    return is_loopback_host(host)
 
 
 def parse_duration(text: str) -> float:

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from extauth.addresses import is_loopback_host
 from extauth.origin import parse_origin_pattern
 
 # Algorithms we verify. "none" is absent on purpose and can never be configured.
@@ -58,18 +59,6 @@ class ConfigError(Exception):
 class _Model(BaseModel):
     # Unknown keys are refused: a typo in a security config must not be ignored silently.
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv4Address):
-        return ip in ipaddress.IPv4Network("127.0.0.0/8")
-    return ip == ipaddress.IPv6Address("::1")
 
 
 def _hostport(value: str) -> str:
@@ -146,7 +135,7 @@ class JwtConfig(_Model):
         if "@" in parts.netloc:
             # urllib would not send it as credentials but look the whole "user:pass@host" up in DNS.
             raise ValueError("must not contain user:password@ (credentials in the URL are not supported)")
-        if v.startswith("http://") and not _loopback(host):
+        if v.startswith("http://") and not is_loopback_host(host):
             raise ValueError("must be https:// (plain http:// only for localhost, 127.0.0.0/8 or ::1)")
         return v
 
