@@ -315,14 +315,20 @@ def admin_token(cfg: Config) -> str | None:
     return None
 
 
+def _read_pem(path: str, error: type[Exception], context: str = "") -> bytes:
+    """A certificate or key file's bytes; ``error`` (the caller's kind: ConfigError at start-up,
+    ValueError in the CLI) names the file when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{context}cannot read {path}: {e.strerror}") from None
+
+
 def server_credentials(tls: AdminTls) -> grpc.ServerCredentials:
     """The admin API's TLS credentials from the configured files (ConfigError when one
     cannot be read, so a bad path stops start-up instead of serving in clear text)."""
     def read(path: str, what: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as e:
-            raise ConfigError(f"admin_tls.{what}: cannot read {path}: {e.strerror}") from None
+        return _read_pem(path, ConfigError, f"admin_tls.{what}: ")
 
     cert, key = read(tls.cert_file, "cert_file"), read(tls.key_file, "key_file")
     ca = read(tls.client_ca_file, "client_ca_file") if tls.client_ca_file else None
@@ -394,10 +400,7 @@ class ClientTls:
 
     def credentials(self) -> grpc.ChannelCredentials:
         def read(path: str | None) -> bytes | None:
-            try:
-                return Path(path).read_bytes() if path else None
-            except OSError as e:
-                raise ValueError(f"cannot read {path}: {e.strerror}") from None
+            return _read_pem(path, ValueError) if path else None
 
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("give both --tls-cert and --tls-key, or neither")
