@@ -292,14 +292,25 @@ async def test_leases_in_real_redis_refreshed_and_released_over_the_stream(
 async def test_stop_ends_open_access_log_streams_instead_of_waiting_for_them(jwks: JwksServer) -> None:
     srv = ExtAuthServer(parse_config(config(jwks.url)))
     await srv.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        call = Client(ch).als.StreamAccessLogs()
-        await call.write(als_message([log_entry(None, "DownstreamPeriodic")]))
-        # Envoy never half-closes this stream; stop() must not sit out the grace period on it.
-        await asyncio.wait_for(srv.stop(drain=0), timeout=1.5)
-        # The server ended the stream (Envoy reconnects to another replica).
-        await asyncio.wait_for(call, timeout=1.0)
-        assert await call.code() == grpc.StatusCode.OK
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            call = Client(ch).als.StreamAccessLogs()
+            await call.write(als_message([log_entry(None, "DownstreamPeriodic")]))
+            # Stop once the server is handling the stream: an RPC whose handler has not started
+            # when the server stops is cancelled by gRPC, not ended by us.
+            seen = srv.metrics.accesslog_entries.labels("periodic", "ignored")
+
+            async def handled() -> bool:
+                return bool(seen._value.get() == 1)
+
+            await async_wait_until(handled, 5.0, "the server to handle the stream's first message")
+            # Envoy never half-closes this stream; stop() must not sit out the grace period on it.
+            await asyncio.wait_for(srv.stop(drain=0), timeout=1.5)
+            # The server ended the stream (Envoy reconnects to another replica).
+            await asyncio.wait_for(call, timeout=1.0)
+            assert await call.code() == grpc.StatusCode.OK
+    finally:
+        await srv.stop(drain=0)  # a no-op once stopped; stops it when an assertion failed first
 
 
 async def test_file_reloads_under_concurrent_checks_fail_none(jwks: JwksServer, tmp_path: Any) -> None:
