@@ -92,14 +92,36 @@ def repeat_key(request: external_auth_pb2.CheckRequest, rt: Runtime) -> Hashable
         route = (host, path)
     if policy is None or not policy.repeatable:
         return None
-    digest = hashlib.blake2b(digest_size=16)
-    for name in policy.credential_headers:
-        value = headers.get(name)
-        digest.update(b"-" if value is None else _framed(value))
-    if policy.reads_query:
-        digest.update(_framed(http.path.partition("?")[2]))
+    names = policy.credential_headers
+    if len(names) == 1 and not policy.reads_query:
+        digest = _one_digest(headers.get(names[0]))  # the usual policy: one header
+    else:
+        digest = _framed_digest(headers, names, http.path if policy.reads_query else None)
     xff = headers.get("x-forwarded-for") if rt.config.xff_hops else None
-    return (route, attrs.source.address.socket_address.address, xff, digest.digest())
+    return (route, attrs.source.address.socket_address.address, xff, digest)
+
+
+# A missing header: shorter than any digest, so no value's digest equals it.
+_ABSENT = b"-"
+
+
+def _one_digest(value: str | None) -> bytes:
+    """One credential's digest. Hashed in one call and without framing, which a single
+    value does not need: this is about a tenth of a memo hit's cost."""
+    if value is None:
+        return _ABSENT
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _framed_digest(headers: Mapping[str, str], names: tuple[str, ...], path: str | None) -> bytes:
+    """Several credential inputs (and the query string when ``path`` is given) in one digest."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in names:
+        value = headers.get(name)
+        digest.update(_ABSENT if value is None else _framed(value))
+    if path is not None:
+        digest.update(_framed(path.partition("?")[2]))
+    return digest.digest()
 
 
 def _framed(value: str) -> bytes:

@@ -102,6 +102,9 @@ def config(jwks_url: str, **top: Any) -> dict[str, Any]:
             {"name": "api", "match": {"path_prefix": "/api"}, "websocket_only": False,
              "jwt": {**jwt, "token_sources": ["header:authorization", "query:token", "cookie:session"]},
              "upstream_headers": {"x-user-id": "{sub}"}},
+            {"name": "bearer", "match": {"path_prefix": "/bearer"}, "websocket_only": False,
+             "jwt": {**jwt, "token_sources": ["header:authorization"]},
+             "upstream_headers": {"x-user-id": "{sub}"}},
             {"name": "open", "match": {"path_prefix": "/open"}, "websocket_only": False},
             {"name": "trial", "match": {"path_prefix": "/trial"}, "websocket_only": False, "shadow": True,
              "jwt": {**jwt, "token_sources": ["header:authorization"]}},
@@ -202,6 +205,23 @@ async def test_every_input_the_pipeline_reads_is_in_the_key(pair: Pair) -> None:
     for args, kw, _ in variants:
         await pair.check(*args, **kw)
     assert pair.hits == len(variants) - 1
+
+
+async def test_one_header_policies_key_on_that_header_alone(pair: Pair) -> None:
+    # A policy reading one header digests its value unframed (envoy_api._one_digest).
+    ctx = {"policy": "bearer"}
+    users = ("alice", "bob", "carol")
+    tokens = {user: token(user) for user in users}
+    for _ in range(2):
+        for user in users:
+            resp = await pair.check("/bearer/x", _bearer(tokens[user]), context=ctx, source_ip=SRC)
+            assert headers_of(resp)["x-user-id"] == user
+    assert pair.hits == len(users)
+    # Without the header: the pipeline's 401, never remembered.
+    for _ in range(2):
+        resp = await pair.check("/bearer/x", {"accept": "*/*"}, context=ctx, source_ip=SRC)
+        assert resp.denied_response.status.code == 401
+    assert pair.hits == len(users)
 
 
 async def test_trusted_forwarded_for_is_in_the_key(jwks: JwksServer) -> None:
