@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,20 +197,33 @@ class RedisClusterServers:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
-    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+    def start(self, timeout: float = 30.0, *,
+              announce_ports: Sequence[int] | None = None) -> RedisClusterServers:
+        """Start every node and form the cluster. ``announce_ports`` (one per node, in order)
+        is the client port each node announces (CLUSTER SLOTS, MOVED, ASK) instead of its own,
+        e.g. that of a TLS terminator in front of it; the nodes still meet on their real,
+        plain bus ports. It is set before any slot is assigned or any node met."""
+        if announce_ports is not None and len(announce_ports) != len(self.nodes):
+            raise ValueError(f"announce_ports needs one port per node ({len(self.nodes)})")
         try:
             for node in self.nodes:
                 node.start()
             clients = [n.client() for n in self.nodes]
+            client_ports = list(announce_ports) if announce_ports is not None else [
+                n.port for n in self.nodes]
             try:
                 count = len(self.nodes)
+                if announce_ports is not None:
+                    for c, port, bus_port in zip(clients, client_ports, self.bus_ports, strict=True):
+                        command(c, "CONFIG", "SET", "cluster-announce-port", port,
+                                "cluster-announce-bus-port", bus_port)
                 for i, c in enumerate(clients):
                     first = i * 16384 // count
                     last = (i + 1) * 16384 // count - 1
                     command(c, "CLUSTER", "ADDSLOTSRANGE", first, last)
                     command(c, "CLUSTER", "SET-CONFIG-EPOCH", i + 1)
-                for n, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
-                    command(clients[0], "CLUSTER", "MEET", "127.0.0.1", n.port, bus_port)
+                for port, bus_port in zip(client_ports[1:], self.bus_ports[1:], strict=True):
+                    command(clients[0], "CLUSTER", "MEET", "127.0.0.1", port, bus_port)
                 try:
                     wait_until(lambda: all(self._healthy(c, count) for c in clients), timeout,
                                "cluster_state:ok on every node")

@@ -69,10 +69,12 @@ class TlsProxy:
     """TLS on ``port`` (127.0.0.1), relayed in clear to ``127.0.0.1:upstream_port``.
     ``ca`` is the PEM a client must trust; ``handshakes`` counts completed TLS sessions.
     With ``client_certs``, a client must present a certificate signed by ``ca`` (mutual
-    TLS); ``client_cert`` and ``client_key`` are one."""
+    TLS); ``client_cert`` and ``client_key`` are one. ``ca`` (from :func:`make_ca`) signs
+    with an existing CA instead of a new one, e.g. one CA for several proxies."""
 
-    def __init__(self, workdir: Path, upstream_port: int, *, client_certs: bool = False) -> None:
-        self.ca, ca_key, ca_cert = make_ca(workdir, "test-ca")
+    def __init__(self, workdir: Path, upstream_port: int, *, client_certs: bool = False,
+                 ca: tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate] | None = None) -> None:
+        self.ca, ca_key, ca_cert = ca if ca is not None else make_ca(workdir, "test-ca")
         cert, key = make_leaf_cert(workdir, ca_key, ca_cert, "server")
         self.client_cert, self.client_key = make_leaf_cert(workdir, ca_key, ca_cert, "client")
         self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
