@@ -18,6 +18,8 @@ Why a hit is exactly the answer the pipeline would give:
 - An entry dies at the credential's ``exp`` (as the verified-token cache does) and after at
   most ``MEMO_TTL_SECONDS``. A reload builds a new runtime with a new, empty memo.
 - A ban is checked on every hit (``Authorizer.admit_repeat``).
+- A key leaving a policy's key set empties the memo (``JwtVerifier.on_keys_dropped``), as
+  it empties the token cache of that key's verifications.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Repeat(Generic[T]):
 class AllowMemo(Generic[T]):
     """Bounded ``key -> Repeat``; the oldest entry goes first when full; ``maxsize`` 0 disables it."""
 
-    __slots__ = ("_clock", "_entries", "maxsize")
+    __slots__ = ("__weakref__", "_clock", "_entries", "maxsize")
 
     def __init__(self, maxsize: int, clock: Callable[[], float] = time.time) -> None:
         if maxsize < 0:
@@ -76,6 +78,9 @@ class AllowMemo(Generic[T]):
         if key not in entries and len(entries) >= self.maxsize:
             del entries[next(iter(entries))]  # insertion order: the oldest
         entries[key] = Repeat(payload, expires_at, policy, client_ip)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -160,5 +160,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 repeatable=not p.websocket_only and not p.shadow,
             )
         )
-    return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers,
-                   AllowMemo(cfg.allow_memo_size))
+    memo: AllowMemo[bytes] = AllowMemo(cfg.allow_memo_size)
+    for verifier in verifiers.values():
+        verifier.on_keys_dropped(memo.clear)
+    return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers, memo)

@@ -29,6 +29,7 @@ from tests.keys import (
     shared_rsa_key,
     sign,
 )
+from tests.waiting import async_wait_until
 
 ISS = "https://issuer.example"
 AUD = "chat"
@@ -61,7 +62,7 @@ def clock() -> FakeClock:
     return FakeClock(NOW)
 
 
-def make(server: JwksServer, clock: FakeClock, **extra: Any) -> JwtVerifier:
+def make(server: JwksServer, clock: FakeClock, cache_size: int = 0, **extra: Any) -> JwtVerifier:
     opts: dict[str, Any] = {
         "jwks_refresh_seconds": REFRESH,
         "jwks_refetch_cooldown_seconds": COOLDOWN,
@@ -70,7 +71,7 @@ def make(server: JwksServer, clock: FakeClock, **extra: Any) -> JwtVerifier:
         **extra,
     }
     cfg = JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=server.url, **opts)
-    return JwtVerifier(cfg, max_token_bytes=8192, cache_size=0, clock=clock)
+    return JwtVerifier(cfg, max_token_bytes=8192, cache_size=cache_size, clock=clock)
 
 
 @pytest.fixture
@@ -259,6 +260,82 @@ async def test_concurrent_unknown_kids_join_inflight_fetch(
     results = await asyncio.gather(*(verifier.verify(token(kid="k2", key=new_key)) for _ in range(30)))
     assert all(r.user == "alice" for r in results)
     assert server.requests == 2
+
+
+# -- keys leaving the key set --------------------------------------------------
+# The timer refresh runs on real time (jwks_refresh_seconds 1, its floor); token times
+# come from the fake clock, which stands still.
+
+
+@pytest.fixture
+async def timed(server: JwksServer, clock: FakeClock) -> AsyncIterator[JwtVerifier]:
+    """A caching verifier, started: its key source refreshes every second by itself."""
+    v = make(server, clock, cache_size=100, jwks_refresh_seconds=1)
+    try:
+        yield v
+    finally:
+        await v.close()
+
+
+async def _forgotten(v: JwtVerifier, tok: str) -> bool:
+    return v.verify_cached(tok) is None  # never asks the key source
+
+
+async def test_a_removed_key_is_noticed_without_traffic_and_its_verifications_forgotten(
+    timed: JwtVerifier, server: JwksServer
+) -> None:
+    other_key = make_rsa_key()
+    server.set(jwks_of(jwk_for(shared_rsa_key(), "k1", "RS256"), jwk_for(other_key, "k2", "RS256")))
+    await timed.start()
+    old, other = token(), token(kid="k2", key=other_key, sub="bob")
+    assert (await timed.verify(old)).user == "alice" and (await timed.verify(other)).user == "bob"
+    assert timed.verify_cached(old) is not None and timed.verifications == 2
+    server.set(jwks_of(jwk_for(other_key, "k2", "RS256")))  # k1 retired at the issuer
+    # Only cache lookups from here on: the timer alone must fetch and forget.
+    await async_wait_until(lambda: _forgotten(timed, old), 10, "k1's verification to be forgotten")
+    assert timed.verify_cached(other) is not None  # k2 is still published: kept
+    assert await reason_of(timed, old) is Reason.TOKEN_UNKNOWN_KEY
+    assert (await timed.verify(other)).user == "bob" and timed.verifications == 2
+
+
+async def test_a_key_whose_material_changes_under_its_kid_is_forgotten(
+    timed: JwtVerifier, server: JwksServer
+) -> None:
+    await timed.start()
+    old = token()
+    await timed.verify(old)
+    new_key = make_rsa_key()
+    server.set(jwks_for(new_key, "k1", "RS256"))
+    await async_wait_until(lambda: _forgotten(timed, old), 10, "the old k1's verification to go")
+    assert await reason_of(timed, old) is Reason.TOKEN_BAD_SIGNATURE
+    assert (await timed.verify(token(key=new_key))).user == "alice"
+
+
+async def test_refetching_the_same_keys_keeps_cached_verifications(
+    timed: JwtVerifier, server: JwksServer
+) -> None:
+    await timed.start()
+    tok = token()
+    await timed.verify(tok)
+    await async_wait_until(lambda: _fetched(server, 3), 10, "two timer refreshes")
+    assert timed.verify_cached(tok) is not None and timed.verifications == 1
+
+
+async def _fetched(server: JwksServer, n: int) -> bool:
+    return server.requests >= n
+
+
+def _timers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if "_refresh_on_timer" in repr(t.get_coro())]
+
+
+async def test_one_timer_per_source_and_close_stops_it(server: JwksServer, clock: FakeClock) -> None:
+    v = make(server, clock, jwks_refresh_seconds=1)
+    await v.start()
+    await v.start()  # a reload warms every verifier again
+    assert len(_timers()) == 1
+    await v.close()
+    assert _timers() == []
 
 
 # -- refresh and staleness ---------------------------------------------------

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from tests.keys import (
     sign,
     unsigned,
 )
+from tests.waiting import async_wait_until
 
 ISS = "https://issuer.example"
 AUD = "chat"
@@ -651,6 +653,36 @@ async def test_file_reload_on_mtime_change(tmp_path: Path, clock: FakeClock) -> 
     assert v.key_age_seconds == 5
 
 
+async def test_a_key_removed_from_the_file_is_forgotten_without_traffic(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # The started source looks at the file on a timer: cached answers never ask it.
+    kept_key = make_rsa_key()
+    v = make_verifier(tmp_path, clock, jwks_of(jwk_for(shared_rsa_key(), "k1", "RS256"),
+                                               jwk_for(kept_key, "k2", "RS256")))
+    await v.start()
+    try:
+        old, kept = rs256(), sign(kept_key, "RS256", claims(sub="bob"), kid="k2")
+        await v.verify(old)
+        await v.verify(kept)
+        path = tmp_path / "jwks.json"
+        write_jwks(path, jwks_for(kept_key, "k2", "RS256"))
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+        clock.advance(2)
+        await async_wait_until(_gone(v, old), 10, "k1's verification to be forgotten")
+        assert v.verify_cached(kept) is not None and v.verifications == 2
+        assert await reason_of(v, old) is Reason.TOKEN_UNKNOWN_KEY
+    finally:
+        await v.close()
+
+
+def _gone(v: JwtVerifier, tok: str) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return v.verify_cached(tok) is None
+    return probe
+
+
 async def test_file_bad_reload_keeps_keys(tmp_path: Path, clock: FakeClock) -> None:
     v = make_verifier(tmp_path, clock, jwks_for(shared_rsa_key(), "k1", "RS256"))
     path = tmp_path / "jwks.json"
@@ -662,10 +694,11 @@ async def test_file_bad_reload_keeps_keys(tmp_path: Path, clock: FakeClock) -> N
 
 
 def test_no_internal_state_leaks_token(rsa_verifier: JwtVerifier) -> None:
-    # The verifier keeps hashes only; VerifiedToken has no raw token field.
+    # The verifier keeps hashes only; VerifiedToken has no raw token field (``key`` is the
+    # verifying key's thumbprint).
     from extauth.tokens import VerifiedToken
 
-    assert set(VerifiedToken.__slots__) == {"claims", "user", "expires_at"}
+    assert set(VerifiedToken.__slots__) == {"claims", "user", "expires_at", "key"}
 
 
 def test_cli_token_claims(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

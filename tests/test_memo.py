@@ -16,7 +16,8 @@ from extauth.envoy_api import decision_id_field
 from extauth.memo import MEMO_TTL_SECONDS, AllowMemo
 from extauth.server import ExtAuthServer
 from tests.envoy_msgs import check_request, headers_of, metadata_of, ws_headers
-from tests.keys import JwksServer, jwks_for, jwks_server, shared_rsa_key, sign
+from tests.keys import JwksServer, jwks_for, jwks_server, make_rsa_key, shared_rsa_key, sign
+from tests.waiting import async_wait_until
 
 ISS = "https://issuer.example.com"
 SRC = "203.0.113.7"
@@ -303,3 +304,35 @@ async def test_a_reload_starts_with_an_empty_memo(jwks: JwksServer, tmp_path: An
             assert srv.metrics.memo_hits.value == 0
     finally:
         await srv.stop(drain=0)
+
+
+async def test_a_key_leaving_the_jwks_empties_the_memo() -> None:
+    # The remembered allow was made with k1; once the issuer stops publishing k1 the next
+    # request takes the pipeline again and is denied, with no request in between.
+    with jwks_server(jwks_for(shared_rsa_key(), "k1", "RS256")) as issuer:
+        cfg = config(issuer.url)
+        for policy in cfg["policies"]:
+            if "jwt" in policy:
+                policy["jwt"]["jwks_refresh_seconds"] = 1
+        srv = ExtAuthServer(parse_config(cfg))
+        await srv.start()  # starts the key sources' refresh timers
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+                req = check_request("/api/x", _bearer(token()), context={"policy": "api"}, source_ip=SRC)
+                for _ in range(2):
+                    assert (await stub.Check(req)).status.code == 0
+                memo = srv.authorizer.runtime.memo
+                assert srv.metrics.memo_hits.value == 1 and len(memo) == 1
+                issuer.set(jwks_for(make_rsa_key(), "k2", "RS256"))
+
+                async def emptied() -> bool:
+                    return len(memo) == 0
+
+                await async_wait_until(emptied, 10, "the memo to be emptied")
+                denied = await stub.Check(req)
+                assert denied.denied_response.status.code == 401
+                assert headers_of(denied)["x-extauth-reason"] == "token_unknown_key"
+                assert srv.metrics.memo_hits.value == 1
+        finally:
+            await srv.stop(drain=0)

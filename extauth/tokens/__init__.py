@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -14,3 +14,6 @@ class VerifiedToken:
     claims: Mapping[str, Any]
     user: str
     expires_at: float  # unix seconds (the token's exp)
+    # The thumbprint of the key that verified it (extauth.tokens.jwks.thumbprint): a cached
+    # verification is forgotten once its key leaves the key set.
+    key: str = field(default="", repr=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 from extauth.tokens import VerifiedToken
 
@@ -59,6 +59,13 @@ class TokenCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def forget_keys_not_in(self, thumbprints: Set[str]) -> int:
+        """Drop the verifications made with a key not in ``thumbprints``; how many went."""
+        gone = [k for k, v in self._entries.items() if v.key not in thumbprints]
+        for k in gone:
+            del self._entries[k]
+        return len(gone)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -8,7 +8,13 @@ URL sources refresh in the background when older than ``jwks_refresh_seconds``,
 refetch at most once per ``jwks_refetch_cooldown_seconds`` for an unknown kid,
 share one in-flight fetch between all waiters, keep serving the last good keys
 while the endpoint is down, and fail closed (``jwks_unavailable``) once those
-keys are older than ``jwks_max_stale_seconds``.
+keys are older than ``jwks_max_stale_seconds``. Once started they also refresh on
+a timer, so a key removed at the issuer is noticed without any token needing a
+verification: cached verifications are answered without asking the key source.
+
+Every key carries a thumbprint of what it verifies with (its public members and
+bound algorithm). A source tells its watcher (``watch``) when a new key set drops
+or changes a thumbprint, so verifications made with that key can be forgotten.
 
 A fetch has a total deadline of ``jwks_timeout_seconds`` (connect, TLS, headers
 and body together, not per socket read) and runs on this module's own small
@@ -22,6 +28,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -80,6 +87,15 @@ class KeyEntry:
     kid: str | None
     alg: str
     jwk: PyJWK = field(repr=False)  # an HMAC entry holds the shared secret
+    # Identifies the key across fetches (thumbprint()); never logged: for a shared secret
+    # it is derived from the secret.
+    thumbprint: str = field(default="", repr=False)
+
+
+def thumbprint(members: Mapping[str, Any], alg: str) -> str:
+    """The same key (members and bound algorithm) gives the same value in every fetch."""
+    canonical = json.dumps(members, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(f"{alg}\n{canonical}".encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +104,10 @@ class KeySet:
     by_kid: Mapping[str, KeyEntry] = field(default_factory=dict)
     # A shared secret is one key without a kid: the token's kid is not consulted.
     single_secret: bool = False
+    thumbprints: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "thumbprints", frozenset(k.thumbprint for k in self.keys))
 
     def select(self, kid: str | None) -> KeyEntry | None:
         """The key for ``kid``; with no kid, the only key if there is exactly one."""
@@ -182,7 +202,7 @@ def build_key_set(data: Any, algorithms: Sequence[str], *, source: str) -> KeySe
         if kid is not None and kid in by_kid:
             log.warning("jwks %s: %s skipped: duplicate kid", source, label)
             continue
-        entry = KeyEntry(kid=kid, alg=alg, jwk=jwk)
+        entry = KeyEntry(kid=kid, alg=alg, jwk=jwk, thumbprint=thumbprint(public, alg))
         entries.append(entry)
         if kid is not None:
             by_kid[kid] = entry
@@ -199,7 +219,19 @@ def parse_jwks_bytes(body: bytes, algorithms: Sequence[str], *, source: str) -> 
     return build_key_set(data, algorithms, source=source)
 
 
+KeysWatcher = Callable[[KeySet], None]
+
+
+def _dropped_keys(old: KeySet | None, new: KeySet) -> bool:
+    """Whether ``new`` lacks a key ``old`` had (removed, or its material or algorithm changed)."""
+    return old is not None and not old.thumbprints <= new.thumbprints
+
+
 class KeySource(Protocol):
+    def watch(self, watcher: KeysWatcher) -> None:
+        """Call ``watcher(new)`` whenever a new key set lacks a key of the previous one."""
+        ...
+
     async def keys(self) -> KeySet:
         """The key set in use; raises DenyError(JWKS_UNAVAILABLE) when there is none."""
         ...
@@ -231,8 +263,13 @@ class HmacKeySource:
                 f"hmac_secret_env: the secret in {env_name} is {len(raw)} bytes; {alg} needs at least {need}"
             )
         k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-        jwk = PyJWK({"kty": "oct", "k": k}, algorithm=alg)
-        self._set = KeySet(keys=(KeyEntry(kid=None, alg=alg, jwk=jwk),), single_secret=True)
+        members = {"kty": "oct", "k": k}
+        jwk = PyJWK(members, algorithm=alg)
+        entry = KeyEntry(kid=None, alg=alg, jwk=jwk, thumbprint=thumbprint(members, alg))
+        self._set = KeySet(keys=(entry,), single_secret=True)
+
+    def watch(self, watcher: KeysWatcher) -> None:
+        return None  # read once: it never changes
 
     async def keys(self) -> KeySet:
         return self._set
@@ -268,7 +305,12 @@ class FileKeySource:
             raise ConfigError(f"jwks_file: {path}: {_describe(e)}") from None
         self._loaded_at = clock()
         self._checked_at = self._loaded_at
+        self._watcher: KeysWatcher | None = None
+        self._poller: asyncio.Task[None] | None = None
         log.info("jwks %s: loaded %d key(s)", path, len(self._set))
+
+    def watch(self, watcher: KeysWatcher) -> None:
+        self._watcher = watcher
 
     def _stat(self) -> tuple[int, int]:
         st = os.stat(self._path)
@@ -299,9 +341,11 @@ class FileKeySource:
             log.warning("jwks %s: reload failed, keeping %d key(s): %s",
                         self._path, len(self._set), _describe(e))
             return
-        self._set = new
+        old, self._set = self._set, new
         self._loaded_at = now
         log.info("jwks %s: reloaded %d key(s)", self._path, len(new))
+        if self._watcher is not None and _dropped_keys(old, new):
+            self._watcher(new)
 
     async def keys(self) -> KeySet:
         self._maybe_reload()
@@ -316,10 +360,18 @@ class FileKeySource:
         return max(0.0, self._clock() - self._loaded_at)
 
     async def start(self) -> None:
-        return None
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        """Look at the file on a timer too: checks answered from the token cache never do."""
+        while True:
+            await asyncio.sleep(_FILE_CHECK_SECONDS)
+            self._maybe_reload()
 
     async def close(self) -> None:
-        return None
+        await _cancel(self._poller)
+        self._poller = None
 
 
 def redact_url(uri: str) -> str:
@@ -518,6 +570,8 @@ class UrlKeySource:
         self._attempted_at: float | None = None  # start of the last attempt
         self._failed_at: float | None = None  # end of the last failed attempt
         self._inflight: asyncio.Task[bool] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._watcher: KeysWatcher | None = None
         self._closed = False
         self.fetches = 0
         self.fetch_failures = 0
@@ -532,6 +586,9 @@ class UrlKeySource:
     @property
     def fetching(self) -> bool:
         return self._inflight is not None
+
+    def watch(self, watcher: KeysWatcher) -> None:
+        self._watcher = watcher
 
     def key_age_seconds(self) -> float | None:
         if self._fetched_at is None:
@@ -594,10 +651,12 @@ class UrlKeySource:
             self._set = new
             self._fetched_at = self._clock()
             self._failed_at = None
-            if old is None or set(old.by_kid) != set(new.by_kid) or len(old) != len(new):
+            if old is None or old.thumbprints != new.thumbprints:
                 log.info("jwks %s: fetched %d key(s)", self._safe_uri, len(new))
             else:
                 log.debug("jwks %s: refreshed %d key(s)", self._safe_uri, len(new))
+            if self._watcher is not None and _dropped_keys(old, new):
+                self._watcher(new)
             return True
         finally:
             self._inflight = None
@@ -650,15 +709,35 @@ class UrlKeySource:
             await self.keys()
         except Exception as e:
             log.warning("jwks %s: warm-up failed: %s", self._safe_uri, self._scrub(_describe(e)))
+        if self._refresher is None and not self._closed:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_on_timer())
+
+    async def _refresh_on_timer(self) -> None:
+        """Refresh every ``jwks_refresh_seconds`` whatever the traffic: checks answered from
+        the token cache never call keys(), and a key removed at the issuer must still be
+        noticed. After a failure, try again sooner (but not more often than a failure allows)."""
+        while not self._closed:
+            if self._fetched_at is None or self._failed_at is not None:
+                wait = self._retry_after_failure
+            else:
+                wait = self._fetched_at + self._refresh - self._clock()
+            await asyncio.sleep(max(wait, 1.0))
+            if self._inflight is None and self._may_attempt(self._clock()):
+                await self.refresh()
 
     async def close(self) -> None:
         self._closed = True
-        task = self._inflight
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await _cancel(self._refresher)
+        self._refresher = None
+        await _cancel(self._inflight)
         self._inflight = None
+
+
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 def make_key_source(cfg: JwtConfig, clock: Callable[[], float] = time.time) -> KeySource:

@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
@@ -36,7 +37,7 @@ from extauth.config import JwtConfig
 from extauth.reasons import DenyError, Reason
 from extauth.tokens import VerifiedToken
 from extauth.tokens.cache import TokenCache
-from extauth.tokens.jwks import KeyEntry, KeySource, UrlKeySource, make_key_source
+from extauth.tokens.jwks import KeyEntry, KeySet, KeySource, UrlKeySource, make_key_source
 
 __all__ = ["FORBIDDEN_HEADERS", "JwtVerifier"]
 
@@ -111,6 +112,23 @@ class JwtVerifier:
         self.cache = TokenCache(cache_size, clock)
         # Counters for metrics/tests: signature verifications actually run.
         self.verifications = 0
+        # Called when keys leave the key set (weakly: a replaced runtime's allow memo goes).
+        self._on_keys_dropped: list[weakref.WeakMethod[Callable[[], None]]] = []
+        self._source.watch(self._keys_dropped)
+
+    def on_keys_dropped(self, callback: Callable[[], None]) -> None:
+        """Call the bound method ``callback`` whenever a key leaves the key set; held weakly."""
+        self._on_keys_dropped = [r for r in self._on_keys_dropped if r() is not None]
+        self._on_keys_dropped.append(weakref.WeakMethod(callback))
+
+    def _keys_dropped(self, keys: KeySet) -> None:
+        """A key was removed or changed: what it verified is verified again, or denied."""
+        forgotten = self.cache.forget_keys_not_in(keys.thumbprints)
+        log.info("jwt: a key left the key set; %d cached verification(s) forgotten", forgotten)
+        for ref in self._on_keys_dropped:
+            callback = ref()
+            if callback is not None:
+                callback()
 
     # -- metrics ---------------------------------------------------------------
 
@@ -182,7 +200,7 @@ class JwtVerifier:
             raise _deny(Reason.TOKEN_MALFORMED, "payload is not valid JSON") from None
         if not isinstance(claims, dict):
             raise _deny(Reason.TOKEN_MALFORMED, "payload is not a JSON object")
-        return self._check_claims(claims)
+        return self._check_claims(claims, entry.thumbprint)
 
     def _parse_header(self, token: str) -> dict[str, Any]:
         if not token.isascii():
@@ -262,7 +280,7 @@ class JwtVerifier:
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, "signature does not verify")
         return payload
 
-    def _check_claims(self, claims: dict[str, Any]) -> VerifiedToken:
+    def _check_claims(self, claims: dict[str, Any], key: str) -> VerifiedToken:
         cfg = self.cfg
         now = self._clock()
         leeway = cfg.leeway_seconds
@@ -308,4 +326,4 @@ class JwtVerifier:
         # bound it and keep control characters out.
         if len(user) > MAX_USER_CHARS or not user.isprintable():
             raise _deny(Reason.TOKEN_CLAIMS, f"{cfg.user_claim} is too long or not printable")
-        return VerifiedToken(claims=MappingProxyType(claims), user=user, expires_at=exp)
+        return VerifiedToken(claims=MappingProxyType(claims), user=user, expires_at=exp, key=key)
