@@ -311,6 +311,33 @@ async def test_a_key_whose_material_changes_under_its_kid_is_forgotten(
     assert (await timed.verify(token(key=new_key))).user == "alice"
 
 
+async def test_keys_past_max_stale_take_their_cached_verifications_with_them(
+    server: JwksServer, clock: FakeClock
+) -> None:
+    v = make(server, clock, cache_size=100, jwks_refresh_seconds=1, jwks_max_stale_seconds=60)
+    try:
+        await v.start()
+        tok = token()
+        await v.verify(tok)
+        server.set(mode="500")
+        clock.advance(30)  # stale, still usable: the cached verification stands
+        await async_wait_until(lambda: _fetched(server, 2), 10, "a failed timer refresh")
+        assert v.verify_cached(tok) is not None
+        clock.advance(31)  # past max_stale: fail closed, the cache included
+        await async_wait_until(lambda: _forgotten(v, tok), 10, "the cached verification to go")
+        assert await reason_of(v, tok) is Reason.JWKS_UNAVAILABLE
+        server.set(mode="ok")
+        clock.advance(2)  # past the back-off after a failure
+        await async_wait_until(lambda: _fetched_ok(v), 10, "a successful timer refresh")
+        assert (await v.verify(tok)).user == "alice" and v.verifications == 2
+    finally:
+        await v.close()
+
+
+async def _fetched_ok(v: JwtVerifier) -> bool:
+    return v.key_age_seconds == 0
+
+
 async def test_refetching_the_same_keys_keeps_cached_verifications(
     timed: JwtVerifier, server: JwksServer
 ) -> None:

@@ -220,6 +220,8 @@ def parse_jwks_bytes(body: bytes, algorithms: Sequence[str], *, source: str) -> 
 
 
 KeysWatcher = Callable[[KeySet], None]
+# What a watcher is told when a URL source's keys become too stale to use.
+_NO_KEYS = KeySet(keys=())
 
 
 def _dropped_keys(old: KeySet | None, new: KeySet) -> bool:
@@ -572,6 +574,7 @@ class UrlKeySource:
         self._inflight: asyncio.Task[bool] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._watcher: KeysWatcher | None = None
+        self._stale_announced = False
         self._closed = False
         self.fetches = 0
         self.fetch_failures = 0
@@ -724,6 +727,15 @@ class UrlKeySource:
             await asyncio.sleep(max(wait, 1.0))
             if self._inflight is None and self._may_attempt(self._clock()):
                 await self.refresh()
+            self._announce_if_stale()
+
+    def _announce_if_stale(self) -> None:
+        """Keys past ``jwks_max_stale_seconds`` are no longer used to verify (fail closed);
+        the verifications they made go with them, once, until a fetch succeeds again."""
+        stale = self._set is not None and self._usable(self._clock()) is None
+        if stale and not self._stale_announced and self._watcher is not None:
+            self._watcher(_NO_KEYS)
+        self._stale_announced = stale
 
     async def close(self) -> None:
         self._closed = True
