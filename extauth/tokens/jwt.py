@@ -122,9 +122,10 @@ class JwtVerifier:
         self._on_keys_dropped.append(weakref.WeakMethod(callback))
 
     def _keys_dropped(self, keys: KeySet) -> None:
-        """A key was removed or changed: what it verified is verified again, or denied."""
+        """Keys were removed, changed or went stale: what they verified is verified again, or denied."""
         forgotten = self.cache.forget_keys_not_in(keys.thumbprints)
-        log.info("jwt: a key left the key set; %d cached verification(s) forgotten", forgotten)
+        log.info("jwt: keys withdrawn (removed, changed, or too stale to use); "
+                 "%d cached verification(s) forgotten", forgotten)
         for ref in self._on_keys_dropped:
             callback = ref()
             if callback is not None:
