@@ -19,7 +19,7 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -263,3 +263,11 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def forgotten(verifier: Any, token: str) -> Callable[[], Awaitable[bool]]:
+    """A probe for ``async_wait_until``: the verifier no longer holds ``token``'s cached
+    verification. It reads the cache only, so it never makes the key source fetch."""
+    async def probe() -> bool:
+        return verifier.verify_cached(token) is None
+    return probe

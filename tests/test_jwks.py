@@ -22,6 +22,7 @@ from extauth.tokens.jwt import JwtVerifier
 from tests.keys import (
     FakeClock,
     JwksServer,
+    forgotten,
     jwk_for,
     jwks_for,
     jwks_of,
@@ -277,10 +278,6 @@ async def timed(server: JwksServer, clock: FakeClock) -> AsyncIterator[JwtVerifi
         await v.close()
 
 
-async def _forgotten(v: JwtVerifier, tok: str) -> bool:
-    return v.verify_cached(tok) is None  # never asks the key source
-
-
 async def test_a_removed_key_is_noticed_without_traffic_and_its_verifications_forgotten(
     timed: JwtVerifier, server: JwksServer
 ) -> None:
@@ -292,7 +289,7 @@ async def test_a_removed_key_is_noticed_without_traffic_and_its_verifications_fo
     assert timed.verify_cached(old) is not None and timed.verifications == 2
     server.set(jwks_of(jwk_for(other_key, "k2", "RS256")))  # k1 retired at the issuer
     # Only cache lookups from here on: the timer alone must fetch and forget.
-    await async_wait_until(lambda: _forgotten(timed, old), 10, "k1's verification to be forgotten")
+    await async_wait_until(forgotten(timed, old), 10, "k1's verification to be forgotten")
     assert timed.verify_cached(other) is not None  # k2 is still published: kept
     assert await reason_of(timed, old) is Reason.TOKEN_UNKNOWN_KEY
     assert (await timed.verify(other)).user == "bob" and timed.verifications == 2
@@ -306,7 +303,7 @@ async def test_a_key_whose_material_changes_under_its_kid_is_forgotten(
     await timed.verify(old)
     new_key = make_rsa_key()
     server.set(jwks_for(new_key, "k1", "RS256"))
-    await async_wait_until(lambda: _forgotten(timed, old), 10, "the old k1's verification to go")
+    await async_wait_until(forgotten(timed, old), 10, "the old k1's verification to go")
     assert await reason_of(timed, old) is Reason.TOKEN_BAD_SIGNATURE
     assert (await timed.verify(token(key=new_key))).user == "alice"
 
@@ -324,7 +321,7 @@ async def test_keys_past_max_stale_take_their_cached_verifications_with_them(
         await async_wait_until(lambda: _fetched(server, 2), 10, "a failed timer refresh")
         assert v.verify_cached(tok) is not None
         clock.advance(31)  # past max_stale: fail closed, the cache included
-        await async_wait_until(lambda: _forgotten(v, tok), 10, "the cached verification to go")
+        await async_wait_until(forgotten(v, tok), 10, "the cached verification to go")
         assert await reason_of(v, tok) is Reason.JWKS_UNAVAILABLE
         server.set(mode="ok")
         clock.advance(2)  # past the back-off after a failure

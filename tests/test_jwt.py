@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from tests.keys import (
     FakeClock,
     b64json,
     b64url,
+    forgotten,
     jwk_for,
     jwks_for,
     jwks_of,
@@ -670,17 +670,11 @@ async def test_a_key_removed_from_the_file_is_forgotten_without_traffic(
         st = path.stat()
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
         clock.advance(2)
-        await async_wait_until(_gone(v, old), 10, "k1's verification to be forgotten")
+        await async_wait_until(forgotten(v, old), 10, "k1's verification to be forgotten")
         assert v.verify_cached(kept) is not None and v.verifications == 2
         assert await reason_of(v, old) is Reason.TOKEN_UNKNOWN_KEY
     finally:
         await v.close()
-
-
-def _gone(v: JwtVerifier, tok: str) -> Callable[[], Awaitable[bool]]:
-    async def probe() -> bool:
-        return v.verify_cached(tok) is None
-    return probe
 
 
 async def test_file_bad_reload_keeps_keys(tmp_path: Path, clock: FakeClock) -> None:
