@@ -40,7 +40,8 @@ class LeaseTagger:
 
     def __init__(self) -> None:
         self._key: bytes | None = None
-        self._accepted: tuple[bytes, ...] = ()  # the current key first
+        self._mac: _Hmac | None = None
+        self._accepted: tuple[_Hmac, ...] = ()  # the current key first
         self._lock = asyncio.Lock()
 
     @property
@@ -74,17 +75,18 @@ class LeaseTagger:
         if also is not None:
             accepted.append(also)  # the store may have pruned it; its own tags stay valid here
         self._key = current
-        self._accepted = tuple(dict.fromkeys(accepted))
+        self._accepted = tuple(_Hmac(key) for key in dict.fromkeys(accepted))
+        self._mac = self._accepted[0]
 
     def tag(self, ref: LeaseRef) -> str:
-        assert self._key is not None, "load() first"
-        return _mac(self._key, _message(ref))
+        assert self._mac is not None, "load() first"
+        return self._mac.tag(_message(ref))
 
     def valid(self, ref: LeaseRef, tag: str | None) -> bool:
         if tag is None:
             return False
         message = _message(ref)
-        return any(hmac.compare_digest(_mac(key, message), tag) for key in self._accepted)
+        return any(hmac.compare_digest(mac.tag(message), tag) for mac in self._accepted)
 
 
 def _message(ref: LeaseRef) -> bytes:
@@ -93,6 +95,27 @@ def _message(ref: LeaseRef) -> bytes:
     return "\n".join((ref.lease_id, ref.policy, ref.user or "", ref.ip)).encode()
 
 
-def _mac(key: bytes, message: bytes) -> str:
-    digest = hmac.new(key, message, hashlib.sha256).digest()[:16]
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+class _Hmac:
+    """HMAC-SHA256 (RFC 2104) under one key, cut to 128 bits, base64url without padding.
+
+    The key's two padded blocks are hashed once here and each tag copies those states:
+    half the cost of ``hmac.new`` per tag, and every check and access-log entry makes one
+    or two. The result is the same bytes as ``hmac.new(key, message, sha256)``, so replicas
+    of any version agree on tags."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def tag(self, message: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return base64.urlsafe_b64encode(outer.digest()[:16]).rstrip(b"=").decode()

@@ -6,11 +6,14 @@ open connections."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from collections.abc import AsyncIterator
 
 import pytest
 
-from extauth.lease_tag import LeaseTagger
+from extauth.lease_tag import LeaseTagger, _Hmac, _message
 from extauth.store import LeaseRef, MemoryStore
 from extauth.store.redis import RedisStore
 from tests.redis_servers import RedisServer
@@ -81,3 +84,29 @@ async def test_refresh_before_load_does_nothing_and_memory_store_keeps_one_key()
     tag = tagger.tag(ref())
     await tagger.refresh(store)
     assert tagger.tag(ref()) == tag and tagger.valid(ref(), tag)
+
+
+def _reference_tag(key: bytes, message: bytes) -> str:
+    digest = hmac.new(key, message, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize("key_length", [1, 32, 63, 64, 65, 131])
+def test_tags_are_hmac_sha256_whatever_the_key_length(key_length: int) -> None:
+    # Replicas of other versions compute tags with hmac.new: the precomputed pads must give
+    # the same bytes, keys longer than SHA-256's block (hashed first) included.
+    key = bytes(7 * i % 256 for i in range(key_length))
+    for message in (b"", b"lease\nchat\nalice\n198.51.100.7", bytes(range(256)) * 3):
+        assert _Hmac(key).tag(message) == _reference_tag(key, message)
+    assert _Hmac(key).tag(b"a") != _Hmac(key + b"x").tag(b"a")
+
+
+async def test_a_tagger_tags_with_the_stores_key_as_hmac_sha256() -> None:
+    store = MemoryStore()
+    tagger = LeaseTagger()
+    await tagger.load(store)
+    key = bytes.fromhex((await store.lease_key("00" * 32)).current)
+    lease = ref()
+    assert tagger.tag(lease) == _reference_tag(key, _message(lease))
+    assert tagger.valid(lease, _reference_tag(key, _message(lease)))
+    assert not tagger.valid(ref("mallory"), tagger.tag(lease))
