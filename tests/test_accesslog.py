@@ -110,3 +110,32 @@ async def test_entries_for_leases_extauth_did_not_issue_are_ignored() -> None:
     assert metrics.accesslog_entries.labels("end", "bad_tag")._value.get() == 1
     await service.handle_entries([log_entry(metadata(real, tagger), "DownstreamEnd")])
     assert await store.count("chat", user="alice") == 0
+
+
+async def test_each_entry_of_a_batch_is_counted_once_by_type_and_outcome() -> None:
+    store = MemoryStore()
+    tagger = await loaded(store)
+    metrics = Metrics()
+    service = AccessLogService(lambda: store, lambda: 60.0, metrics, tagger)
+    open_, closed, older = ref("bob"), ref("alice"), ref("carol")
+    for lease in (open_, closed, older):
+        assert (await store.acquire(lease, Limits(), 60)).granted
+    await service.handle_entries([
+        log_entry(metadata(open_, tagger), "DownstreamTunnelSuccessfullyEstablished"),
+        log_entry(metadata(closed, tagger), "DownstreamTunnelSuccessfullyEstablished"),
+        log_entry(metadata(closed, tagger), "DownstreamEnd"),
+        log_entry(metadata(older, tagger), "DownstreamPeriodic"),
+        log_entry(metadata(older, tagger), "DownstreamPeriodic"),
+        log_entry(None, "DownstreamEnd"),  # no metadata of ours: another route's request
+        log_entry(metadata(open_, tagger), "UpstreamPoolReady"),  # a type we do not act on
+    ])
+
+    def seen(kind: str, outcome: str) -> float:
+        return float(metrics.accesslog_entries.labels(kind, outcome)._value.get())
+
+    assert seen("tunnel_established", "refresh") == 2
+    assert seen("end", "release") == 1
+    assert seen("periodic", "refresh") == 2
+    assert seen("end", "ignored") == 1
+    assert seen("other", "ignored") == 1
+    assert [await store.count("chat", user=u) for u in ("bob", "alice", "carol")] == [1, 0, 1]
