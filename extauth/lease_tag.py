@@ -40,7 +40,6 @@ class LeaseTagger:
 
     def __init__(self) -> None:
         self._key: bytes | None = None
-        self._mac: _Hmac | None = None
         self._accepted: tuple[_Hmac, ...] = ()  # the current key first
         self._lock = asyncio.Lock()
 
@@ -76,11 +75,10 @@ class LeaseTagger:
             accepted.append(also)  # the store may have pruned it; its own tags stay valid here
         self._key = current
         self._accepted = tuple(_Hmac(key) for key in dict.fromkeys(accepted))
-        self._mac = self._accepted[0]
 
     def tag(self, ref: LeaseRef) -> str:
-        assert self._mac is not None, "load() first"
-        return self._mac.tag(_message(ref))
+        assert self._accepted, "load() first"
+        return self._accepted[0].tag(_message(ref))
 
     def valid(self, ref: LeaseRef, tag: str | None) -> bool:
         if tag is None:
