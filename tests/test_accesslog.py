@@ -26,6 +26,10 @@ def metadata(r: LeaseRef, tagger: LeaseTagger) -> dict[str, str]:
             "lease_tag": tagger.tag(r)}
 
 
+def service(store: MemoryStore, tagger: LeaseTagger, metrics: Metrics | None = None) -> AccessLogService:
+    return AccessLogService(lambda: store, lambda: 60.0, metrics or Metrics(), tagger)
+
+
 async def loaded(store: MemoryStore) -> LeaseTagger:
     tagger = LeaseTagger()
     await tagger.load(store)
@@ -46,9 +50,8 @@ async def test_a_failed_refresh_does_not_keep_ended_connections_counted() -> Non
     lim = Limits(connections_per_user=1)
     assert (await store.acquire(alive, lim, 60)).granted
     assert (await store.acquire(ended, lim, 60)).granted
-    service = AccessLogService(lambda: store, lambda: 60.0, Metrics(), tagger)
-    await service.handle_entries([log_entry(metadata(alive, tagger), "DownstreamPeriodic"),
-                                  log_entry(metadata(ended, tagger), "DownstreamEnd")])
+    await service(store, tagger).handle_entries([log_entry(metadata(alive, tagger), "DownstreamPeriodic"),
+                                                 log_entry(metadata(ended, tagger), "DownstreamEnd")])
     assert await store.count("chat", user="alice") == 0
     assert (await store.acquire(ref("alice"), lim, 60)).granted  # alice reconnects at once
 
@@ -57,16 +60,16 @@ async def test_refresh_restores_lost_leases_and_counts_them() -> None:
     store = MemoryStore()
     tagger = await loaded(store)
     metrics = Metrics()
-    service = AccessLogService(lambda: store, lambda: 60.0, metrics, tagger)
+    als = service(store, tagger, metrics)
     known, lost = ref("bob"), ref("alice")
     assert (await store.acquire(known, Limits(), 60)).granted
-    await service.handle_entries([log_entry(metadata(known, tagger), "DownstreamPeriodic"),
+    await als.handle_entries([log_entry(metadata(known, tagger), "DownstreamPeriodic"),
                                   log_entry(metadata(lost, tagger), "DownstreamPeriodic")])
     assert await store.count("chat", user="alice") == 1
     assert metrics.leases_restored._value.get() == 1
     # An end entry in the same batch wins over the refresh: nothing is restored.
     gone = ref("carol")
-    await service.handle_entries([log_entry(metadata(gone, tagger), "DownstreamPeriodic"),
+    await als.handle_entries([log_entry(metadata(gone, tagger), "DownstreamPeriodic"),
                                   log_entry(metadata(gone, tagger), "DownstreamEnd")])
     assert await store.count("chat", user="carol") == 0
     assert metrics.leases_restored._value.get() == 1
@@ -82,7 +85,7 @@ async def test_a_lease_without_a_client_ip_is_still_released() -> None:
     decision = Decision(allowed=True, status=200, decision_id="d1", policy="chat", user="alice",
                         client_ip="", websocket=True, lease=lease, lease_tag=tagger.tag(lease))
     echoed = {k: v.string_value for k, v in check_response(decision).dynamic_metadata.fields.items()}
-    await AccessLogService(lambda: store, lambda: 60.0, Metrics(), tagger).handle_entries(
+    await service(store, tagger).handle_entries(
         [log_entry(echoed, "DownstreamEnd")])
     assert await store.count("chat", user="alice") == 0
 
@@ -93,14 +96,14 @@ async def test_entries_for_leases_extauth_did_not_issue_are_ignored() -> None:
     store = MemoryStore()
     tagger = await loaded(store)
     metrics = Metrics()
-    service = AccessLogService(lambda: store, lambda: 60.0, metrics, tagger)
+    als = service(store, tagger, metrics)
     real = ref("alice")
     assert (await store.acquire(real, Limits(connections_per_user=2), 60)).granted
     forged = [ref("alice") for _ in range(3)]
     untagged = {**metadata(forged[0], tagger), "lease_tag": ""}
     other_key = LeaseTagger()
     await other_key.load(MemoryStore())  # a tag made with another deployment's key
-    await service.handle_entries([
+    await als.handle_entries([
         log_entry(untagged, "DownstreamPeriodic"),
         log_entry(metadata(forged[1], other_key), "DownstreamPeriodic"),
         log_entry({**metadata(real, tagger), "user": "bob"}, "DownstreamEnd"),  # fields changed
@@ -108,7 +111,7 @@ async def test_entries_for_leases_extauth_did_not_issue_are_ignored() -> None:
     assert await store.count("chat", user="alice") == 1
     assert metrics.accesslog_entries.labels("periodic", "bad_tag")._value.get() == 2
     assert metrics.accesslog_entries.labels("end", "bad_tag")._value.get() == 1
-    await service.handle_entries([log_entry(metadata(real, tagger), "DownstreamEnd")])
+    await als.handle_entries([log_entry(metadata(real, tagger), "DownstreamEnd")])
     assert await store.count("chat", user="alice") == 0
 
 
@@ -116,11 +119,11 @@ async def test_each_entry_of_a_batch_is_counted_once_by_type_and_outcome() -> No
     store = MemoryStore()
     tagger = await loaded(store)
     metrics = Metrics()
-    service = AccessLogService(lambda: store, lambda: 60.0, metrics, tagger)
+    als = service(store, tagger, metrics)
     open_, closed, older = ref("bob"), ref("alice"), ref("carol")
     for lease in (open_, closed, older):
         assert (await store.acquire(lease, Limits(), 60)).granted
-    await service.handle_entries([
+    await als.handle_entries([
         log_entry(metadata(open_, tagger), "DownstreamTunnelSuccessfullyEstablished"),
         log_entry(metadata(closed, tagger), "DownstreamTunnelSuccessfullyEstablished"),
         log_entry(metadata(closed, tagger), "DownstreamEnd"),
