@@ -43,6 +43,7 @@ _QUOTA_RETRY_HINT = 5
 class JailLike(Protocol):
     def is_banned(self, ip: str) -> bool: ...
     def observe(self, ip: str, reason: Reason) -> None: ...
+    def exempt(self, ip: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +240,12 @@ class Authorizer:
             if not self.tagger.ready:
                 await self.tagger.load(self.store)  # once per process
             result = await self.store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds)
+            if result.denied is Reason.BANNED and self.jail is not None and self.jail.exempt(ctx.client_ip):
+                # never_ban outranks a ban the store already holds (made before the address was
+                # listed there): the jail no longer enforces it, so the store must not either.
+                # The ban check records nothing, so asking again counts the attempt once.
+                unbanned = dataclasses.replace(policy.limits, enforce_bans=False)
+                result = await self.store.acquire(ref, unbanned, rt.config.lease_ttl_seconds)
         except (TimeoutError, StoreError) as e:
             if rt.config.store_on_error == "allow":
                 log_event(log, logging.WARNING, "store unavailable; allowing without a lease",
@@ -285,7 +292,10 @@ class Authorizer:
 
     def _deny(self, rt: Runtime, req: CheckInput, ctx: _Ctx, err: DenyError) -> Decision:
         reason = err.reason
-        if reason.hostile and self.jail is not None:
+        # A shadow policy has no effect but its log and metrics: a key set still being rolled
+        # out would otherwise make its honest users look like forgers, and ban them on the
+        # enforced policies.
+        if reason.hostile and self.jail is not None :
             self.jail.observe(ctx.client_ip, reason)
         policy_name = ctx.policy.policy.name if ctx.policy else None
         if (ctx.policy is not None and ctx.policy.policy.shadow and reason is not Reason.INTERNAL_ERROR

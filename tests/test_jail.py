@@ -493,6 +493,45 @@ async def test_a_64_holding_a_never_ban_address_is_never_banned() -> None:
         await rig.jail.stop()
 
 
+async def _never_ban_lifts_a_stored_ban(store: Store) -> None:
+    # The office was banned before anyone listed it in never_ban; listing it (a reload) must
+    # let its users in on every policy, quota-counted WebSockets included, without an unban.
+    rig = Rig(config(), store)
+    await rig.jail.start()
+    try:
+        await rig.store.ban(NAT_IP, 600, "hostile")
+        await rig.jail.refresh()
+        assert (await rig.check(NAT_IP, token("alice"))).reason is Reason.BANNED
+        rig.jail.configure(rig.cfg.abuse.model_copy(update={"never_ban": ["198.51.100.0/24"]}))
+        for user in ("alice", "bob"):
+            d = await rig.check(NAT_IP, token(user))
+            assert d.allowed and d.lease is not None, d
+        assert await rig.store.count("chat", ip=NAT_IP) == 2  # each attempt counted once
+        assert [b.ip for b in await rig.store.list_bans()] == [NAT_IP]  # lifted, not deleted
+        assert (await rig.check("203.0.113.7", token("carol"))).allowed
+        await rig.store.ban("203.0.113.7", 600, "manual")
+        await rig.jail.refresh()
+        assert (await rig.check("203.0.113.7", token("carol"))).reason is Reason.BANNED  # others stay banned
+    finally:
+        await rig.jail.stop()
+
+
+async def test_never_ban_lifts_a_ban_the_store_already_holds() -> None:
+    await _never_ban_lifts_a_stored_ban(MemoryStore())
+
+
+@pytest.mark.redis
+async def test_never_ban_lifts_a_ban_the_store_already_holds_real_redis(redis_server: Any,
+                                                                        key_prefix: str) -> None:
+    from extauth.store.redis import RedisStore
+
+    store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
+    try:
+        await _never_ban_lifts_a_stored_ban(store)
+    finally:
+        await store.close()
+
+
 async def test_dry_run_counts_would_be_bans_without_enforcing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="extauth.jail")
     rig = Rig(config(dry_run=True), MemoryStore())
