@@ -295,7 +295,7 @@ class Authorizer:
         # A shadow policy has no effect but its log and metrics: a key set still being rolled
         # out would otherwise make its honest users look like forgers, and ban them on the
         # enforced policies.
-        if reason.hostile and self.jail is not None :
+        if reason.hostile and self.jail is not None and not (ctx.policy and ctx.policy.policy.shadow):
             self.jail.observe(ctx.client_ip, reason)
         policy_name = ctx.policy.policy.name if ctx.policy else None
         if (ctx.policy is not None and ctx.policy.policy.shadow and reason is not Reason.INTERNAL_ERROR

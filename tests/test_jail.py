@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -530,6 +531,37 @@ async def test_never_ban_lifts_a_ban_the_store_already_holds_real_redis(redis_se
         await _never_ban_lifts_a_stored_ban(store)
     finally:
         await store.close()
+
+
+async def test_a_shadow_policy_never_feeds_the_jail(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A policy in shadow mode with a key set the issuer does not use yet: every honest token
+    # fails its signature there. Its users must not be banned on the enforced policy.
+    monkeypatch.setenv("EXTAUTH_TEST_JAIL_NEW_SECRET", "the-next-secret-" + "n" * 48)
+    base = config()
+    shadow = base.policies[0].model_copy(update={
+        "name": "chat-v2", "shadow": True, "match": base.policies[0].match.model_copy(
+            update={"path_prefix": "/v2"}),
+        "jwt": base.policies[0].jwt.model_copy(update={"hmac_secret_env": "EXTAUTH_TEST_JAIL_NEW_SECRET"}),
+    })
+    rig = Rig(base.model_copy(update={"policies": [*base.policies, shadow]}), MemoryStore())
+    await rig.jail.start()
+    try:
+        for i in range(rig.cfg.abuse.threshold * 2):
+            req = dataclasses.replace(ws_request(NAT_IP, token(f"user{i}")), path="/v2/room")
+            d = await rig.authorizer.check(req)
+            assert d.allowed and d.shadow_reason is Reason.TOKEN_BAD_SIGNATURE, d
+            await rig.jail.drain()
+        shadowed = rig.metrics.shadow.labels("chat-v2", "token_bad_signature")._value.get()
+        assert shadowed == rig.cfg.abuse.threshold * 2
+        assert rig.metrics.hostile.labels("token_bad_signature")._value.get() == 0
+        assert await rig.store.list_bans() == []
+        assert (await rig.check(NAT_IP, token("frank"))).allowed  # the enforced policy
+        # The enforced policy still counts forgeries.
+        for _ in range(rig.cfg.abuse.threshold):
+            await rig.hostile(ATTACKER, forged())
+        assert rig.jail.is_banned(ATTACKER)
+    finally:
+        await rig.jail.stop()
 
 
 async def test_dry_run_counts_would_be_bans_without_enforcing(caplog: pytest.LogCaptureFixture) -> None:
