@@ -38,7 +38,7 @@ import grpc
 
 from extauth._generated.extauth.admin.v1 import admin_pb2, admin_pb2_grpc
 from extauth.addresses import canonical_ip, client_subject, is_loopback_host
-from extauth.config import AdminTls, Config, ConfigError
+from extauth.config import MAX_BAN_SECONDS, AdminTls, Config, ConfigError
 from extauth.jail import in_networks, parse_networks
 from extauth.logs import log_event
 from extauth.metrics import Metrics
@@ -52,7 +52,6 @@ log = logging.getLogger("extauth.admin")
 ADMIN_SERVICE = "extauth.admin.v1.Admin"
 DEFAULT_ADMIN = "127.0.0.1:9002"
 DEFAULT_TOKEN_ENV = "EXTAUTH_ADMIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
-MAX_BAN_SECONDS = 366 * 86400
 
 _STORE_FAILURES = (StoreError, TimeoutError, OSError)
 

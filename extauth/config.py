@@ -26,6 +26,7 @@ from pydantic import (
 
 from extauth.addresses import is_loopback_host
 from extauth.origin import parse_origin_pattern
+from extauth.store.url import parse_redis_url
 
 # Algorithms we verify. "none" is absent on purpose and can never be configured.
 RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -44,6 +45,9 @@ _SOURCE_RE = re.compile(r"^(query:[A-Za-z0-9_.-]+|header:[A-Za-z0-9-]+|cookie:[A
 _TEMPLATE_FIELD_RE = re.compile(r"\{([^{}]*)\}")
 # A JWKS document is a few KiB; a cap well above any real one bounds memory and parse time.
 JWKS_MAX_BYTES_LIMIT = 4 * 1024 * 1024
+# Upper bounds on durations: beyond them a value is a mistake (and some overflow a Redis TTL).
+DAY = 86400
+MAX_BAN_SECONDS = 366 * DAY
 # Headers an upstream identity header must never overwrite.
 _RESERVED_HEADERS = frozenset(
     {"host", "connection", "upgrade", "content-length", "transfer-encoding", "te",
@@ -58,7 +62,9 @@ class ConfigError(Exception):
 
 class _Model(BaseModel):
     # Unknown keys are refused: a typo in a security config must not be ignored silently.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity and NaN are refused too: they pass ge/gt bounds and then break a Redis TTL or a
+    # timer at run time.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _hostport(value: str) -> str:
@@ -94,13 +100,13 @@ class JwtConfig(_Model):
     hmac_secret_env: str | None = None
     token_sources: list[str] = Field(default_factory=lambda: ["header:authorization"], min_length=1)
     leeway_seconds: int = Field(default=30, ge=0, le=600)
-    max_lifetime_seconds: int = Field(default=86400, ge=1)
+    max_lifetime_seconds: int = Field(default=86400, ge=1, le=366 * DAY)
     user_claim: str = "sub"
     # JWKS caching: refresh on TTL; an unknown kid refetches at most once per
     # cooldown; stale keys serve while the endpoint is down, then fail closed.
-    jwks_refresh_seconds: float = Field(default=300, ge=1)
-    jwks_refetch_cooldown_seconds: float = Field(default=30, ge=1)
-    jwks_max_stale_seconds: float = Field(default=3600, ge=0)
+    jwks_refresh_seconds: float = Field(default=300, ge=1, le=DAY)
+    jwks_refetch_cooldown_seconds: float = Field(default=30, ge=1, le=DAY)
+    jwks_max_stale_seconds: float = Field(default=3600, ge=0, le=30 * DAY)
     jwks_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
     jwks_max_bytes: int = Field(default=256 * 1024, gt=0, le=JWKS_MAX_BYTES_LIMIT)
 
@@ -153,6 +159,10 @@ class JwtConfig(_Model):
             # Key confusion: an HMAC algorithm next to public keys lets a forger
             # sign with the public key as the shared secret.
             raise ValueError("HS* algorithms need hmac_secret_env, never a JWKS")
+        if self.jwks_uri and self.jwks_max_stale_seconds < self.jwks_refresh_seconds:
+            # Staleness counts from the last fetch: keys would go stale before the timer
+            # refetches them, and every uncached check would fetch the key set itself.
+            raise ValueError("jwks_max_stale_seconds must be at least jwks_refresh_seconds")
         return self
 
     @property
@@ -161,10 +171,10 @@ class JwtConfig(_Model):
 
 
 class Quotas(_Model):
-    connections_per_user: int | None = Field(default=None, ge=1)
-    connections_per_ip: int | None = Field(default=None, ge=1)
-    attempts_per_ip_per_minute: int | None = Field(default=None, ge=1)
-    attempts_per_user_per_minute: int | None = Field(default=None, ge=1)
+    connections_per_user: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    connections_per_ip: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    attempts_per_ip_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    attempts_per_user_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
 
     @property
     def any(self) -> bool:
@@ -234,15 +244,15 @@ class Policy(_Model):
 class StoreBreaker(_Model):
     # Consecutive failures that open the breaker, and how long it stays open
     # before one probe call is let through.
-    failure_threshold: int = Field(default=3, ge=1)
-    reset_seconds: float = Field(default=2.0, gt=0)
+    failure_threshold: int = Field(default=3, ge=1, le=1_000_000)
+    reset_seconds: float = Field(default=2.0, gt=0, le=300)
 
 
 class Abuse(_Model):
     enabled: bool = True
-    threshold: int = Field(default=5, ge=1)
-    window_seconds: int = Field(default=300, ge=1)
-    ban_seconds: int = Field(default=900, ge=1)
+    threshold: int = Field(default=5, ge=1, le=1_000_000)
+    window_seconds: int = Field(default=300, ge=1, le=DAY)
+    ban_seconds: int = Field(default=900, ge=1, le=MAX_BAN_SECONDS)
     never_ban: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     dry_run: bool = False
 
@@ -274,7 +284,7 @@ class Config(_Model):
     # Per-IP quotas and bans count an IPv6 client by its network of this length
     # (extauth/addresses.py says why); 128 counts single addresses.
     ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
-    lease_ttl_seconds: float = Field(default=60, gt=0)
+    lease_ttl_seconds: float = Field(default=60, gt=0, le=DAY)
     store_timeout_ms: float = Field(default=50, gt=0, le=10_000)
     store_on_error: Literal["deny", "allow"] = "deny"
     store_breaker: StoreBreaker = Field(default_factory=StoreBreaker)
@@ -309,6 +319,8 @@ class Config(_Model):
     def _store(cls, v: str) -> str:
         if not v.startswith(("memory://", "redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
             raise ValueError("use memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://")
+        if not v.startswith("memory://"):
+            parse_redis_url(v)  # what serve would refuse, refused here with its reason
         return v
 
     @field_validator("policies")
@@ -385,7 +397,40 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
     return parse_config(data, base_dir=p.resolve().parent)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping: PyYAML would keep the last
+    one silently, and a second ``abuse:`` or ``origins:`` further down a long file would
+    quietly replace the first. (Keys that a ``<<`` merge brings in may be overridden, as
+    YAML intends.)"""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {str(key)[:64]!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quote of the offending line: that line may
+    hold a password (the store URL's)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{e.problem or e.context or 'syntax error'}{where}"
+    return "syntax error"

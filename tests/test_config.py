@@ -1,6 +1,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -220,3 +221,97 @@ def test_jwks_fetch_intervals_are_at_least_a_second(key: str, value: float) -> N
     assert f"policies[0].jwt.{key}" in error_of(_jwks_uri_policy(jwks_uri=uri, **{key: value}))
     jwt = parse_config(_jwks_uri_policy(jwks_uri=uri, **{key: 1})).policies[0].jwt
     assert jwt is not None and getattr(jwt, key) == 1
+
+
+def test_jwks_max_stale_below_the_refresh_interval_refused() -> None:
+    # Keys would go stale before the timer refetched them: every uncached check would fetch.
+    uri = "https://idp.example.com/jwks"
+    msg = error_of(_jwks_uri_policy(jwks_uri=uri, jwks_refresh_seconds=300, jwks_max_stale_seconds=0))
+    assert "jwks_max_stale_seconds must be at least jwks_refresh_seconds" in msg
+    jwt = parse_config(_jwks_uri_policy(jwks_uri=uri, jwks_refresh_seconds=300,
+                                        jwks_max_stale_seconds=300)).policies[0].jwt
+    assert jwt is not None and jwt.jwks_max_stale_seconds == 300
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/abc",  # database number
+    "redis://a:1,b:2",  # several hosts without +cluster
+    "redis://u:hunter2@h:6379?ssl_ca_certs=/x.pem",  # TLS options without TLS
+    "rediss://u:hunter2@h:6379?ssl_cert_reqs=bogus",
+    "rediss://h:6379?password=hunter2",  # not an option
+    "redis://u:hunter2@127.0.0.1:99999",  # port out of range
+    "redis://u:hunter2@127.0.0.1:0",
+    "redis+cluster://a:1,b:2/3",  # a cluster has no database
+    "redis://",
+])
+def test_store_urls_that_serve_would_refuse_are_refused(url: str) -> None:
+    # check-config must refuse what serve cannot use, naming the key, never quoting the password.
+    data = base()
+    data["store"] = url
+    msg = error_of(data)
+    assert msg.startswith("store: ") and "hunter2" not in msg, msg
+
+
+@pytest.mark.parametrize("url", [
+    "redis://u:p%40ss@127.0.0.1:6390/2", "rediss://127.0.0.1:6390?ssl_cert_reqs=none",
+    "rediss+cluster://a:7000,[::1]:7001?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+])
+def test_usable_store_urls_pass(url: str) -> None:
+    data = base()
+    data["store"] = url
+    assert parse_config(data).store == url
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("lease_ttl_seconds", float("inf")),
+    ("lease_ttl_seconds", 1e30),
+    ("lease_ttl_seconds", float("nan")),
+    ("store_breaker.reset_seconds", float("inf")),
+    ("abuse.ban_seconds", 10**16),
+    ("abuse.window_seconds", 10**16),
+    ("policies[0].quotas.connections_per_user", 10**30),
+])
+def test_infinite_or_absurd_values_refused(key: str, value: float) -> None:
+    # Each passed its lower bound and broke at run time: an infinite lease TTL was a 500 on
+    # every upgrade, a 1e16 s window made each forged token a store error that opened the
+    # breaker for everyone, an infinite reset_seconds kept the breaker open forever.
+    data = base()
+    target: Any = data
+    *parents, leaf = key.replace("[0]", ".0").split(".")
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target.setdefault(part, {})
+    target[leaf] = value
+    assert error_of(data).startswith(f"{key}: "), error_of(data)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "extauth.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_error_never_quotes_the_file(tmp_path: Path) -> None:
+    # PyYAML's message quotes the offending line; here that line holds the store's password.
+    path = write(tmp_path, "store: redis://default:Tr0ub4dor: 3@redis.internal:6379/0\n"
+                           "policies: [{name: p}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "Tr0ub4dor" not in str(e.value)
+    assert str(e.value) == f"{path}: not valid YAML: mapping values are not allowed here (line 1, column 33)"
+
+
+@pytest.mark.parametrize("text", [
+    "policies: [{name: p}]\nabuse: {enabled: true}\nabuse: {enabled: false}\n",
+    "policies:\n- name: p\n  origins: [https://app.example.com]\n  origins: [https://evil.example.net]\n",
+])
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str) -> None:
+    # The second would silently win: a later abuse: block switching the jail off, a later origins:.
+    with pytest.raises(ConfigError, match=r"duplicate key '(abuse|origins)'"):
+        load_config(write(tmp_path, text))
+
+
+def test_a_merged_key_may_be_overridden(tmp_path: Path) -> None:
+    text = ("policies:\n- &chat {name: chat, origins: [https://a.example.com]}\n"
+            "- <<: *chat\n  name: chat2\n  origins: [https://b.example.com]\n")
+    cfg = load_config(write(tmp_path, text))
+    assert [p.origins for p in cfg.policies] == [["https://a.example.com"], ["https://b.example.com"]]

@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -61,6 +61,7 @@ from extauth.store.base import (
 )
 from extauth.store.memory import RATE_WINDOW, retry_seconds
 from extauth.store.resp import RespLane
+from extauth.store.url import parse_redis_url
 
 RedisClient = aioredis.Redis | RedisCluster
 # What a Redis outage looks like from redis-py (RedisClusterException is not a RedisError).
@@ -169,45 +170,6 @@ class Keys:
         return out
 
 
-def _tls_kwargs(query: dict[str, list[str]]) -> dict[str, Any]:
-    allowed = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
-               "ssl_ca_data", "ssl_ciphers"}
-    out: dict[str, Any] = {}
-    for name, values in query.items():
-        if name not in allowed:
-            raise ValueError(f"unknown store URL option {name!r} (allowed: {', '.join(sorted(allowed))})")
-        value = values[-1]
-        if name == "ssl_check_hostname":
-            out[name] = value.lower() in ("1", "true", "yes", "on")
-        elif name == "ssl_cert_reqs":
-            if value not in ("none", "optional", "required"):
-                raise ValueError("ssl_cert_reqs must be none, optional or required")
-            out[name] = value
-        else:
-            out[name] = value
-    return out
-
-
-def _hostports(netloc_hosts: str) -> list[tuple[str, int]]:
-    out = []
-    for part in netloc_hosts.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if part.startswith("["):  # [v6]:port
-            host, _, rest = part[1:].partition("]")
-            port = rest.removeprefix(":") or "6379"
-        else:
-            host, _, port = part.partition(":")
-            port = port or "6379"
-        if not host or not port.isdigit():
-            raise ValueError(f"bad store host {part!r}: expected HOST:PORT")
-        out.append((host, int(port)))
-    if not out:
-        raise ValueError("the store URL names no host")
-    return out
-
-
 def client_from_url(url: str, *, socket_timeout: float = 1.0, connect_timeout: float = 1.0) -> RedisClient:
     """A redis.asyncio client for ``redis://``, ``rediss://``, ``redis+cluster://h:p,h:p`` or
     ``rediss+cluster://...``. Credentials come from the URL, else EXTAUTH_REDIS_USERNAME /
@@ -215,26 +177,9 @@ def client_from_url(url: str, *, socket_timeout: float = 1.0, connect_timeout: f
     Every socket has a timeout, and redis-py retries at most once, immediately, on a broken
     connection (a stale pooled socket after a restart); the breaker handles real outages.
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        raise ValueError(f"not a Redis URL: {scheme}://")
-    tls = scheme.startswith("rediss")
-    cluster = scheme.endswith("+cluster")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    username: str | None = None
-    password: str | None = None
-    if userinfo:
-        user_raw, sep, pass_raw = userinfo.partition(":")
-        username = unquote(user_raw) or None
-        password = unquote(pass_raw) if sep else None
-    username = username or os.environ.get("EXTAUTH_REDIS_USERNAME") or None
-    password = password or os.environ.get("EXTAUTH_REDIS_PASSWORD") or None
-    query = parse_qs(parts.query, keep_blank_values=False)
-    tls_kwargs = _tls_kwargs(query)
-    if tls_kwargs and not tls:
-        raise ValueError("ssl_* options need rediss:// or rediss+cluster://")
-    nodes = _hostports(hosts)
+    parsed = parse_redis_url(url)
+    username = parsed.username or os.environ.get("EXTAUTH_REDIS_USERNAME") or None
+    password = parsed.password or os.environ.get("EXTAUTH_REDIS_PASSWORD") or None
     common: dict[str, Any] = {
         "username": username,
         "password": password,
@@ -244,20 +189,13 @@ def client_from_url(url: str, *, socket_timeout: float = 1.0, connect_timeout: f
         "decode_responses": True,
         "client_name": "extauth",
     }
-    if tls:
+    if parsed.tls:
         common["ssl"] = True
-        common.update(tls_kwargs)
-    if cluster:
-        if parts.path not in ("", "/"):
-            raise ValueError("a Redis Cluster has no database number")
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **common)
-    if len(nodes) != 1:
-        raise ValueError("several hosts need redis+cluster:// (or rediss+cluster://)")
-    db_text = parts.path.strip("/") or "0"
-    if not db_text.isdigit():
-        raise ValueError(f"bad database number {db_text!r}")
-    host, port = nodes[0]
-    return aioredis.Redis(host=host, port=port, db=int(db_text), **common)
+        common.update(parsed.tls_options)
+    if parsed.cluster:
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in parsed.nodes], **common)
+    host, port = parsed.nodes[0]
+    return aioredis.Redis(host=host, port=port, db=parsed.db, **common)
 
 
 class RedisStore(Store):
