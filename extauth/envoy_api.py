@@ -86,10 +86,12 @@ def repeat_key(request: external_auth_pb2.CheckRequest, rt: Runtime) -> Hashable
     route: Hashable = attrs.context_extensions.get("policy")
     if route is not None:
         policy = rt.by_name.get(route)  # type: ignore[call-overload]
+        kept = 0
     else:
         host, path, _ = _target(http, headers)  # what check_input gives select_policy
         policy = select_policy(rt.policies, rt.by_name, {}, host, path)
         route = (host, path)
+        kept = len(host) + len(path)
     if policy is None or not policy.repeatable:
         return None
     names = policy.credential_headers
@@ -98,7 +100,18 @@ def repeat_key(request: external_auth_pb2.CheckRequest, rt: Runtime) -> Hashable
     else:
         digest = _framed_digest(headers, names, http.path if policy.reads_query else None)
     xff = headers.get("x-forwarded-for") if rt.config.xff_hops else None
+    if xff is not None:
+        kept += len(xff)
+    if kept > _MAX_KEPT_CHARS:
+        return None
     return (route, attrs.source.address.socket_address.address, xff, digest)
+
+
+# The key keeps the request's host, path and X-Forwarded-For as they are (each is an input
+# of the pipeline). Envoy accepts 60 KiB of headers: a request whose key would keep more
+# than this takes the full pipeline, so the memo's size is bounded in bytes, not only in
+# entries.
+_MAX_KEPT_CHARS = 2048
 
 
 # A missing header: shorter than any digest, so no value's digest equals it.

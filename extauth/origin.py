@@ -101,6 +101,10 @@ def parse_origin_pattern(pattern: str) -> Origin | _Wildcard | None:
 # Distinct Origin values seen in practice are few (your own sites), so verdicts
 # are memoized; the bound keeps a flood of random origins from growing memory.
 _MEMO_MAX = 4096
+# No origin is longer: scheme, "://", a 253-character DNS name and ":65535". Longer values
+# are refused without being remembered, so the memo's size is bounded in bytes too (Envoy
+# accepts header values of up to 60 KiB).
+_MAX_ORIGIN_CHARS = 300
 
 
 class OriginPolicy:
@@ -130,6 +134,8 @@ class OriginPolicy:
         """True only for exactly one well-formed origin on the list."""
         verdict = self._memo.get(header_value)
         if verdict is None:
+            if len(header_value) > _MAX_ORIGIN_CHARS:
+                return False
             verdict = self._decide(header_value)
             if len(self._memo) >= _MEMO_MAX:
                 self._memo.clear()

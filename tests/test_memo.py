@@ -257,6 +257,20 @@ async def test_upgrades_shadow_and_denials_always_take_the_pipeline(pair: Pair) 
     assert pair.hits == 0 and len(pair.memo.authorizer.runtime.memo) == 0
 
 
+async def test_a_long_path_takes_the_pipeline_and_is_never_kept(pair: Pair) -> None:
+    # The key keeps host and path as they are; Envoy accepts 60 KiB of them. Only short ones
+    # are kept, so 10,000 entries stay a few MiB, not 600.
+    tok = token()
+    for path in ("/api/" + "a" * 3000, "/api/" + "b" * 3000):
+        for _ in range(2):
+            resp = await pair.check(path, _bearer(tok), source_ip=SRC)  # matched by path
+            assert resp.status.code == 0 and headers_of(resp)["x-user-id"] == "alice"
+    assert pair.hits == 0 and len(pair.memo.authorizer.runtime.memo) == 0
+    for _ in range(2):
+        await pair.check("/api/" + "c" * 1000, _bearer(tok), source_ip=SRC)
+    assert pair.hits == 1
+
+
 async def test_a_ban_stops_a_remembered_client_at_once(pair: Pair) -> None:
     tok = token()
     for _ in range(2):

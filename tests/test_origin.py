@@ -83,3 +83,15 @@ def test_parse_origin_serializes_canonically() -> None:
 def test_bad_patterns_rejected(pattern: str) -> None:
     with pytest.raises(ValueError):
         parse_origin_pattern(pattern)
+
+
+def test_a_longest_origin_is_allowed_and_a_longer_value_never_remembered() -> None:
+    host = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 49]) + ".example.com"
+    assert len(host) == 253  # the longest DNS name
+    policy = OriginPolicy(["https://*.example.com"])
+    assert policy.allows(f"https://{host}") and policy.allows(f"HTTPS://{host.upper()}:443")
+    # Envoy passes header values of up to 60 KiB: each refused without growing the memo.
+    before = len(policy._memo)
+    for i in range(50):
+        assert not policy.allows(f"https://{i}{'x' * 60_000}.example.com")
+    assert len(policy._memo) == before
