@@ -32,6 +32,24 @@ def canonical_ip(value: str) -> str | None:
     return str(addr)
 
 
+def forwarded_ip(entry: str) -> str | None:
+    """An X-Forwarded-For entry as ``canonical_ip``, also in the ``ip:port`` and
+    ``[v6]:port`` forms some proxies append (Azure Application Gateway does)."""
+    address = canonical_ip(entry)
+    if address is not None:
+        return address
+    entry = entry.strip()
+    if entry.startswith("["):  # [v6]:port
+        inside, sep, port = entry[1:].partition("]:")
+    elif entry.count(":") == 1:  # v4:port (an IPv6 address without brackets parsed above)
+        inside, sep, port = entry.partition(":")
+    else:
+        return None
+    if not sep or not port.isdigit():
+        return None
+    return canonical_ip(inside)
+
+
 @functools.lru_cache(maxsize=8192)
 def client_subject(address: str, ipv6_prefix: int) -> str:
     """What per-IP quotas and bans count for a canonical ``address`` (``canonical_ip``): the

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from extauth.addresses import canonical_ip, client_subject
+from extauth.addresses import canonical_ip, client_subject, forwarded_ip
 from extauth.handshake import is_upgrade_attempt, validate_handshake
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
@@ -75,6 +75,9 @@ class _Ctx:
     decision_id: str
     client_ip: str  # the subject per-IP quotas and bans count (extauth.addresses.client_subject)
     client_address: str = ""  # the address itself, logged when it differs from client_ip
+    # False when a proxy stands in for a client address it could not read: never jailed
+    # then, since a ban would hold every client behind that proxy.
+    own_address: bool = True
     websocket: bool = False
     policy: CompiledPolicy | None = None
     verified: VerifiedToken | None = None
@@ -91,13 +94,21 @@ def client_ip(req: CheckInput, xff_hops: int) -> str:
     the right of X-Forwarded-For when that many trusted proxies append to it, in canonical
     form (``extauth.addresses``). Falls back to the source address when the header is short
     or not an IP, and to the source as given when that is not an IP either."""
+    return _client_address(req, xff_hops)[0]
+
+
+def _client_address(req: CheckInput, xff_hops: int) -> tuple[str, bool]:
+    """``client_ip``, and whether it is the client's own: False when a trusted proxy's entry
+    is there but is no address, and the source (that proxy, shared by all its clients)
+    stands in for it."""
     if xff_hops > 0:
         entries = [e.strip() for e in req.headers.get("x-forwarded-for", "").split(",") if e.strip()]
         if len(entries) >= xff_hops:
-            candidate = canonical_ip(entries[-xff_hops])
+            candidate = forwarded_ip(entries[-xff_hops])
             if candidate is not None:
-                return candidate
-    return canonical_ip(req.source_ip) or req.source_ip
+                return candidate, True
+            return canonical_ip(req.source_ip) or req.source_ip, False
+    return canonical_ip(req.source_ip) or req.source_ip, True
 
 
 # Decision ids only need to be unique, not secret: a random per-process prefix
@@ -169,7 +180,7 @@ class Authorizer:
         return decision
 
     async def _run(self, rt: Runtime, req: CheckInput, ctx: _Ctx) -> Decision:
-        ctx.client_address = client_ip(req, rt.config.xff_hops)
+        ctx.client_address, ctx.own_address = _client_address(req, rt.config.xff_hops)
         ctx.client_ip = client_subject(ctx.client_address, rt.config.ipv6_prefix_length)
         ctx.websocket = is_upgrade_attempt(req.headers)
         policy = select_policy(rt.policies, rt.by_name, req.context, req.host, req.path)
@@ -295,7 +306,8 @@ class Authorizer:
         # A shadow policy has no effect but its log and metrics: a key set still being rolled
         # out would otherwise make its honest users look like forgers, and ban them on the
         # enforced policies.
-        if reason.hostile and self.jail is not None and not (ctx.policy and ctx.policy.policy.shadow):
+        if (reason.hostile and self.jail is not None and ctx.own_address
+                and not (ctx.policy and ctx.policy.policy.shadow)):
             self.jail.observe(ctx.client_ip, reason)
         policy_name = ctx.policy.policy.name if ctx.policy else None
         if (ctx.policy is not None and ctx.policy.policy.shadow and reason is not Reason.INTERNAL_ERROR

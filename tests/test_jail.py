@@ -564,6 +564,35 @@ async def test_a_shadow_policy_never_feeds_the_jail(monkeypatch: pytest.MonkeyPa
         await rig.jail.stop()
 
 
+async def test_a_proxy_standing_in_for_an_unreadable_client_address_is_never_banned() -> None:
+    # Behind a load balancer (client_ip: xff:1), a forger whose entry the proxy wrote in a form
+    # that is no address is keyed as the proxy: a ban would lock out everyone behind it.
+    lb = "10.0.0.1"
+    rig = Rig(config().model_copy(update={"client_ip": "xff:1"}), MemoryStore())
+
+    async def via_lb(entry: str, tok: str) -> Decision:
+        req = ws_request(lb, tok)
+        req = dataclasses.replace(req, headers={**req.headers, "x-forwarded-for": entry})
+        d = await rig.authorizer.check(req)
+        await rig.jail.drain()
+        return d
+
+    await rig.jail.start()
+    try:
+        for _ in range(rig.cfg.abuse.threshold * 2):
+            assert (await via_lb("unknown", forged())).reason is Reason.TOKEN_BAD_SIGNATURE
+        assert await rig.store.list_bans() == []
+        assert (await via_lb("unknown", token("alice"))).allowed
+        # A forger the proxy names with a port is keyed, and banned, as itself alone.
+        for _ in range(rig.cfg.abuse.threshold):
+            await via_lb(f"{ATTACKER}:51234", forged())
+        assert [b.ip for b in await rig.store.list_bans()] == [ATTACKER]
+        assert (await via_lb(f"{ATTACKER}:40000", token("mallory"))).reason is Reason.BANNED
+        assert (await via_lb(f"{NAT_IP}:40001", token("bob"))).allowed
+    finally:
+        await rig.jail.stop()
+
+
 async def test_dry_run_counts_would_be_bans_without_enforcing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="extauth.jail")
     rig = Rig(config(dry_run=True), MemoryStore())

@@ -72,6 +72,16 @@ def test_client_ip_from_trusted_xff_hops() -> None:
     assert client_ip(_peer("10.0.0.1", "not-an-ip"), 1) == "10.0.0.1"
 
 
+def test_client_ip_from_entries_a_proxy_wrote_with_a_port() -> None:
+    # Some proxies append ip:port (Azure Application Gateway): without reading it, every
+    # client would be keyed as the proxy and share its quotas and bans.
+    r = _peer("10.0.0.1", "203.0.113.5:51234, [2001:DB8::1]:443, 10.0.0.9:80")
+    assert [client_ip(r, hops) for hops in (1, 2, 3)] == ["10.0.0.9", "2001:db8::1", "203.0.113.5"]
+    for garbled in ("203.0.113.5:", "203.0.113.5:x", "[2001:db8::1]", "1.2.3.4:80:90", "unknown"):
+        expected = "2001:db8::1" if garbled == "[2001:db8::1]" else "10.0.0.1"
+        assert client_ip(_peer("10.0.0.1", garbled), 1) == expected, garbled
+
+
 def test_client_ip_has_one_spelling_per_address() -> None:
     # Quota keys and bans are per address: the mapped form and IPv6 spellings must not make
     # one client several.
