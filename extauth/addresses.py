@@ -17,19 +17,42 @@ from __future__ import annotations
 import functools
 import ipaddress
 
+# RFC 6052's well-known NAT64 prefix. Behind a stateless translator (SIIT-DC), every IPv4
+# client reaches an IPv6-only service as 64:ff9b::a.b.c.d: counted by its /64 they would
+# all be one client. The prefix is not routed on the internet, so no one can pick an
+# address in it to pass for an IPv4 client.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
 
 # Bounded: the hot path calls this on every check, and its argument comes from the network.
 @functools.lru_cache(maxsize=8192)
 def canonical_ip(value: str) -> str | None:
-    """``value`` as an address in canonical text (IPv4-mapped IPv6 as plain IPv4, IPv6
-    compressed and lower case, brackets dropped); None when it is not an IP address."""
+    """``value`` as an address in canonical text (IPv4-mapped and NAT64 well-known-prefix
+    IPv6 as plain IPv4, IPv6 compressed and lower case, brackets dropped); None when it is
+    not an IP address."""
     try:
         addr = ipaddress.ip_address(value.strip().strip("[]"))
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        if addr in _NAT64:
+            return str(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
     return str(addr)
+
+
+def canonical_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                      ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network in the form ``canonical_ip`` gives its addresses: an IPv6 network inside
+    ``::ffff:0:0/96`` or the NAT64 prefix as the IPv4 network it holds."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        for prefix in (_MAPPED, _NAT64):
+            if network.subnet_of(prefix):
+                low = ipaddress.IPv4Address(int(network.network_address) & 0xFFFFFFFF)
+                return ipaddress.IPv4Network((low, network.prefixlen - 96))
+    return network
 
 
 def forwarded_ip(entry: str) -> str | None:

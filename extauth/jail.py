@@ -36,6 +36,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from extauth.addresses import canonical_network
 from extauth.config import Abuse
 from extauth.logs import log_event
 from extauth.metrics import Metrics
@@ -51,7 +52,8 @@ _STORE_FAILURES = (StoreError, TimeoutError, OSError)
 
 
 def parse_networks(cidrs: list[str]) -> tuple[IpNetwork, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+    """In the canonical form client addresses take: ``::ffff:10.0.0.0/104`` is 10.0.0.0/8."""
+    return tuple(canonical_network(ipaddress.ip_network(c, strict=False)) for c in cidrs)
 
 
 def in_networks(ip: str, networks: tuple[IpNetwork, ...]) -> bool:

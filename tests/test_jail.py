@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -698,6 +699,11 @@ def test_never_ban_matching() -> None:
     assert in_networks("127.0.0.1", nets) and in_networks("::1", nets) and in_networks("10.2.3.4", nets)
     assert in_networks("::ffff:10.1.1.1", nets)  # v4-mapped v6
     assert not in_networks("203.0.113.66", nets) and not in_networks("not-an-ip", nets)
+    # Entries in the forms client addresses never take are put in the form they do take.
+    mapped = parse_networks(["::ffff:10.0.0.0/104", "64:ff9b::c633:6400/120"])
+    assert mapped == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("198.51.100.0/24"))
+    assert in_networks("10.0.0.5", mapped) and in_networks(NAT_IP, mapped)
+    assert not in_networks("11.0.0.5", mapped)
     # A client subject that is a network counts when it overlaps one (it would ban it too).
     assert in_networks("::/64", nets) and not in_networks("2001:db8::/64", nets)
     assert not in_networks("not/a-network", nets)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from extauth.addresses import client_subject
 from extauth.config import parse_config
 from extauth.pipeline import Authorizer, client_ip
 from extauth.reasons import Reason
@@ -90,6 +91,15 @@ def test_client_ip_has_one_spelling_per_address() -> None:
     assert client_ip(mapped, 1) == "2001:db8::1"
     assert client_ip(mapped, 2) == "203.0.113.5"
     assert client_ip(_peer("unix:/run/envoy.sock"), 0) == "unix:/run/envoy.sock"  # not an IP: as given
+
+
+def test_ipv4_clients_behind_a_nat64_translator_are_each_their_own_client() -> None:
+    # SIIT-DC: IPv4 clients reach an IPv6-only service as 64:ff9b::a.b.c.d (RFC 6052). By
+    # their /64 they would all be one client, and one forger would ban them all.
+    subjects = {client_subject(client_ip(_peer(f"64:ff9b::203.0.113.{i}"), 0), 64) for i in (5, 6)}
+    assert subjects == {"203.0.113.5", "203.0.113.6"}
+    other = client_ip(_peer("64:ff9b:1::cb00:7105"), 0)  # a local-use prefix: left as IPv6
+    assert client_subject(other, 64) == "64:ff9b:1::/64"
 
 
 async def test_shadow_mode_allows_and_tags(jwks_file: str) -> None:
