@@ -22,6 +22,11 @@ that cannot be recorded are lost, the local ban list keeps its last known
 entries until they expire, and no request is ever refused because the store
 is down. Each outage is logged once when it starts and once when it ends.
 
+A signal is counted once per piece of evidence (a digest of the forged token) within the
+window: an honest client retrying one token that fails its signature check (a staging
+token sent to production, say) in a reconnect loop is one signal however often it
+retries, while a forger trying tokens is one signal per token.
+
 ``never_ban`` networks are never counted and never banned. ``dry_run`` counts
 and logs would-be bans (``extauth_bans_total{kind="dry_run"}``) without
 enforcing them; manual bans (admin API) are still enforced in dry-run mode.
@@ -145,7 +150,9 @@ class Jail:
             return False
         return not self.exempt(ip)
 
-    def observe(self, ip: str, reason: Reason) -> None:
+    def observe(self, ip: str, reason: Reason, signal: str | None = None) -> None:
+        """Count a hostile signal for ``ip``. ``signal`` names its evidence (a digest of the
+        forged token): the same evidence again within the window counts once (Store.record_hostile)."""
         cfg = self.cfg
         if not cfg.enabled or not reason.hostile or self.exempt(ip):
             return
@@ -154,7 +161,7 @@ class Jail:
             self.dropped += 1
             return
         try:
-            task = asyncio.get_running_loop().create_task(self._record(ip, reason, cfg))
+            task = asyncio.get_running_loop().create_task(self._record(ip, reason, cfg, signal))
         except RuntimeError:  # no running loop: nothing can be recorded
             self.dropped += 1
             return
@@ -246,11 +253,11 @@ class Jail:
 
     # -- store writes ----------------------------------------------------------------
 
-    async def _record(self, ip: str, reason: Reason, cfg: Abuse) -> None:
+    async def _record(self, ip: str, reason: Reason, cfg: Abuse, signal: str | None) -> None:
         try:
             reached = await self.store.record_hostile(
                 ip, threshold=cfg.threshold, window=float(cfg.window_seconds),
-                ban_seconds=float(cfg.ban_seconds), dry_run=cfg.dry_run)
+                ban_seconds=float(cfg.ban_seconds), dry_run=cfg.dry_run, signal=signal)
         except _STORE_FAILURES as e:
             self._store_failed("record_hostile", e)
             return

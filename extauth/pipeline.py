@@ -9,6 +9,7 @@ store round trip. The pipeline never raises: every outcome is a ``Decision``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
@@ -42,7 +43,7 @@ _QUOTA_RETRY_HINT = 5
 
 class JailLike(Protocol):
     def is_banned(self, ip: str) -> bool: ...
-    def observe(self, ip: str, reason: Reason) -> None: ...
+    def observe(self, ip: str, reason: Reason, signal: str | None = None) -> None: ...
     def exempt(self, ip: str) -> bool: ...
 
 
@@ -78,6 +79,7 @@ class _Ctx:
     # False when a proxy stands in for a client address it could not read: never jailed
     # then, since a ban would hold every client behind that proxy.
     own_address: bool = True
+    evidence: str | None = None  # a hostile denial's token, digested: what the jail counts
     websocket: bool = False
     policy: CompiledPolicy | None = None
     verified: VerifiedToken | None = None
@@ -238,7 +240,13 @@ class Authorizer:
             raise DenyError(Reason.TOKEN_MISSING)
         verified = policy.verifier.verify_cached(token)
         if verified is None:
-            verified = await policy.verifier.verify(token)
+            try:
+                verified = await policy.verifier.verify(token)
+            except DenyError as e:
+                if e.reason.hostile:
+                    ctx.evidence = hashlib.blake2b(token.encode("utf-8", "surrogatepass"),
+                                                   digest_size=16).hexdigest()
+                raise
         ctx.verified = verified
 
     async def _acquire(self, rt: Runtime, policy: CompiledPolicy, ctx: _Ctx) -> None:
@@ -308,7 +316,7 @@ class Authorizer:
         # enforced policies.
         if (reason.hostile and self.jail is not None and ctx.own_address
                 and not (ctx.policy and ctx.policy.policy.shadow)):
-            self.jail.observe(ctx.client_ip, reason)
+            self.jail.observe(ctx.client_ip, reason, ctx.evidence)
         policy_name = ctx.policy.policy.name if ctx.policy else None
         if (ctx.policy is not None and ctx.policy.policy.shadow and reason is not Reason.INTERNAL_ERROR
                 and self._strippable(ctx.policy, req, ctx)):

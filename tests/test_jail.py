@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -121,14 +122,16 @@ def token(sub: str, *, secret: str = HMAC_SECRET, lifetime: int = 600, **over: A
 
 
 def forged(sub: str = "admin") -> str:
-    return token(sub, secret="not-the-secret-" + "x" * 48)
+    """A new forgery on each call (the jail counts each token once)."""
+    return token(sub, secret="not-the-secret-" + "x" * 48, jti=secrets.token_hex(8))
 
 
 def self_declared_key() -> str:
     """A forger's token naming its own key (jku): no honest issuer sends one."""
     def b64(obj: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-    return f"{b64({'alg': 'HS256', 'jku': 'https://evil.example/jwks'})}.{b64({'sub': 'admin'})}.c2ln"
+    claims = {"sub": "admin", "jti": secrets.token_hex(8)}
+    return f"{b64({'alg': 'HS256', 'jku': 'https://evil.example/jwks'})}.{b64(claims)}.c2ln"
 
 
 def ws_request(ip: str, tok: str | None, origin: str | None = APP) -> CheckInput:
@@ -203,10 +206,10 @@ class FlakyStore(Store):
         return await self.inner.hit_rate(key, limit, window)
 
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
-                             dry_run: bool) -> bool:
+                             dry_run: bool, signal: str | None = None) -> bool:
         self._check()
         return await self.inner.record_hostile(ip, threshold=threshold, window=window,
-                                               ban_seconds=ban_seconds, dry_run=dry_run)
+                                               ban_seconds=ban_seconds, dry_run=dry_run, signal=signal)
 
     async def ban(self, ip: str, seconds: float, reason: str) -> None:
         self._check()
@@ -592,6 +595,20 @@ async def test_a_proxy_standing_in_for_an_unreadable_client_address_is_never_ban
         assert (await via_lb(f"{NAT_IP}:40001", token("bob"))).allowed
     finally:
         await rig.jail.stop()
+
+
+async def test_one_bad_token_in_a_reconnect_loop_is_one_signal(rig: Rig) -> None:
+    # A developer's client sends a staging token to production and reconnects every second:
+    # the same token, failing its signature each time, must not ban the office it sits in.
+    staging = token("dev", secret="the-staging-secret-" + "s" * 48)
+    for _ in range(rig.cfg.abuse.threshold * 10):
+        assert (await rig.hostile(NAT_IP, staging)).reason is Reason.TOKEN_BAD_SIGNATURE
+    assert await rig.store.list_bans() == [] and not rig.jail.is_banned(NAT_IP)
+    assert (await rig.check(NAT_IP, token("alice"))).allowed
+    # A forger's distinct tokens still count one each.
+    for _ in range(rig.cfg.abuse.threshold):
+        await rig.hostile(ATTACKER, forged())
+    assert rig.jail.is_banned(ATTACKER)
 
 
 async def test_dry_run_counts_would_be_bans_without_enforcing(caplog: pytest.LogCaptureFixture) -> None:

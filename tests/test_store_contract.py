@@ -402,6 +402,37 @@ async def test_record_hostile_window_slides(store: Store) -> None:
     assert await store.list_bans() == []
 
 
+async def test_record_hostile_counts_each_piece_of_evidence_once(store: Store) -> None:
+    # One bad token retried in a reconnect loop is one signal; a new token is a new one.
+    ip = "198.51.100.5"
+
+    async def signal(evidence: str) -> bool:
+        return await store.record_hostile(ip, dry_run=False, threshold=3, window=60, ban_seconds=30,
+                                          signal=evidence)
+
+    for _ in range(20):
+        assert await signal("d41d8cd98f00b204e9800998ecf8427e") is False
+    assert await signal("9e107d9d372bb6826bd81d3542a419d6") is False
+    assert await store.list_bans() == []
+    assert await signal("e4d909c290d0fb1ca068ffaddf22cbd0") is True
+    assert [b.ip for b in await store.list_bans()] == [ip]
+
+
+async def test_record_hostile_evidence_seen_again_stays_in_the_window(store: Store) -> None:
+    # Seen again, a signal's time moves on: it leaves the window after its latest sighting.
+    ip = "198.51.100.6"
+
+    async def signal(evidence: str) -> bool:
+        return await store.record_hostile(ip, dry_run=False, threshold=2, window=0.4, ban_seconds=30,
+                                          signal=evidence)
+
+    assert await signal("a") is False
+    await asyncio.sleep(0.25)
+    assert await signal("a") is False  # still one signal, now 0 s old
+    await asyncio.sleep(0.25)  # 0.5 s after the first sighting, 0.25 s after the latest
+    assert await signal("b") is True
+
+
 # -- reads -------------------------------------------------------------------------------
 
 

@@ -125,9 +125,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
-                             dry_run: bool) -> bool:
+                             dry_run: bool, signal: str | None = None) -> bool:
         """Count one hostile signal for ip in a sliding window; ban (unless dry_run) when the
-        count reaches threshold. Returns True when this call reached the threshold."""
+        count reaches threshold. Returns True when this call reached the threshold.
+
+        ``signal`` names the evidence (a digest of the forged credential): the same one again
+        within the window counts once, so a client retrying one bad token in a reconnect loop
+        is one signal, not one per attempt. None counts every call."""
 
     @abc.abstractmethod
     async def ban(self, ip: str, seconds: float, reason: str) -> None: ...

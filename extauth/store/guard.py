@@ -268,9 +268,10 @@ class GuardedStore(Store):
         return await self._guard("hit_rate", lambda: self.inner.hit_rate(key, limit, window))
 
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
-                             dry_run: bool) -> bool:
+                             dry_run: bool, signal: str | None = None) -> bool:
         return await self._guard("record_hostile", lambda: self.inner.record_hostile(
-            ip, threshold=threshold, window=window, ban_seconds=ban_seconds, dry_run=dry_run))
+            ip, threshold=threshold, window=window, ban_seconds=ban_seconds, dry_run=dry_run,
+            signal=signal))
 
     async def ban(self, ip: str, seconds: float, reason: str) -> None:
         await self._guard("ban", lambda: self.inner.ban(ip, seconds, reason))

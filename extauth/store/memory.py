@@ -12,6 +12,7 @@ State lives in this process only: with more than one replica use Redis.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
 from collections import deque
@@ -54,6 +55,32 @@ class _Log:
             self.window = window
         while self.times and self.times[0] <= now - self.window:
             self.times.popleft()
+
+
+class _Signals:
+    """Hostile signals in a sliding window, ``{signal: latest time}`` in time order; a signal
+    seen again moves to the end, so it is counted once."""
+
+    __slots__ = ("seen", "window")
+
+    def __init__(self, window: float) -> None:
+        self.seen: dict[str, float] = {}
+        self.window = window
+
+    def add(self, signal: str, now: float, window: float) -> int:
+        self.window = window
+        self.prune(now)
+        self.seen.pop(signal, None)
+        self.seen[signal] = now
+        return len(self.seen)
+
+    def prune(self, now: float) -> None:
+        seen = self.seen
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest] > now - self.window:
+                return
+            del seen[oldest]
 
 
 class _Leases(dict[str, tuple[float, LeaseRef]]):
@@ -101,7 +128,8 @@ class MemoryStore(Store):
         self._leases: dict[_SubjectKey, _Leases] = {}
         self._rates: dict[_SubjectKey, _Log] = {}
         self._hits: dict[str, _Log] = {}
-        self._hostile: dict[str, _Log] = {}
+        self._hostile: dict[str, _Signals] = {}
+        self._signal_ids = itertools.count()  # for signals that name no evidence
         self._bans: dict[str, tuple[float, str]] = {}
         self._closed = False
         self._ops = 0
@@ -162,11 +190,14 @@ class MemoryStore(Store):
             self._live(key, now)
         for rk in list(self._rates):
             self._rate_log(rk, now)
-        for logs in (self._hits, self._hostile):
-            for k in list(logs):
-                logs[k].prune(now)
-                if not logs[k].times:
-                    del logs[k]
+        for k in list(self._hits):
+            self._hits[k].prune(now)
+            if not self._hits[k].times:
+                del self._hits[k]
+        for ip in list(self._hostile):
+            self._hostile[ip].prune(now)
+            if not self._hostile[ip].seen:
+                del self._hostile[ip]
         for ip in list(self._bans):
             self._ban_of(ip, now)
 
@@ -281,14 +312,13 @@ class MemoryStore(Store):
         return None
 
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
-                             dry_run: bool) -> bool:
+                             dry_run: bool, signal: str | None = None) -> bool:
         self._check_open()
         now = self._clock()
         self._sweep(now)
-        log = self._hostile.setdefault(ip, _Log(window))
-        log.prune(now, window)
-        log.times.append(now)
-        if len(log.times) < threshold:
+        signals = self._hostile.setdefault(ip, _Signals(window))
+        evidence = signal if signal is not None else f"#{next(self._signal_ids)}"
+        if signals.add(evidence, now, window) < threshold:
             return False
         del self._hostile[ip]
         if not dry_run:

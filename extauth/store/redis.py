@@ -492,13 +492,13 @@ class RedisStore(Store):
         return None if ms < 0 else retry_seconds(ms / 1000)
 
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
-                             dry_run: bool) -> bool:
+                             dry_run: bool, signal: str | None = None) -> bool:
         k = self.keys
         with _errors():
             await self._ready()
             res = await self._script(
                 "hostile", [k.hostile(ip), k.ban(ip)],
-                [int(threshold), max(1, round(window * 1000)), secrets.token_urlsafe(9),
+                [int(threshold), max(1, round(window * 1000)), signal or secrets.token_urlsafe(9),
                  max(1, round(ban_seconds * 1000)), "1" if dry_run else "0", "hostile"],
             )
             reached, expires_ms = int(res[0]), int(res[1])

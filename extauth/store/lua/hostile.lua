@@ -1,10 +1,11 @@
 -- hostile.lua: count one hostile signal for an IP; ban it when the count reaches the threshold.
 --
--- KEYS[1] hostile_key (ZSET: member = unique signal id, score = signal ms)
+-- KEYS[1] hostile_key (ZSET: member = signal, score = its latest ms)
 -- KEYS[2] ban_key (STRING holding the reason, with PX expiry)
 -- ARGV[1] threshold
 -- ARGV[2] window in ms
--- ARGV[3] unique member for this signal
+-- ARGV[3] member naming this signal's evidence: the same member again within the
+--         window moves its score and is counted once
 -- ARGV[4] ban duration in ms
 -- ARGV[5] '1' = dry run (count and report, never ban)
 -- ARGV[6] ban reason
