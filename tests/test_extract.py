@@ -110,6 +110,87 @@ def test_query_alias_only_matters_for_configured_names() -> None:
     assert TokenSources(["header:authorization"]).extract({}, f"%74oken={TOK}").token is None
 
 
+# Envoy splits the query on '&' only: ``x=1;token=`` is key ``x`` to it, but ``token`` to an
+# upstream that also splits on ';' (Rack 2, older parse_qs).
+@pytest.mark.parametrize(("query", "raw_key"), [
+    (f"token={TOK}&x=1;token=d.e.f", "x"),
+    ("x=1;token=d.e.f", "x"),
+    ("a=1&;token=d.e.f", ";token"),
+    ("x;Token=d.e.f", "x;Token"),
+    ("x=1;%74oken=d.e.f", "x"),
+])
+def test_query_key_after_a_semicolon_is_a_bad_handshake(query: str, raw_key: str) -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({}, query)
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert "d.e.f" not in err.value.detail
+    assert raw_key in err.value.stripping.query_params_to_remove
+
+
+def test_query_semicolons_without_a_token_name_are_allowed() -> None:
+    e = ALL.extract({}, f"a=1;b=2&token={TOK}&c=x;tokens=3")
+    assert e.token == TOK
+    assert e.stripping.query_params_to_remove == ["token"]
+
+
+def test_empty_query_token_is_stripped_but_does_not_hide_a_later_transport() -> None:
+    two = TokenSources(["query:token", "header:authorization"])
+    e = two.extract({"authorization": f"Bearer {TOK}"}, "a=1&token=")
+    assert e.token == TOK and e.source == "header"
+    assert e.stripping.query_params_to_remove == ["token"]
+    assert e.stripping.headers_to_remove == ["authorization"]
+
+
+def test_empty_query_token_alone_is_missing() -> None:
+    e = ALL.extract({}, "token=")
+    assert e.token is None
+    assert e.stripping.query_params_to_remove == ["token"]
+
+
+# -- cookies an upstream parser reads differently ----------------------------------
+
+
+@pytest.mark.parametrize(("cookie", "forwarded"), [
+    # SimpleCookie also splits on whitespace: the upstream would read the second token.
+    (f"access_token={TOK}; theme=dark access_token=d.e.f", None),
+    # RFC 2109 parsers split on ','.
+    (f"access_token={TOK}; theme=dark, access_token=d.e.f", None),
+    (f"lang=en; theme=dark,access_token =d.e.f; access_token={TOK}", "lang=en"),
+    # Frameworks that match names case-insensitively.
+    (f"Access_Token=d.e.f; access_token={TOK}", None),
+    ("ACCESS_TOKEN=d.e.f; lang=en", "lang=en"),
+])
+def test_cookie_alias_is_a_bad_handshake_and_cut(cookie: str, forwarded: str | None) -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({"cookie": cookie}, "")
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert TOK not in err.value.detail and "d.e.f" not in err.value.detail
+    s = err.value.stripping
+    if forwarded is None:
+        assert s.headers_to_remove == ["cookie"] and "cookie" not in s.headers_to_set
+    else:
+        assert s.headers_to_set == {"cookie": forwarded}
+
+
+def test_cookie_alias_of_the_second_cookie_source() -> None:
+    two = TokenSources(["cookie:access_token", "cookie:session"])
+    with pytest.raises(ExtractDenied) as err:
+        two.extract({"cookie": f"access_token={TOK}; Session=d.e.f"}, "")
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert "'session'" in err.value.detail
+
+
+@pytest.mark.parametrize("cookie", [
+    f"access_token={TOK}; theme=dark; x=1",
+    f"access_token={TOK}; my_access_token=1; access_tokens=2; theme=dark x-access_token=3",
+    f"access_token={TOK}; prefs=a,b c=access_token",
+])
+def test_cookies_near_the_name_are_not_aliases(cookie: str) -> None:
+    e = ALL.extract({"cookie": cookie}, "")
+    assert e.token == TOK
+    assert e.stripping.headers_to_set["cookie"] == cookie.partition("; ")[2]
+
+
 # -- several cookie sources -------------------------------------------------------
 
 

@@ -3,12 +3,15 @@
 Transports (configured per policy, first present wins):
 - ``query:NAME``: ``wss://host/ws?NAME=<jwt>``; removed with query_parameters_to_remove.
   Envoy removes a parameter by its raw key, so a key that only decodes or
-  case-folds to NAME (``?%74oken=<jwt>``, ``?Token=<jwt>``) could not be stripped:
-  it is denied (bad_handshake).
+  case-folds to NAME (``?%74oken=<jwt>``, ``?Token=<jwt>``), or that hides NAME after
+  a ';' (``?x=1;token=<jwt>``, read by upstreams that also split on ';'), could not be
+  stripped: it is denied (bad_handshake).
 - ``header:NAME``: ``Authorization: Bearer <jwt>`` (the scheme is required for
   ``authorization``; other headers carry the bare token); removed with headers_to_remove.
 - ``cookie:NAME``: the cookie is cut out of the Cookie header, other cookies stay
-  (every configured cookie name is cut in one edit of the header).
+  (every configured cookie name is cut in one edit of the header). A cookie an
+  upstream parser could read as NAME (``Name=``, or NAME after whitespace or ','
+  inside another cookie) is denied (bad_handshake).
 - ``subprotocol``: the browser-friendly transport, since a browser cannot set
   headers on a WebSocket: ``Sec-WebSocket-Protocol: app.v1, bearer.<jwt>``. The
   ``bearer.`` entry is removed and only the real protocols are forwarded, so the
@@ -20,6 +23,7 @@ so a second copy of a credential can never reach the upstream.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -62,8 +66,11 @@ def _unquote(text: str) -> str:
 
 def _query_values(query: str, name: str) -> tuple[list[str], list[str]]:
     """Values of parameter ``name`` and the aliases of ``name``: other raw keys that decode
-    to it, or match it but for case. Envoy strips by raw key and an upstream may decode
-    keys or ignore their case, so an alias could carry a credential past the stripping."""
+    to it, or match it but for case, or a ``name`` hidden after a ';' inside another
+    parameter (``x=1;token=``). Envoy strips by raw key between '&' only, and an upstream
+    may decode keys, ignore their case or also split on ';' (Rack 2, older parse_qs), so
+    an alias could carry a credential past the stripping. An alias is reported by the raw
+    key Envoy sees for its piece."""
     folded = name.lower()
     if "%" not in query and folded not in query.lower():
         return [], []
@@ -74,7 +81,10 @@ def _query_values(query: str, name: str) -> tuple[list[str], list[str]]:
         if key == name:
             if sep:
                 out.append(_unquote(value))
-        elif _unquote(key).lower() == folded:
+        elif _unquote(key).lower() == folded or (
+            ";" in part
+            and any(_unquote(p.partition("=")[0]).lower() == folded for p in part.split(";")[1:])
+        ):
             aliases.append(key)
     return out, aliases
 
@@ -86,10 +96,31 @@ def _bearer(value: str) -> str | None:
     return rest.strip()
 
 
-def _cookie_split(header: str, names: frozenset[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Values of every cookie in ``names`` and the remaining ``k=v`` pairs."""
+def _cookie_aliases(key: str, pair: str, names: frozenset[str]) -> list[str]:
+    """The configured names an upstream parser could read out of ``pair`` (named ``key``)."""
+    low = pair.lower()
+    hits: list[str] = []
+    for name in names:
+        folded = name.lower()
+        if folded not in low:
+            continue
+        if key.lower() == folded or re.search(r"[\s,]" + re.escape(folded) + r"\s*=", low):
+            hits.append(name)
+    return hits
+
+
+def _cookie_split(header: str, names: frozenset[str]) -> tuple[dict[str, list[str]], list[str], set[str]]:
+    """Values of every cookie in ``names``, the remaining ``k=v`` pairs, and the names
+    that a remaining pair aliases.
+
+    Upstream parsers read more out of a pair than extauth's ';' split does: SimpleCookie
+    also splits on whitespace (``theme=dark access_token=``), RFC 2109 parsers on ','
+    (``theme=dark, access_token=``), some frameworks ignore the name's case
+    (``Access_Token=``). Such a pair could carry a credential extauth never verified past
+    the cut, so it is reported as an alias and cut too, not kept."""
     found: dict[str, list[str]] = {}
     kept: list[str] = []
+    aliased: set[str] = set()
     for pair in header.split(";"):
         pair = pair.strip()
         if not pair:
@@ -98,9 +129,11 @@ def _cookie_split(header: str, names: frozenset[str]) -> tuple[dict[str, list[st
         key = key.strip()
         if key in names:
             found.setdefault(key, []).append(value.strip().strip('"'))
+        elif hits := _cookie_aliases(key, pair, names):
+            aliased.update(hits)
         else:
             kept.append(pair)
-    return found, kept
+    return found, kept, aliased
 
 
 class TokenSources:
@@ -133,8 +166,8 @@ class TokenSources:
 
         A transport that carries two different values is ambiguous: deny as
         malformed rather than guess which one the upstream would have used. A
-        query key that only decodes (or case-folds) to a configured name cannot
-        be stripped by Envoy: deny as a bad handshake. A denial (ExtractDenied)
+        query key or cookie that an upstream could read as a configured name, but
+        that is not it, cannot be stripped: deny as a bad handshake. A denial (ExtractDenied)
         still carries the edits that strip every credential copy seen.
         """
         token: str | None = None
@@ -142,18 +175,25 @@ class TokenSources:
         strip = Stripping()
         denial: tuple[Reason, str] | None = None
         cookies: dict[str, list[str]] | None = None
+        cookie_aliases: set[str] = set()
         for kind, name in self._sources:
             if kind == "cookie":
                 if cookies is None:  # every configured cookie, cut in one edit
-                    cookies = self._cookies(headers, strip)
+                    cookies, cookie_aliases = self._cookies(headers, strip)
                 values = [v for v in cookies.get(name, ()) if v]
+                if name in cookie_aliases:
+                    why = f"a cookie aliases {name!r} (case-changed, or after whitespace or ',')"
+                    denial = denial or (Reason.BAD_HANDSHAKE, why)
             elif kind == "query":
                 values, aliases = _query_values(query, name) if query else ([], [])
                 if values:
                     strip.query_params_to_remove.append(name)
+                    # An empty ``?token=`` is stripped but, like an empty cookie or header, is
+                    # no token: it must not hide a token in a later transport.
+                    values = [v for v in values if v]
                 if aliases:
                     strip.query_params_to_remove.extend(aliases)
-                    why = f"a query key aliases {name!r} (encoded or case-changed)"
+                    why = f"a query key aliases {name!r} (encoded, case-changed or after ';')"
                     denial = denial or (Reason.BAD_HANDSHAKE, why)
             else:
                 values = self._values(kind, name, headers, strip)
@@ -167,21 +207,22 @@ class TokenSources:
             raise ExtractDenied(denial[0], denial[1], strip)
         return Extracted(token, used, strip)
 
-    def _cookies(self, headers: Mapping[str, str], strip: Stripping) -> dict[str, list[str]]:
-        """Values of every configured cookie, cut out of the Cookie header in one edit."""
+    def _cookies(self, headers: Mapping[str, str], strip: Stripping) -> tuple[dict[str, list[str]], set[str]]:
+        """Values of every configured cookie and the names aliased by another cookie, all
+        cut out of the Cookie header in one edit."""
         if not self._cookie_names:
-            return {}
+            return {}, set()
         raw = headers.get("cookie")
         if raw is None:
-            return {}
-        found, kept = _cookie_split(raw, self._cookie_names)
-        if not found:
-            return {}
+            return {}, set()
+        found, kept, aliased = _cookie_split(raw, self._cookie_names)
+        if not found and not aliased:
+            return {}, set()
         if kept:
             strip.headers_to_set["cookie"] = "; ".join(kept)
         else:
             strip.headers_to_remove.append("cookie")
-        return found
+        return found, aliased
 
     @staticmethod
     def _values(kind: str, name: str, headers: Mapping[str, str], strip: Stripping) -> list[str]:
