@@ -430,6 +430,17 @@ async def test_garbage_refresh_keeps_old_keys(
     assert verifier.key_age_seconds == REFRESH
 
 
+async def test_a_key_with_a_non_string_crv_costs_only_itself(server: JwksServer, clock: FakeClock) -> None:
+    odd = {"kty": "OKP", "crv": ["Ed25519"], "x": "AAAA", "kid": "odd"}
+    server.set(jwks_of(jwk_for(shared_rsa_key(), "k1", "RS256"), odd))
+    v = make(server, clock, algorithms=["RS256", "EdDSA"])
+    try:
+        assert (await v.verify(token())).user == "alice"
+        assert v.jwks_fetch_failures == 0
+    finally:
+        await v.close()
+
+
 async def test_empty_key_list_is_a_failure(
     verifier: JwtVerifier, server: JwksServer, clock: FakeClock
 ) -> None:

@@ -413,6 +413,10 @@ async def test_payload_json_array_but_signed(rsa_verifier: JwtVerifier) -> None:
         {"exp": None},
         {"iat": "now"},
         {"nbf": [NOW]},
+        # Beyond float range: math.isfinite raises OverflowError on such an int.
+        {"exp": 10**400},
+        {"iat": -(10**400)},
+        {"nbf": 10**400},
         {"sub": DROP},
         {"sub": ""},
         {"sub": None},
@@ -600,6 +604,34 @@ def test_key_binding_rules(caplog: pytest.LogCaptureFixture) -> None:
     assert "ps-not-configured" in caplog.text and "enc" in caplog.text
 
 
+@pytest.mark.parametrize("crv", [["Ed25519"], {"Ed25519": 1}])
+def test_key_with_a_non_string_crv_is_skipped(caplog: pytest.LogCaptureFixture, crv: Any) -> None:
+    odd = {"kty": "OKP", "crv": crv, "x": "AAAA", "kid": "odd"}
+    doc = jwks_of(jwk_for(shared_rsa_key(), "rs", "RS256"), odd)
+    ks = build_key_set(doc, ["RS256", "EdDSA"], source="test")
+    assert list(ks.by_kid) == ["rs"]
+    assert "'odd'" in caplog.text and "crv is not a string" in caplog.text
+
+
+def test_a_key_whose_binding_fails_unexpectedly_is_skipped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from extauth.tokens import jwks as jwks_module
+
+    real = jwks_module._compatible
+
+    def fragile(alg: str, kty: str, crv: Any) -> bool:
+        if kty == "EC":
+            raise RuntimeError("x=key-material")
+        return real(alg, kty, crv)
+
+    monkeypatch.setattr(jwks_module, "_compatible", fragile)
+    doc = jwks_of(jwk_for(shared_ec_key(), "ec", None), jwk_for(shared_rsa_key(), "rs", "RS256"))
+    ks = build_key_set(doc, ["RS256", "ES256"], source="test")
+    assert list(ks.by_kid) == ["rs"]
+    assert "RuntimeError" in caplog.text and "key-material" not in caplog.text
+
+
 def test_ambiguous_rsa_key_skipped() -> None:
     doc = jwks_of(jwk_for(shared_rsa_key(), "amb", None), jwk_for(shared_ec_key(), "ec", None))
     ks = build_key_set(doc, ["RS256", "PS256", "ES256"], source="test")
@@ -673,6 +705,64 @@ async def test_a_key_removed_from_the_file_is_forgotten_without_traffic(
         await async_wait_until(forgotten(v, old), 10, "k1's verification to be forgotten")
         assert v.verify_cached(kept) is not None and v.verifications == 2
         assert await reason_of(v, old) is Reason.TOKEN_UNKNOWN_KEY
+    finally:
+        await v.close()
+
+
+async def test_jwks_file_with_a_non_string_crv_loads_and_reloads(tmp_path: Path, clock: FakeClock) -> None:
+    odd = {"kty": "OKP", "crv": ["Ed25519"], "x": "AAAA", "kid": "odd"}
+    doc = jwks_of(jwk_for(shared_rsa_key(), "k1", "RS256"), odd)
+    v = make_verifier(tmp_path, clock, doc, algorithms=("RS256", "EdDSA"))
+    assert (await v.verify(rs256())).user == "alice"
+    new_key = make_rsa_key()
+    path = tmp_path / "jwks.json"
+    write_jwks(path, jwks_of(jwk_for(shared_rsa_key(), "k1", "RS256"), jwk_for(new_key, "k2", "RS256"), odd))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    clock.advance(2)
+    assert (await v.verify(sign(new_key, "RS256", claims(), kid="k2"))).user == "alice"
+
+
+async def test_file_poller_survives_an_unexpected_error(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from extauth.tokens.jwks import FileKeySource
+
+    kept_key = make_rsa_key()
+    v = make_verifier(tmp_path, clock, jwks_of(jwk_for(shared_rsa_key(), "k1", "RS256"),
+                                               jwk_for(kept_key, "k2", "RS256")))
+    real_load = FileKeySource._load
+    loads = 0
+
+    def flaky_load(self: FileKeySource) -> Any:
+        nonlocal loads
+        loads += 1
+        if loads == 1:
+            raise RuntimeError("x=key-material")
+        return real_load(self)
+
+    monkeypatch.setattr(FileKeySource, "_load", flaky_load)
+    path = tmp_path / "jwks.json"
+
+    def touch(seconds: int) -> None:
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+        clock.advance(2)
+
+    async def loaded(n: int) -> bool:
+        return loads >= n
+
+    await v.start()
+    try:
+        old = rs256()
+        await v.verify(old)
+        touch(2)
+        await async_wait_until(lambda: loaded(1), 10, "the failing reload")
+        # Only the still-running poller can notice this: no token asks the source.
+        write_jwks(path, jwks_for(kept_key, "k2", "RS256"))
+        touch(4)
+        await async_wait_until(forgotten(v, old), 10, "k1's verification to be forgotten")
+        assert "RuntimeError" in caplog.text and "key-material" not in caplog.text
     finally:
         await v.close()
 

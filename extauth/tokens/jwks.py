@@ -141,6 +141,8 @@ def _bind_alg(jwk: Mapping[str, Any], algorithms: Sequence[str]) -> tuple[str | 
     crv = jwk.get("crv")
     if not isinstance(kty, str):
         return None, "no kty"
+    if crv is not None and not isinstance(crv, str):
+        return None, "crv is not a string"
     if kty == "oct":
         return None, "symmetric keys are never accepted from a JWKS"
     declared = jwk.get("alg")
@@ -186,7 +188,13 @@ def build_key_set(data: Any, algorithms: Sequence[str], *, source: str) -> KeySe
         if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
             log.warning("jwks %s: %s skipped: key_ops does not allow 'verify'", source, label)
             continue
-        alg, why = _bind_alg(raw, algorithms)
+        try:
+            alg, why = _bind_alg(raw, algorithms)
+        except Exception as e:
+            # One odd key must not cost the whole set (nor a file poller): skip it. The
+            # type only: a message could quote key material.
+            log.warning("jwks %s: %s skipped: %s", source, label, type(e).__name__)
+            continue
         if alg is None:
             log.warning("jwks %s: %s skipped: %s", source, label, why)
             continue
@@ -369,7 +377,12 @@ class FileKeySource:
         """Look at the file on a timer too: checks answered from the token cache never do."""
         while True:
             await asyncio.sleep(_FILE_CHECK_SECONDS)
-            self._maybe_reload()
+            try:
+                self._maybe_reload()
+            except Exception as e:
+                # A dead poller would silently stop key removals from being noticed.
+                log.error("jwks %s: reload check failed, keeping %d key(s): %s",
+                          self._path, len(self._set), type(e).__name__)
 
     async def close(self) -> None:
         await _cancel(self._poller)

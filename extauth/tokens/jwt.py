@@ -89,7 +89,12 @@ def _b64url(segment: str) -> bytes:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range (JSON ints are unbounded): no timestamp
+        return False
 
 
 class JwtVerifier:
