@@ -7,6 +7,7 @@ be made to send garbage)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -233,3 +234,39 @@ async def test_store_request_path_is_one_write_per_acquire_and_per_batch(
         assert await store.count("chat", ip="10.0.0.1") == 0
     finally:
         await store.close()
+
+
+
+async def test_a_connect_every_caller_gave_up_on_fails_without_an_unretrieved_exception() -> None:
+    # A server that accepts and never answers: the connect's setup (CLIENT SETNAME) gets no
+    # reply, so the shared connect fails at connect_timeout, after its only caller gave up.
+    # Nobody awaits it then, and its failure must not be logged as "Task exception was never
+    # retrieved" (a traceback per failed connect during an outage).
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    lane = RespLane("127.0.0.1", server.sockets[0].getsockname()[1], connect_timeout=0.1,
+                    client_name="extauth-test")
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):  # the caller's own timeout, as the guard's
+                await lane.call("PING")
+        connecting = lane._connecting
+        assert connecting is not None
+        await asyncio.wait([connecting])  # waits for it without retrieving its outcome
+        assert not connecting.cancelled() and lane._conn is None  # it failed, unwatched
+        # asyncio reports an exception never retrieved when the task is collected.
+        del connecting
+        gc.collect()
+        assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
+    finally:
+        loop.set_exception_handler(None)
+        await lane.close()
+        server.close()
+        await server.wait_closed()

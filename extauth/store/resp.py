@@ -47,6 +47,11 @@ def encode(commands: Sequence[Command]) -> bytes:
     return b"".join([hiredis.pack_command(tuple(cmd)) for cmd in commands])
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _error(reply: hiredis.ReplyError) -> ResponseError:
     message = str(reply)
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
@@ -219,6 +224,10 @@ class RespLane:
         # does not cancel it for the others.
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
+            # When every caller gave up, nobody awaits the attempt: retrieve its failure here
+            # (the callers that waited got it), or asyncio logs "Task exception was never
+            # retrieved" with a traceback for each connect that failed unwatched.
+            self._connecting.add_done_callback(_retrieve)
         return await asyncio.shield(self._connecting)
 
     async def _open(self) -> _Connection:
