@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -135,10 +137,24 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 except StopAsyncIteration:
                     break
                 if message.HasField("http_logs"):
-                    await self.handle_entries(message.http_logs.log_entry)
+                    await self._handle_message(message.http_logs.log_entry)
         finally:
             closing.cancel()
         return als_pb2.StreamAccessLogsResponse()
+
+    async def _handle_message(self, entries: Any) -> None:
+        """One message's batch; nothing it raises ends the stream. An exception leaving the
+        handler ends the RPC, and every entry Envoy sends until it reconnects is lost (the
+        releases among them hold their slots a whole TTL) for the sake of one bad batch."""
+        try:
+            await self.handle_entries(entries)
+        except Exception as e:
+            # The type and where it was raised, never the message: it could quote entry fields
+            # (lease ids, tags, users), which anyone that reaches `listen` can send.
+            frames = traceback.extract_tb(e.__traceback__)
+            where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else None
+            log_event(log, logging.ERROR, "access-log batch failed; its leases will expire by TTL",
+                      entries=len(entries), error=type(e).__name__, where=where)
 
     async def handle_entries(self, entries: Any) -> None:
         """One batch: refreshes in one pipelined call, releases in another."""
@@ -161,7 +177,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         if store is None or not ours:
             return None, [], []
         try:
-            await self._tagger.load(store)
+            # Off the request path: wait for the load attempt's own end, not a check's bound.
+            await self._tagger.load(store, bounded=False)
         except Exception as e:
             log_event(log, logging.WARNING, "lease key unavailable; the leases will expire by TTL",
                       entries=len(ours), error=type(e).__name__)

@@ -19,20 +19,27 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 
 from extauth.logs import log_event
-from extauth.store.base import LeaseKeys, LeaseRef, Store
+from extauth.store.base import LeaseKeys, LeaseRef, Store, StoreError
+from extauth.store.guard import GuardedStore
 
 log = logging.getLogger("extauth.lease_tag")
 
 # How often each replica checks the store still holds its key (one small script call).
 REFRESH_SECONDS = 5.0
+# After a failed first load, how long loads fail at once before the store is tried again, for
+# a store without a circuit breaker (a GuardedStore's reset_seconds otherwise).
+RETRY_SECONDS = 2.0
 
 METADATA_FIELD = "lease_tag"
 
 
 class LeaseTagger:
-    """Tags and checks leases. The key is read from the store on first use, then checked
+    """Tags and checks leases. The key is read from the store once (``load``: the server
+    does it in the background from the start, and a check that finds it missing waits on
+    that same attempt, never longer than a store call), then checked
     again every ``REFRESH_SECONDS`` (``refresh``), so that the replicas converge on one key
     when the store loses it (a restart without persistence, FLUSHALL): the replicas still
     running put theirs back; if a replica started in the meantime got its own in first, the
@@ -41,19 +48,57 @@ class LeaseTagger:
     def __init__(self) -> None:
         self._key: bytes | None = None
         self._accepted: tuple[_Hmac, ...] = ()  # the current key first
-        self._lock = asyncio.Lock()
+        self._loading: asyncio.Future[None] | None = None  # the one load attempt in flight
+        self._failed_until = 0.0  # after a failed load, no other attempt before this (monotonic)
+        self._failure = ""  # that failure's type, for the errors raised meanwhile
 
     @property
     def ready(self) -> bool:
         return self._key is not None
 
-    async def load(self, store: Store) -> None:
-        """Read the shared key once (raises StoreError while the store is unreachable)."""
+    @property
+    def retry_in(self) -> float:
+        """Seconds until a load may try the store again after a failed one (0: now)."""
+        return max(0.0, self._failed_until - time.monotonic())
+
+    async def load(self, store: Store, *, bounded: bool = True) -> None:
+        """Read the shared key, once per process (raises StoreError or TimeoutError while the
+        store is unreachable or slow).
+
+        Every check that issues a lease waits on this until it has succeeded once, so it must
+        cost a check no more than a store call does, even when the store hangs:
+        - concurrent callers share one attempt (never one after the other);
+        - ``bounded``: a caller waits at most the store's per-call timeout (a GuardedStore's
+          ``timeout``), then raises TimeoutError; the attempt goes on without it, within the
+          store's own bound, so a slow first connect still loads the key for later checks;
+        - a failed attempt is remembered for about the breaker's reset time (a GuardedStore's
+          ``reset_seconds``): meanwhile loads raise StoreError at once instead of each trying.
+        ``bounded=False`` waits for the attempt's own end, for callers off the request path."""
         if self._key is not None:
             return
-        async with self._lock:
-            if self._key is None:
-                self._use(await store.lease_key(secrets.token_hex(32)))
+        attempt = self._loading
+        if attempt is None:
+            if time.monotonic() < self._failed_until:
+                raise StoreError(f"lease key unavailable ({self._failure}); "
+                                 f"next attempt in {self.retry_in:.1f} s")
+            attempt = self._loading = asyncio.ensure_future(self._attempt(store))
+            attempt.add_done_callback(_retrieve)  # when every caller gave up before its end
+        wait = store.timeout if bounded and isinstance(store, GuardedStore) else None
+        async with asyncio.timeout(wait):
+            # Shielded: a caller giving up (its timeout, its cancellation) leaves the attempt
+            # to the others and to the next checks.
+            await asyncio.shield(attempt)
+
+    async def _attempt(self, store: Store) -> None:
+        try:
+            self._use(await store.lease_key(secrets.token_hex(32)))
+        except Exception as e:
+            retry = store.reset_seconds if isinstance(store, GuardedStore) else RETRY_SECONDS
+            self._failed_until = time.monotonic() + retry
+            self._failure = type(e).__name__
+            raise
+        finally:
+            self._loading = None
 
     async def refresh(self, store: Store) -> None:
         """Check the store still holds the key this replica tags with: put it back if the
@@ -80,11 +125,22 @@ class LeaseTagger:
         assert self._accepted, "load() first"
         return self._accepted[0].tag(_message(ref))
 
-    def valid(self, ref: LeaseRef, tag: str | None) -> bool:
-        if tag is None:
+    def valid(self, ref: LeaseRef, tag: object) -> bool:
+        # The tag comes from an access-log entry anyone reaching `listen` can send: anything
+        # but an ASCII string (every tag we issue is base64url) is simply not ours. Compared
+        # as bytes: compare_digest raises TypeError on non-ASCII str, and one such entry
+        # must not take the rest of its batch (and the stream) down with it.
+        if not isinstance(tag, str) or not tag.isascii():
             return False
+        given = tag.encode("ascii")
         message = _message(ref)
-        return any(hmac.compare_digest(mac.tag(message), tag) for mac in self._accepted)
+        return any(hmac.compare_digest(mac.tag(message).encode("ascii"), given) for mac in self._accepted)
+
+
+def _retrieve(attempt: asyncio.Future[None]) -> None:
+    # Its callers got the failure (or gave up before it): never "exception never retrieved".
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 def _message(ref: LeaseRef) -> bytes:

@@ -184,13 +184,23 @@ class ExtAuthServer:
 
     async def _check_lease_key(self) -> None:
         """Keep this replica's lease-tag key in the store (extauth/lease_tag.py: a store that
-        lost its data gets it back, or the replicas converge on the one that won)."""
+        lost its data gets it back, or the replicas converge on the one that won). Until the
+        key is loaded (the store was down or slow at start) it is loaded here, as soon as the
+        store answers, rather than only when a check needs it and fails without it."""
         while True:
-            await asyncio.sleep(LEASE_KEY_REFRESH_SECONDS)
+            if self.tagger.ready:
+                await asyncio.sleep(LEASE_KEY_REFRESH_SECONDS)
             try:
-                await self.tagger.refresh(self.store)
+                if self.tagger.ready:
+                    await self.tagger.refresh(self.store)
+                else:
+                    # The attempt the checks share: waited for to its own end, off the request path.
+                    await self.tagger.load(self.store, bounded=False)
             except Exception as e:  # the store's own metrics tell an outage; try again later
                 log_event(log, logging.DEBUG, "lease key check failed", error=type(e).__name__)
+                if not self.tagger.ready:
+                    # Once the failure the tagger remembers has passed; never a busy loop.
+                    await asyncio.sleep(max(self.tagger.retry_in, 0.05))
 
     async def _sample_store(self) -> None:
         """Active leases come from the store (shared by all replicas), not a per-process guess."""

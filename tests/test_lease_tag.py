@@ -110,3 +110,15 @@ async def test_a_tagger_tags_with_the_stores_key_as_hmac_sha256() -> None:
     assert tagger.tag(lease) == _reference_tag(key, _message(lease))
     assert tagger.valid(lease, _reference_tag(key, _message(lease)))
     assert not tagger.valid(ref("mallory"), tagger.tag(lease))
+
+
+async def test_a_tag_that_is_not_an_ascii_string_is_invalid_not_an_error() -> None:
+    # Tags come from access-log entries that anything reaching `listen` can send: a garbled
+    # or forged one is a bad tag like any other, never an exception (compare_digest raises
+    # TypeError on non-ASCII str, which dropped the whole batch and ended the stream).
+    tagger = LeaseTagger()
+    await tagger.load(MemoryStore())
+    good = tagger.tag(ref())
+    for bad in ("é", good[:-1] + "é", "\udcff", good + "\u00a0", "", None, 42, good.encode()):
+        assert not tagger.valid(ref(), bad), bad
+    assert tagger.valid(ref(), good)

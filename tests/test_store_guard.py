@@ -365,3 +365,27 @@ async def test_every_method_is_guarded_and_from_config() -> None:
     await g.close()
     with pytest.raises(StoreError):  # a closed MemoryStore refuses
         await g.ping()
+
+
+async def test_the_first_lease_key_load_is_a_request_path_call_and_the_periodic_check_is_not() -> None:
+    # Every check that issues a lease waits on the first load (LeaseTagger.load shares one call
+    # and bounds each check's wait by ``timeout``): an outage met there must open the breaker,
+    # and an open breaker must refuse it at once. The periodic check of a loaded key
+    # (replaces=True) stays off the request path, like refresh and release.
+    inner, clock = Scripted(), Clock()
+    g = GuardedStore(inner, timeout=0.01, scan_timeout=0.1, failure_threshold=1, reset_seconds=2.0,
+                     clock=clock)
+    inner.mode = "hang"
+    with pytest.raises(StoreError, match="timed out after 100 ms"):  # the long bound, shared
+        await g.lease_key("00" * 32)
+    assert state(g) == "open" and g.timeouts == 1
+    entered = inner.entered
+    with pytest.raises(StoreError, match="breaker"):
+        await g.lease_key("00" * 32)
+    assert inner.entered == entered  # refused without touching the store
+    inner.mode = "ok"
+    assert (await g.lease_key("00" * 32, replaces=True)).current == "00" * 32  # not refused
+    assert state(g) == "open"  # ...and does not move it
+    clock.now += 2.0
+    await g.lease_key("00" * 32)  # the probe
+    assert state(g) == "closed"

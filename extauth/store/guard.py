@@ -1,7 +1,9 @@
 """GuardedStore: a per-call timeout and a circuit breaker around any Store.
 
 Every call runs under ``asyncio.timeout`` (config ``store_timeout_ms``), so a
-store that hangs can never hang a request. After ``failure_threshold``
+store that hangs can never hang a request (the first ``lease_key`` call, which
+checks share, gets the long bound while each check waits on it at most this long:
+see ``lease_key``). After ``failure_threshold``
 consecutive failures the breaker *opens*: every call raises StoreError at once,
 with no network wait, so an outage costs nothing per request. After
 ``reset_seconds`` one call is let through as a probe (*half open*; concurrent
@@ -289,9 +291,19 @@ class GuardedStore(Store):
         await self._guard("ping", self.inner.ping)
 
     async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
-        # At start and every few seconds, off the request path's timeout and breaker (the
-        # first acquire waits on it).
-        return await self._background("lease_key", lambda: self.inner.lease_key(candidate, replaces))
+        def call() -> Awaitable[LeaseKeys]:
+            return self.inner.lease_key(candidate, replaces)
+
+        if replaces:
+            # The periodic check of a key already loaded (LeaseTagger.refresh): off the request
+            # path, like refresh and release.
+            return await self._background("lease_key", call)
+        # The first load: every check that issues a lease waits on it, so it is a request-path
+        # call: refused at once while the breaker is open, and its failures count (an outage
+        # met first here opens the breaker as an acquire's would). It keeps the long bound:
+        # LeaseTagger.load shares this one call among the checks and none of them waits on it
+        # longer than ``timeout``, so a slow first connect can still finish for later ones.
+        return await self._guard("lease_key", call, limit=self.scan_timeout)
 
     async def close(self) -> None:
         """Closes the wrapped store; never refused by the breaker."""
