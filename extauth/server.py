@@ -241,6 +241,8 @@ class ExtAuthServer:
                 return False
             await self._warm(runtime)
             old: Runtime = self.authorizer.swap(runtime)
+            if cfg.log_level != self.config.log_level:
+                logging.getLogger().setLevel(cfg.log_level.upper())
             self.config = cfg
             if isinstance(self.store, GuardedStore):
                 self.store.configure(cfg)  # store_timeout_ms and store_breaker apply live
@@ -261,7 +263,8 @@ class ExtAuthServer:
     def _check_reloadable(self, cfg: Config) -> None:
         # Sockets and the store connection are not swapped live: say so instead
         # of silently ignoring the change.
-        for key in ("listen", "store", "admin_listen", "admin_tls", "metrics_listen"):
+        for key in ("listen", "store", "admin_listen", "admin_tls", "admin_token_env", "metrics_listen",
+                    "watch_config"):
             if getattr(cfg, key) != getattr(self.config, key):
                 raise ValueError(f"{key}: changing it needs a restart")
 

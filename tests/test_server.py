@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -406,6 +407,35 @@ async def test_a_file_that_breaks_the_parser_is_refused_and_reloads_go_on(
     file_server.write(store_timeout_ms=120)
     assert await srv.reload()  # the next good file is taken
     assert srv.config.store_timeout_ms == 120
+
+
+@pytest.mark.parametrize(("key", "value"), [("admin_token_env", "EXTAUTH_ADMIN_TOKEN_NEXT"),
+                                            ("watch_config", False)])
+async def test_a_reload_that_changes_what_is_read_at_start_is_refused(
+        file_server: FileServer, key: str, value: Any) -> None:
+    # The admin token is read when the admin API starts and the file watcher is started by
+    # serve: a reload reporting success while the old token kept working would mislead.
+    srv = file_server.srv
+    before = getattr(srv.config, key)
+    assert before != value
+    file_server.write(**{key: value})
+    assert not await srv.reload()
+    assert getattr(srv.config, key) == before
+    assert srv.metrics.reloads.labels("error")._value.get() == 1
+
+
+async def test_a_reload_applies_the_log_level(file_server: FileServer) -> None:
+    root = logging.getLogger()
+    saved = root.level
+    try:
+        file_server.write(log_level="warning")
+        assert await file_server.srv.reload()
+        assert root.level == logging.WARNING
+        file_server.write(log_level="debug")
+        assert await file_server.srv.reload()
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(saved)
 
 
 def test_store_url_redaction_hides_a_password_containing_at() -> None:
