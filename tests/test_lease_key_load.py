@@ -64,26 +64,6 @@ async def burst(authz: Authorizer, n: int = CHECKS) -> list[tuple[float, Decisio
     return await asyncio.gather(*(timed(authz.check(upgrade(i))) for i in range(n)))
 
 
-@pytest.fixture
-async def silent_port() -> AsyncIterator[int]:
-    """A TCP server that accepts, reads everything and never replies: a hung Redis."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        while await reader.read(65536):
-            pass
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for w in writers:
-            w.transport.abort()
-        await server.wait_closed()
-
-
 class Gate:
     """A TCP front for a real Redis: shut, it accepts and never answers (a hung store);
     opened, it relays every connection to the server (and drops the ones it held, as a
