@@ -9,7 +9,6 @@ store round trip. The pipeline never raises: every outcome is a ``Decision``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import logging
 import math
@@ -33,6 +32,7 @@ from extauth.store import new_lease_id
 from extauth.store.base import LeaseRef, Store, StoreError
 from extauth.store.guard import GuardedStore
 from extauth.tokens import VerifiedToken
+from extauth.tokens.cache import token_digest
 
 log = DECISION_LOG
 
@@ -244,8 +244,7 @@ class Authorizer:
                 verified = await policy.verifier.verify(token)
             except DenyError as e:
                 if e.reason.hostile:
-                    ctx.evidence = hashlib.blake2b(token.encode("utf-8", "surrogatepass"),
-                                                   digest_size=16).hexdigest()
+                    ctx.evidence = token_digest(token).hex()
                 raise
         ctx.verified = verified
 

@@ -15,10 +15,11 @@ from collections.abc import Callable, Set
 
 from extauth.tokens import VerifiedToken
 
-__all__ = ["TokenCache"]
+__all__ = ["TokenCache", "token_digest"]
 
 
-def _digest(token: str) -> bytes:
+def token_digest(token: str) -> bytes:
+    """What stands for a token wherever one must be recognised again without being kept."""
     return hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=32).digest()
 
 
@@ -36,7 +37,7 @@ class TokenCache:
         """The cached verification, or None if absent or past its ``exp``."""
         if self.maxsize == 0:
             return None
-        key = _digest(token)
+        key = token_digest(token)
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -51,7 +52,7 @@ class TokenCache:
             return
         if self._clock() >= verified.expires_at:
             return
-        key = _digest(token)
+        key = token_digest(token)
         self._entries[key] = verified
         self._entries.move_to_end(key)
         while len(self._entries) > self.maxsize:
