@@ -26,7 +26,7 @@ from pydantic import (
 
 from extauth.addresses import is_loopback_host
 from extauth.origin import parse_origin_pattern
-from extauth.store.url import parse_redis_url
+from extauth.store.url import REDIS_SCHEMES, parse_redis_url
 
 # Algorithms we verify. "none" is absent on purpose and can never be configured.
 RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -317,7 +317,7 @@ class Config(_Model):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if not v.startswith(("memory://", "redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
+        if not v.startswith(("memory://", *(f"{scheme}://" for scheme in REDIS_SCHEMES))):
             raise ValueError("use memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://")
         if not v.startswith("memory://"):
             parse_redis_url(v)  # what serve would refuse, refused here with its reason

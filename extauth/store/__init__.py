@@ -23,6 +23,7 @@ from extauth.store.base import (
 )
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
+from extauth.store.url import REDIS_SCHEMES
 
 
 def new_lease_id() -> str:
@@ -35,7 +36,7 @@ def open_store(url: str, *, key_prefix: str = "extauth") -> Store:
     scheme = url.partition("://")[0].lower()
     if scheme == "memory":
         return MemoryStore()
-    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+    if scheme in REDIS_SCHEMES:
         from extauth.store.redis import RedisStore
 
         return RedisStore.from_url(url, key_prefix=key_prefix)
