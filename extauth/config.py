@@ -98,6 +98,9 @@ class JwtConfig(_Model):
     jwks_file: str | None = None
     jwks_uri: str | None = None
     hmac_secret_env: str | None = None
+    # A rotation: the secret before hmac_secret_env's, still accepted (tokens it signed are
+    # valid until they expire), so honest users are never taken for forgers.
+    hmac_previous_secret_env: str | None = None
     token_sources: list[str] = Field(default_factory=lambda: ["header:authorization"], min_length=1)
     leeway_seconds: int = Field(default=30, ge=0, le=600)
     max_lifetime_seconds: int = Field(default=86400, ge=1, le=366 * DAY)
@@ -155,6 +158,10 @@ class JwtConfig(_Model):
             raise ValueError("hmac_secret_env works with HS256/HS384/HS512 only")
         if self.hmac_secret_env and len(self.algorithms) != 1:
             raise ValueError("a shared secret is one key: list exactly one algorithm")
+        if self.hmac_previous_secret_env and not self.hmac_secret_env:
+            raise ValueError("hmac_previous_secret_env needs hmac_secret_env (the current secret)")
+        if self.hmac_previous_secret_env and self.hmac_previous_secret_env == self.hmac_secret_env:
+            raise ValueError("hmac_previous_secret_env names the same variable as hmac_secret_env")
         if not self.hmac_secret_env and hmac:
             # Key confusion: an HMAC algorithm next to public keys lets a forger
             # sign with the public key as the shared secret.

@@ -139,6 +139,52 @@ async def test_valid_hs256(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) ->
     assert v.key_age_seconds is None
 
 
+def _rotating(monkeypatch: pytest.MonkeyPatch, clock: FakeClock, previous: str | None) -> JwtVerifier:
+    monkeypatch.setenv("TEST_JWT_SECRET", NEXT_SECRET)
+    if previous is not None:
+        monkeypatch.setenv("TEST_JWT_PREVIOUS", previous)
+    cfg = JwtConfig(issuer=ISS, audiences=[AUD], algorithms=["HS256"], hmac_secret_env="TEST_JWT_SECRET",
+                    hmac_previous_secret_env="TEST_JWT_PREVIOUS" if previous is not None else None)
+    return JwtVerifier(cfg, max_token_bytes=8192, cache_size=10, clock=clock)
+
+
+NEXT_SECRET = "the-next-secret-" + "n" * 48
+
+
+async def test_an_hmac_rotation_accepts_tokens_of_both_secrets_and_no_other(
+        monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
+    v = _rotating(monkeypatch, clock, previous=HMAC_SECRET)
+    assert (await v.verify(sign(NEXT_SECRET, "HS256", claims(sub="new")))).user == "new"
+    # Issued before the rotation: still valid, so its user is not taken for a forger.
+    assert (await v.verify(sign(HMAC_SECRET, "HS256", claims(sub="old")))).user == "old"
+    assert await reason_of(v, sign("x" * 64, "HS256", claims())) is Reason.TOKEN_BAD_SIGNATURE
+    # Each secret stays bound to the one algorithm.
+    assert await reason_of(v, sign(HMAC_SECRET, "HS512", claims())) is Reason.TOKEN_BAD_SIGNATURE
+    # Once the previous secret is dropped, its tokens fail (a new verifier: a reload).
+    after = _rotating(monkeypatch, clock, previous=None)
+    assert await reason_of(after, sign(HMAC_SECRET, "HS256", claims(sub="old"))) is Reason.TOKEN_BAD_SIGNATURE
+    assert (await after.verify(sign(NEXT_SECRET, "HS256", claims(sub="new")))).user == "new"
+
+
+@pytest.mark.parametrize(("previous", "message"), [
+    ("", "hmac_previous_secret_env: environment variable TEST_JWT_PREVIOUS is empty"),
+    ("short", "hmac_previous_secret_env: the secret in TEST_JWT_PREVIOUS is 5 bytes"),
+    (NEXT_SECRET, "holds the same secret"),
+])
+def test_an_hmac_previous_secret_must_be_usable(monkeypatch: pytest.MonkeyPatch, clock: FakeClock,
+                                                previous: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _rotating(monkeypatch, clock, previous=previous)
+
+
+def test_an_hmac_previous_secret_needs_a_current_one_of_another_name() -> None:
+    with pytest.raises(ValueError, match="needs hmac_secret_env"):
+        JwtConfig(issuer=ISS, audiences=[AUD], jwks_file="/keys.json", hmac_previous_secret_env="OLD")
+    with pytest.raises(ValueError, match="same variable"):
+        JwtConfig(issuer=ISS, audiences=[AUD], algorithms=["HS256"], hmac_secret_env="S",
+                  hmac_previous_secret_env="S")
+
+
 @pytest.mark.parametrize("value", [None, "", "short-secret"])
 def test_hmac_secret_missing_or_short(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
     if value is None:

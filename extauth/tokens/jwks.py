@@ -102,20 +102,24 @@ def thumbprint(members: Mapping[str, Any], alg: str) -> str:
 class KeySet:
     keys: tuple[KeyEntry, ...]
     by_kid: Mapping[str, KeyEntry] = field(default_factory=dict)
-    # A shared secret is one key without a kid: the token's kid is not consulted.
+    # Shared secrets are keys without a kid: the token's kid is not consulted, and each
+    # (the current one, then the one it replaced during a rotation) is tried in turn.
     single_secret: bool = False
     thumbprints: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thumbprints", frozenset(k.thumbprint for k in self.keys))
 
-    def select(self, kid: str | None) -> KeyEntry | None:
-        """The key for ``kid``; with no kid, the only key if there is exactly one."""
+    def select(self, kid: str | None) -> tuple[KeyEntry, ...]:
+        """The keys a token with ``kid`` may be signed with, in the order to try them: the
+        one for ``kid``; with no kid, the only key if there is exactly one; every shared
+        secret. Empty when there is none."""
         if self.single_secret:
-            return self.keys[0]
+            return self.keys
         if kid is None:
-            return self.keys[0] if len(self.keys) == 1 else None
-        return self.by_kid.get(kid)
+            return self.keys[:1] if len(self.keys) == 1 else ()
+        entry = self.by_kid.get(kid)
+        return () if entry is None else (entry,)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -258,25 +262,20 @@ class KeySource(Protocol):
 
 
 class HmacKeySource:
-    """One shared secret read from an environment variable at construction."""
+    """A shared secret read from an environment variable at construction; with
+    ``previous_env``, also the secret it replaced (a rotation), tried after it."""
 
-    def __init__(self, env_name: str, alg: str) -> None:
+    def __init__(self, env_name: str, alg: str, previous_env: str | None = None) -> None:
         if alg not in HMAC_ALGS:
             raise ConfigError(f"hmac_secret_env: algorithm {alg} is not an HMAC algorithm")
-        secret = os.environ.get(env_name, "")
-        if not secret:
-            raise ConfigError(f"hmac_secret_env: environment variable {env_name} is empty or not set")
-        raw = secret.encode("utf-8")
-        need = _HMAC_MIN_BYTES[alg]
-        if len(raw) < need:
-            raise ConfigError(
-                f"hmac_secret_env: the secret in {env_name} is {len(raw)} bytes; {alg} needs at least {need}"
-            )
-        k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-        members = {"kty": "oct", "k": k}
-        jwk = PyJWK(members, algorithm=alg)
-        entry = KeyEntry(kid=None, alg=alg, jwk=jwk, thumbprint=thumbprint(members, alg))
-        self._set = KeySet(keys=(entry,), single_secret=True)
+        entries = [_hmac_entry("hmac_secret_env", env_name, alg)]
+        if previous_env is not None:
+            previous = _hmac_entry("hmac_previous_secret_env", previous_env, alg)
+            if previous.thumbprint == entries[0].thumbprint:
+                raise ConfigError(f"hmac_previous_secret_env: {previous_env} holds the same secret as "
+                                  f"{env_name}")
+            entries.append(previous)
+        self._set = KeySet(keys=tuple(entries), single_secret=True)
 
     def watch(self, watcher: KeysWatcher) -> None:
         return None  # read once: it never changes
@@ -765,10 +764,25 @@ async def _cancel(task: asyncio.Task[Any] | None) -> None:
             await task
 
 
+def _hmac_entry(option: str, env_name: str, alg: str) -> KeyEntry:
+    """The secret in ``env_name`` as a key bound to ``alg``; ConfigError naming ``option``."""
+    secret = os.environ.get(env_name, "")
+    if not secret:
+        raise ConfigError(f"{option}: environment variable {env_name} is empty or not set")
+    raw = secret.encode("utf-8")
+    need = _HMAC_MIN_BYTES[alg]
+    if len(raw) < need:
+        raise ConfigError(f"{option}: the secret in {env_name} is {len(raw)} bytes; "
+                          f"{alg} needs at least {need}")
+    k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    members = {"kty": "oct", "k": k}
+    return KeyEntry(kid=None, alg=alg, jwk=PyJWK(members, algorithm=alg), thumbprint=thumbprint(members, alg))
+
+
 def make_key_source(cfg: JwtConfig, clock: Callable[[], float] = time.time) -> KeySource:
     """The key source a JwtConfig describes. Raises ConfigError."""
     if cfg.hmac_secret_env:
-        return HmacKeySource(cfg.hmac_secret_env, cfg.algorithms[0])
+        return HmacKeySource(cfg.hmac_secret_env, cfg.algorithms[0], cfg.hmac_previous_secret_env)
     if cfg.jwks_file:
         return FileKeySource(cfg.jwks_file, cfg.algorithms, clock)
     if cfg.jwks_uri:

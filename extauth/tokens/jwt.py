@@ -195,11 +195,11 @@ class JwtVerifier:
 
     async def _verify(self, token: str) -> VerifiedToken:
         header = self._parse_header(token)
-        entry = await self._select_key(header.get("kid"))
+        entries = await self._select_keys(header.get("kid"))
         alg = header["alg"]
-        if alg != entry.alg:
+        if alg != entries[0].alg:  # a key set's entries for one token share their algorithm
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, f"alg {alg} is not the algorithm bound to the key")
-        payload = self._check_signature(token, entry)
+        entry, payload = self._check_signature(token, entries)
         try:
             claims = _strict_json(payload)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -251,19 +251,20 @@ class JwtVerifier:
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, "empty signature")
         return header
 
-    async def _select_key(self, kid: str | None) -> KeyEntry:
+    async def _select_keys(self, kid: str | None) -> tuple[KeyEntry, ...]:
         keys = await self._source.keys()  # may raise jwks_unavailable
-        entry = keys.select(kid)
-        if entry is None and kid is not None and await self._source.refetch_for_unknown_kid():
-            entry = (await self._source.keys()).select(kid)
-        if entry is None:
+        entries = keys.select(kid)
+        if not entries and kid is not None and await self._source.refetch_for_unknown_kid():
+            entries = (await self._source.keys()).select(kid)
+        if not entries:
             if kid is None:
                 raise _deny(Reason.TOKEN_UNKNOWN_KEY, "no kid and the key set has several keys")
             raise _deny(Reason.TOKEN_UNKNOWN_KEY, "unknown kid")
-        return entry
+        return entries
 
-    def _check_signature(self, token: str, entry: KeyEntry) -> bytes:
-        """Verify with the one algorithm bound to the selected key; return the payload bytes.
+    def _check_signature(self, token: str, entries: tuple[KeyEntry, ...]) -> tuple[KeyEntry, bytes]:
+        """Verify with the one algorithm bound to each selected key in turn (one key, except
+        for shared secrets during a rotation); the key that verifies, and the payload bytes.
 
         The bound key's PyJWT algorithm is called directly: the segments were
         already validated as base64url by _parse_header, and PyJWS.decode would
@@ -278,13 +279,14 @@ class JwtVerifier:
             payload = _b64url(p64)
         except (binascii.Error, ValueError):
             raise _deny(Reason.TOKEN_MALFORMED, "cannot decode") from None
-        try:
-            valid = entry.jwk.Algorithm.verify(signing_input.encode("ascii"), entry.jwk.key, signature)
-        except (ValueError, TypeError, PyJWTError):
-            valid = False  # e.g. a signature of the wrong length for the curve
-        if not valid:
-            raise _deny(Reason.TOKEN_BAD_SIGNATURE, "signature does not verify")
-        return payload
+        signed = signing_input.encode("ascii")
+        for entry in entries:
+            try:
+                if entry.jwk.Algorithm.verify(signed, entry.jwk.key, signature):
+                    return entry, payload
+            except (ValueError, TypeError, PyJWTError):
+                pass  # e.g. a signature of the wrong length for the curve
+        raise _deny(Reason.TOKEN_BAD_SIGNATURE, "signature does not verify")
 
     def _check_claims(self, claims: dict[str, Any], key: str) -> VerifiedToken:
         cfg = self.cfg
