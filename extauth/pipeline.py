@@ -281,7 +281,7 @@ class Authorizer:
         policy = ctx.policy
         assert policy is not None
         headers = dict(ctx.headers_to_set)
-        remove = list(ctx.headers_to_remove)
+        remove = [*ctx.headers_to_remove, *policy.foreign_identity_headers]
         for name, template in policy.header_templates:
             value = template.render(ctx.verified.claims if ctx.verified else {})
             if value:

@@ -88,6 +88,10 @@ class CompiledPolicy:
     credential_headers: tuple[str, ...] = ()
     reads_query: bool = False
     repeatable: bool = False
+    # Identity headers other policies set and this one does not: removed from every request
+    # it allows. An upstream behind several policies trusts them because only extauth sets
+    # them; a client must not bring its own through a policy that leaves them alone.
+    foreign_identity_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +135,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
     from ``previous`` so a reload keeps warm JWKS and token caches."""
     old = previous.verifiers if previous else {}
     verifiers: dict[str, JwtVerifier] = {}
+    identity = {name for p in cfg.policies for name in p.upstream_headers}
     compiled = []
     for p in cfg.policies:
         verifier = None
@@ -158,6 +163,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 # A WebSocket-only policy denies plain HTTP, and a shadow policy's allows
                 # may stand for denials: neither is worth remembering.
                 repeatable=not p.websocket_only and not p.shadow,
+                foreign_identity_headers=tuple(sorted(identity - p.upstream_headers.keys())),
             )
         )
     memo: AllowMemo[bytes] = AllowMemo(cfg.allow_memo_size)

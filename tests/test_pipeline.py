@@ -265,3 +265,26 @@ async def test_a_lease_granted_before_a_bug_is_taken_back(jwks_file: str,
             break
         await asyncio.sleep(0.01)
     assert await store.count("chat", user="alice") == 0
+
+
+async def test_a_policy_without_identity_headers_strips_the_ones_other_policies_set(jwks_file: str) -> None:
+    # The upstream behind both policies trusts x-user-id because only extauth sets it: a
+    # client must not bring its own through the public policy, which sets none.
+    config = parse_config({"policies": [
+        {"name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"],
+         "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_file": jwks_file,
+                 "token_sources": ["query:token"]},
+         "upstream_headers": {"X-User-Id": "{sub}", "x-tenant": "{tid}"}},
+        {"name": "public", "match": {"path_prefix": "/public"}, "websocket_only": False,
+         "origins": ["https://app.example.com"], "upstream_headers": {"x-tenant": "public"}},
+    ]})
+    authz = Authorizer(build_runtime(config), MemoryStore())
+    public = CheckInput(method="GET", host="h", path="/public/x", query="", source_ip="198.51.100.9",
+                        headers={"x-user-id": "admin", "x-tenant": "acme"})
+    d = await authz.check(public)
+    assert d.allowed
+    assert d.headers_to_remove == ("x-user-id",) and d.headers_to_set == {"x-tenant": "public"}
+    # The policy that sets both removes neither (it replaces them; an absent claim removes it).
+    d = await authz.check(req(f"token={token()}"))
+    assert d.allowed and d.headers_to_set == {"x-user-id": "alice"} and "x-tenant" in d.headers_to_remove
+    assert "x-user-id" not in d.headers_to_remove
