@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -674,3 +678,55 @@ async def test_url_credentials_never_logged_nor_in_details(
         assert "password" not in text and "secret" not in text
         assert "user:" not in text
     assert all("***" in d for d in details)
+
+
+_FETCH_VIA_ENV_PROXY = """
+import sys
+from extauth.tokens.jwks import _http_get
+for uri in sys.argv[1:]:
+    try:
+        _http_get(uri, 5, 4096)
+        print("fetched", uri)
+    except Exception as e:
+        print("failed", uri, type(e).__name__)
+"""
+
+
+def test_a_jwks_on_this_host_is_never_fetched_through_a_proxy() -> None:
+    # Plain http:// is allowed only on this host, where the keys never cross a network: a
+    # proxy from the environment would fetch them in clear text and could answer anything.
+    asked: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            asked.append(self.path)  # a proxy is sent the absolute URL
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy")}
+        env["http_proxy"] = f"http://127.0.0.1:{proxy.server_address[1]}"
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: a direct fetch is refused
+        port = closed.getsockname()[1]
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", _FETCH_VIA_ENV_PROXY, f"http://localhost:{port}/jwks.json",
+                 f"http://127.0.0.1:{port}/jwks.json", "http://issuer.invalid/jwks.json"],
+                env=env, capture_output=True, text=True, timeout=60, cwd=os.getcwd()).stdout
+        finally:
+            closed.close()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert f"failed http://localhost:{port}/jwks.json" in out and f"failed http://127.0.0.1:{port}" in out
+    # The proxy itself works: an issuer elsewhere is fetched through it, and only that one.
+    assert "fetched http://issuer.invalid/jwks.json" in out
+    assert asked == ["http://issuer.invalid/jwks.json"]

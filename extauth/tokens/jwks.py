@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 
 from jwt import PyJWK
 
+from extauth.addresses import is_loopback_host
 from extauth.config import EC_ALGS, HMAC_ALGS, OKP_ALGS, RSA_ALGS, ConfigError, JwtConfig
 from extauth.reasons import DenyError, Reason
 
@@ -497,8 +498,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-# Subclasses of the default handlers replace them (proxies from the environment still apply).
+# Subclasses of the default handlers replace them. Proxies from the environment apply to an
+# issuer elsewhere (a corporate egress proxy may be the only way out), never to one on this
+# host: plain http:// is allowed there only because the keys never leave the machine, and a
+# proxy would fetch them in clear text and answer with whatever it likes.
 _OPENER = urllib.request.build_opener(_NoRedirect, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect, _DeadlineHTTPHandler,
+                                      _DeadlineHTTPSHandler)
 
 
 def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
@@ -508,9 +514,10 @@ def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
     req = urllib.request.Request(  # noqa: S310 - scheme checked above
         uri, headers={"Accept": "application/json", "User-Agent": "extauth-jwks"}
     )
+    opener = _DIRECT if is_loopback_host(urlsplit(uri).hostname or "") else _OPENER
     _CALL.deadline = time.monotonic() + timeout
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
+        with opener.open(req, timeout=timeout) as resp:
             status = resp.status
             if status != 200:
                 raise JwksError(f"HTTP {status}")
