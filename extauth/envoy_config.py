@@ -108,7 +108,9 @@ class Upstream:
 class RouteSpec:
     prefix: str
     upstream: str
-    policy: str
+    # The policy the route names (``context_extensions``); None: extauth picks it by host and
+    # path, as its config says (first match, ``hosts`` included).
+    policy: str | None
 
     @classmethod
     def parse(cls, value: str) -> RouteSpec:
@@ -142,8 +144,13 @@ def _td(seconds: float) -> datetime.timedelta:
 
 
 def default_routes(cfg: Config, upstream: str) -> list[RouteSpec]:
-    """One route per policy that has a ``match`` (its path_prefix), all to ``upstream``."""
-    return [RouteSpec(p.match.path_prefix, upstream, p.name) for p in cfg.policies if p.match is not None]
+    """One route per path_prefix a policy matches, all to ``upstream``, naming no policy:
+    extauth's own matching decides (the first policy in config order whose ``hosts`` and
+    prefix fit, else ``no_policy``). Naming each prefix's policy on its route would lose
+    ``hosts`` and config order, which Envoy's one virtual host and longest-prefix routes
+    cannot express: a request could get another policy's rules, or a policy for no host."""
+    prefixes = dict.fromkeys(p.match.path_prefix for p in cfg.policies if p.match is not None)
+    return [RouteSpec(prefix, upstream, None) for prefix in prefixes]
 
 
 def flush_interval_for(cfg: Config, requested: float | None) -> float:
@@ -168,7 +175,7 @@ def check_options(cfg: Config, opts: EnvoyOptions) -> list[str]:
     for r in routes:
         if r.upstream not in names:
             raise EnvoyConfigError(f"--route {r.prefix}: unknown upstream {r.upstream!r}")
-        if cfg.policy(r.policy) is None:
+        if r.policy is not None and cfg.policy(r.policy) is None:
             raise EnvoyConfigError(f"--route {r.prefix}: no policy named {r.policy!r} in the config")
     prefixes = [r.prefix for r in routes]
     if len(set(prefixes)) != len(prefixes):
@@ -326,13 +333,15 @@ def _build_bootstrap(cfg: Config, opts: EnvoyOptions) -> Any:
     )]
     clusters = [ext_cluster] + [cluster(u.name, [u.endpoint]) for u in opts.upstreams]
 
-    def per_route(policy: str) -> dict[str, PbAny]:
+    def per_route(policy: str | None) -> dict[str, PbAny]:
+        if policy is None:
+            return {}
         return {EXT_AUTHZ_FILTER: PbAny.pack(ExtAuthzPerRoute(
             check_settings=CheckSettings(context_extensions={"policy": policy})))}
 
     def route(r: RouteSpec) -> Route:
         return Route(
-            name=f"{r.policy}:{r.prefix}",
+            name=f"{r.policy}:{r.prefix}" if r.policy else r.prefix,
             match=RouteMatch(prefix=r.prefix),
             route=RouteAction(
                 cluster=r.upstream,

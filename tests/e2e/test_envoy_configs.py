@@ -131,13 +131,35 @@ def test_flush_interval_close_to_ttl_warns(tmp_path: Path, capsys: pytest.Captur
     assert "more than half of lease_ttl_seconds" in capsys.readouterr().err
 
 
-def test_generated_default_routes_one_per_policy(shared_stack: Stack) -> None:
+def test_generated_default_routes_one_per_prefix_naming_no_policy(shared_stack: Stack) -> None:
+    # extauth picks the policy itself (config order and hosts), which routes cannot express.
     doc = yaml.safe_load(generate_bootstrap(shared_stack.envoy_args()))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    got = {r["match"]["prefix"]: r["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
-           ["check_settings"]["context_extensions"]["policy"] for r in routes}
-    assert got == {"/ws": "chat", "/api": "api"}
+    assert sorted(r["match"]["prefix"] for r in routes) == ["/api", "/ws"]
+    assert not any("typed_per_filter_config" in r for r in routes)
+
+
+def test_policies_sharing_a_prefix_on_other_hosts_get_one_route_and_extauth_picks(tmp_path: Path) -> None:
+    from extauth.config import parse_config
+    from extauth.envoy_config import EnvoyOptions, HostPort, Upstream, generate
+
+    cfg = parse_config({"policies": [
+        {"name": "internal", "match": {"hosts": ["internal.example.com"], "path_prefix": "/"},
+         "websocket_only": False, "origins": ["https://app.example.com"]},
+        {"name": "public", "match": {"hosts": ["public.example.com"], "path_prefix": "/"},
+         "websocket_only": False, "allow_missing_origin": True},
+        {"name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"]},
+    ]})
+    out = tmp_path / "envoy.yaml"
+    out.write_text(generate(cfg, EnvoyOptions(listen=HostPort("127.0.0.1", 8080),
+                                              upstreams=[Upstream("app", HostPort("127.0.0.1", 8081))])))
+    hcm = yaml.safe_load(out.read_text())["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["match"]["prefix"] for r in routes] == ["/ws", "/"]
+    assert not any("typed_per_filter_config" in r for r in routes)
+    validate(out)
 
 
 async def test_reference_config_works_against_the_real_stack(shared_stack: Stack, tmp_path: Path) -> None:
