@@ -469,6 +469,23 @@ async def test_close_cancels_inflight_fetch(server: JwksServer, clock: FakeClock
     server.release()
 
 
+async def test_checks_waiting_on_a_fetch_that_close_cancels_are_denied(
+        server: JwksServer, clock: FakeClock) -> None:
+    # A reload replaces the verifier and closes the old one while checks that started on the
+    # old config wait on its first fetch: they must end in a denial with its reason, not
+    # with a CancelledError that leaves the gRPC call unanswered.
+    server.set(mode="hang")
+    v = make(server, clock)
+    waiting = asyncio.ensure_future(reason_of(v, token()))
+    async def fetching() -> bool:
+        return source(v).fetching
+
+    await async_wait_until(fetching, 5, "the first fetch to start")
+    await v.close()
+    assert await waiting is Reason.JWKS_UNAVAILABLE
+    server.release()
+
+
 # -- total fetch deadline and the fetch threads ----------------------------------
 
 

@@ -687,7 +687,7 @@ class UrlKeySource:
         """Fetch now (or join the fetch in flight); True on success. Never raises."""
         if self._closed:
             return False
-        return await asyncio.shield(self._start_fetch())
+        return await _join(self._start_fetch())
 
     async def wait_idle(self) -> None:
         """Wait for the fetch in flight, if any (tests, orderly shutdown)."""
@@ -718,7 +718,7 @@ class UrlKeySource:
 
     async def refetch_for_unknown_kid(self) -> bool:
         if self._inflight is not None:
-            return await asyncio.shield(self._inflight)
+            return await _join(self._inflight)
         now = self._clock()
         if self._attempted_at is not None and now - self._attempted_at < self._cooldown:
             return False
@@ -762,6 +762,20 @@ class UrlKeySource:
         self._refresher = None
         await _cancel(self._inflight)
         self._inflight = None
+
+
+async def _join(fetch: asyncio.Future[bool]) -> bool:
+    """The shared fetch's outcome, for one of the checks waiting on it. A fetch cancelled by
+    ``close()`` (a reload replaced this source while checks that started on the old config
+    still wait on it) is a failed one for them, so they end in a denial with its reason;
+    only the waiter's own cancellation propagates."""
+    try:
+        return await asyncio.shield(fetch)
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if (me is not None and me.cancelling()) or not fetch.cancelled():
+            raise
+        return False
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:
