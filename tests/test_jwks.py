@@ -486,6 +486,24 @@ async def test_checks_waiting_on_a_fetch_that_close_cancels_are_denied(
     server.release()
 
 
+async def test_a_fetch_counts_when_it_ends_so_the_ok_count_never_goes_down(
+        server: JwksServer, clock: FakeClock) -> None:
+    v = make(server, clock)
+    server.set(mode="hang")
+    waiting = asyncio.ensure_future(reason_of(v, token()))
+
+    async def fetching() -> bool:
+        return source(v).fetching
+
+    await async_wait_until(fetching, 5, "the fetch to start")
+    assert (v.jwks_fetches, v.jwks_fetch_failures) == (0, 0)  # in flight: not an ok yet
+    server.set(mode="500")
+    server.release()
+    assert await waiting is Reason.JWKS_UNAVAILABLE
+    assert (v.jwks_fetches, v.jwks_fetch_failures) == (1, 1)  # ok stayed 0 throughout
+    await v.close()
+
+
 # -- total fetch deadline and the fetch threads ----------------------------------
 
 

@@ -841,3 +841,17 @@ def test_cli_token_claims(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
     token = capsys.readouterr().out.strip()
     payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     assert (payload["empty"], payload["n"], payload["v"], payload["roles"]) == ("", 3, "1.2.3", ["x"])
+
+
+async def test_an_unchanged_jwks_file_is_never_stale_and_an_unreadable_one_ages(
+        tmp_path: Path, clock: FakeClock) -> None:
+    # extauth_jwks_age_seconds feeds the stale-keys alert: a file nobody touched is current.
+    v = make_verifier(tmp_path, clock, jwks_for(shared_rsa_key(), "k1", "RS256"))
+    clock.advance(2000)  # the next verification looks at the file
+    await v.verify(sign(shared_rsa_key(), "RS256", claims(sub="bob", exp=NOW + 5000), kid="k1"))
+    assert v.key_age_seconds == 0
+    (tmp_path / "jwks.json").unlink()  # the last good keys keep serving, and now they age
+    clock.advance(30)
+    await v.verify(sign(shared_rsa_key(), "RS256", claims(sub="carol", exp=NOW + 5000), kid="k1"))
+    clock.advance(30)
+    assert v.key_age_seconds == 60

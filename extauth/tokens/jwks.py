@@ -313,6 +313,9 @@ class FileKeySource:
             self._set = self._load()
         except (OSError, JwksError) as e:
             raise ConfigError(f"jwks_file: {path}: {_describe(e)}") from None
+        # When the key set in use was last known to be the file's: loaded, or the file seen
+        # unchanged since. Its age is what the stale-keys alert watches, so a file left alone
+        # for months is not "stale"; one that can no longer be read or parsed is.
         self._loaded_at = clock()
         self._checked_at = self._loaded_at
         self._watcher: KeysWatcher | None = None
@@ -343,6 +346,7 @@ class FileKeySource:
                         self._path, len(self._set), _describe(e))
             return
         if stamp == self._stamp:
+            self._loaded_at = now
             return
         self._stamp = stamp
         try:
@@ -649,7 +653,8 @@ class UrlKeySource:
         return self._inflight
 
     async def _fetch(self) -> bool:
-        self.fetches += 1
+        # Counted when it ends, with its outcome: ok = fetches - failures must never go down
+        # (a fetch in flight counted as ok, then failing, read as a counter reset).
         try:
             try:
                 # _http_get ends by its own deadline; wait_for only covers a queued fetch.
@@ -663,12 +668,14 @@ class UrlKeySource:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                self.fetches += 1
                 self.fetch_failures += 1
                 self._failed_at = self._clock()
                 kept = len(self._set) if self._set is not None else 0
                 log.warning("jwks %s: fetch failed (%s); keeping %d key(s)",
                             self._safe_uri, self._scrub(_describe(e)), kept)
                 return False
+            self.fetches += 1
             old = self._set
             self._set = new
             self._fetched_at = self._clock()
