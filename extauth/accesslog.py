@@ -103,6 +103,11 @@ def _leases_in(entries: Any, counts: Counts) -> list[tuple[str, str, LeaseRef, s
     return ours
 
 
+def _quiet(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, store_of: Callable[[], Store | None], ttl_of: Callable[[], float],
                  metrics: Metrics, tagger: LeaseTagger | None = None) -> None:
@@ -123,6 +128,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
     ) -> als_pb2.StreamAccessLogsResponse:
         messages = aiter(request_iterator)
         closing = asyncio.ensure_future(self._closing.wait())
+        read: asyncio.Future[als_pb2.StreamAccessLogsMessage] | None = None
         try:
             while True:
                 # Race each read against shutdown: cancelling a handler blocked in
@@ -140,6 +146,12 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                     await self._handle_message(message.http_logs.log_entry)
         finally:
             closing.cancel()
+            if read is not None:
+                # The handler was cancelled (the Envoy went away) with a read pending or just
+                # ended: its end (StopAsyncIteration, or an RPC error) is expected, never worth
+                # an "exception was never retrieved" error line on every Envoy restart.
+                read.cancel()
+                read.add_done_callback(_quiet)
         return als_pb2.StreamAccessLogsResponse()
 
     async def _handle_message(self, entries: Any) -> None:
