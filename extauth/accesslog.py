@@ -29,6 +29,7 @@ from typing import Any
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from extauth.aio import retrieve
 from extauth.envoy_api import METADATA_NAMESPACE
 from extauth.lease_tag import METADATA_FIELD as LEASE_TAG_FIELD
 from extauth.lease_tag import LeaseTagger
@@ -103,11 +104,6 @@ def _leases_in(entries: Any, counts: Counts) -> list[tuple[str, str, LeaseRef, s
     return ours
 
 
-def _quiet(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, store_of: Callable[[], Store | None], ttl_of: Callable[[], float],
                  metrics: Metrics, tagger: LeaseTagger | None = None) -> None:
@@ -151,7 +147,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 # ended: its end (StopAsyncIteration, or an RPC error) is expected, never worth
                 # an "exception was never retrieved" error line on every Envoy restart.
                 read.cancel()
-                read.add_done_callback(_quiet)
+                read.add_done_callback(retrieve)
         return als_pb2.StreamAccessLogsResponse()
 
     async def _handle_message(self, entries: Any) -> None:

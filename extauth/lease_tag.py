@@ -21,6 +21,7 @@ import logging
 import secrets
 import time
 
+from extauth.aio import retrieve
 from extauth.logs import log_event
 from extauth.store.base import LeaseKeys, LeaseRef, Store, StoreError
 from extauth.store.guard import GuardedStore
@@ -82,7 +83,7 @@ class LeaseTagger:
                 raise StoreError(f"lease key unavailable ({self._failure}); "
                                  f"next attempt in {self.retry_in:.1f} s")
             attempt = self._loading = asyncio.ensure_future(self._attempt(store))
-            attempt.add_done_callback(_retrieve)  # when every caller gave up before its end
+            attempt.add_done_callback(retrieve)  # when every caller gave up before its end
         wait = store.timeout if bounded and isinstance(store, GuardedStore) else None
         async with asyncio.timeout(wait):
             # Shielded: a caller giving up (its timeout, its cancellation) leaves the attempt
@@ -135,12 +136,6 @@ class LeaseTagger:
         given = tag.encode("ascii")
         message = _message(ref)
         return any(hmac.compare_digest(mac.tag(message).encode("ascii"), given) for mac in self._accepted)
-
-
-def _retrieve(attempt: asyncio.Future[None]) -> None:
-    # Its callers got the failure (or gave up before it): never "exception never retrieved".
-    if not attempt.cancelled():
-        attempt.exception()
 
 
 def _message(ref: LeaseRef) -> bytes:

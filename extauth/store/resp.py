@@ -37,6 +37,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from extauth.aio import retrieve
+
 Command = Sequence[str | int | bytes]
 
 __all__ = ["Command", "RespLane"]
@@ -45,11 +47,6 @@ __all__ = ["Command", "RespLane"]
 def encode(commands: Sequence[Command]) -> bytes:
     """Commands as RESP arrays of bulk strings, ready for one write (hiredis packs them in C)."""
     return b"".join([hiredis.pack_command(tuple(cmd)) for cmd in commands])
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _error(reply: hiredis.ReplyError) -> ResponseError:
@@ -227,7 +224,7 @@ class RespLane:
             # When every caller gave up, nobody awaits the attempt: retrieve its failure here
             # (the callers that waited got it), or asyncio logs "Task exception was never
             # retrieved" with a traceback for each connect that failed unwatched.
-            self._connecting.add_done_callback(_retrieve)
+            self._connecting.add_done_callback(retrieve)
         return await asyncio.shield(self._connecting)
 
     async def _open(self) -> _Connection:
