@@ -316,8 +316,8 @@ class FileKeySource:
         # When the key set in use was last known to be the file's: loaded, or the file seen
         # unchanged since. Its age is what the stale-keys alert watches, so a file left alone
         # for months is not "stale"; one that can no longer be read or parsed is.
-        self._loaded_at = clock()
-        self._checked_at = self._loaded_at
+        self._current_at = clock()
+        self._checked_at = self._current_at
         self._watcher: KeysWatcher | None = None
         self._poller: asyncio.Task[None] | None = None
         log.info("jwks %s: loaded %d key(s)", path, len(self._set))
@@ -346,7 +346,7 @@ class FileKeySource:
                         self._path, len(self._set), _describe(e))
             return
         if stamp == self._stamp:
-            self._loaded_at = now
+            self._current_at = now
             return
         self._stamp = stamp
         try:
@@ -356,7 +356,7 @@ class FileKeySource:
                         self._path, len(self._set), _describe(e))
             return
         old, self._set = self._set, new
-        self._loaded_at = now
+        self._current_at = now
         log.info("jwks %s: reloaded %d key(s)", self._path, len(new))
         if self._watcher is not None and _dropped_keys(old, new):
             self._watcher(new)
@@ -371,7 +371,7 @@ class FileKeySource:
         return self._set is not before
 
     def key_age_seconds(self) -> float | None:
-        return max(0.0, self._clock() - self._loaded_at)
+        return max(0.0, self._clock() - self._current_at)
 
     async def start(self) -> None:
         if self._poller is None:
