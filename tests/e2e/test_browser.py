@@ -71,6 +71,9 @@ class Cdp:
         return r.get("result", {}).get("value")
 
     async def screenshot(self, session: str) -> bytes:
+        # Headless Chromium may never paint a page behind another one, and a capture then
+        # waits for a frame that never comes: bring the page to the front first.
+        await self.call("Page.bringToFront", session)
         r = await self.call("Page.captureScreenshot", session, format="png")
         return base64.b64decode(r["data"])
 
