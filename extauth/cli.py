@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
@@ -14,6 +13,7 @@ from extauth.config import ConfigError, load_config, with_overrides
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from extauth.eventloop import run
     from extauth.logs import configure_logging
     from extauth.server import serve
 
@@ -21,7 +21,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = with_overrides(load_config(args.config), overrides)
     configure_logging(cfg.log_level)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(cfg, config_path=args.config, overrides=overrides))
+        run(serve(cfg, config_path=args.config, overrides=overrides), cfg.event_loop)
     return 0
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from extauth.addresses import is_loopback_host
+from extauth.eventloop import EventLoop, available
 from extauth.origin import parse_origin_pattern
 from extauth.store.url import REDIS_SCHEMES, parse_redis_url
 
@@ -308,6 +309,8 @@ class Config(_Model):
     abuse: Abuse = Field(default_factory=Abuse)
     drain_seconds: float = Field(default=5.0, ge=0, le=300)
     watch_config: bool = True
+    # uvloop when installed (extauth/eventloop.py says why), or asyncio's own loop.
+    event_loop: EventLoop = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     policies: list[Policy] = Field(min_length=1)
 
@@ -315,6 +318,13 @@ class Config(_Model):
     @classmethod
     def _listen(cls, v: str) -> str:
         return _hostport(v)
+
+    @field_validator("event_loop")
+    @classmethod
+    def _event_loop(cls, v: EventLoop) -> EventLoop:
+        if not available(v):
+            raise ValueError("uvloop is not installed (pip install uvloop, or event_loop: auto)")
+        return v
 
     @field_validator("metrics_listen")
     @classmethod

@@ -37,6 +37,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.typing import Subprotocol
 
+from extauth import eventloop
 from extauth.config import Config, parse_config
 
 _REPO_KEYS = Path(__file__).resolve().parents[1] / "examples" / "keys"
@@ -379,6 +380,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if workdir_arg:
         workdir = Path(workdir_arg)
         workdir.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(run_async(args.port, args.duration, workdir))
+        return eventloop.run(run_async(args.port, args.duration, workdir), "auto")
     with tempfile.TemporaryDirectory(prefix="extauth-demo-") as tmp:
-        return asyncio.run(run_async(args.port, args.duration, Path(tmp)))
+        return eventloop.run(run_async(args.port, args.duration, Path(tmp)), "auto")

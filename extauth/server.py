@@ -32,6 +32,7 @@ from extauth.accesslog import AccessLogService
 from extauth.admin import AdminServer
 from extauth.config import Config, ConfigError, load_config, with_overrides
 from extauth.envoy_api import check_input, decision_id_field, repeat_key, response_bytes
+from extauth.eventloop import loop_name
 from extauth.jail import Jail
 from extauth.lease_tag import REFRESH_SECONDS as LEASE_KEY_REFRESH_SECONDS
 from extauth.lease_tag import LeaseTagger
@@ -171,6 +172,7 @@ class ExtAuthServer:
         for name in ("", AUTHZ_SERVICE, ALS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log_event(log, logging.INFO, "serving", listen=self.config.listen, port=self.port,
+                  event_loop=loop_name(asyncio.get_running_loop()),
                   policies=[p.name for p in self.config.policies], store=_redact(self.config.store))
 
     def _start_metrics(self) -> None:
@@ -264,7 +266,7 @@ class ExtAuthServer:
         # Sockets and the store connection are not swapped live: say so instead
         # of silently ignoring the change.
         for key in ("listen", "store", "admin_listen", "admin_tls", "admin_token_env", "metrics_listen",
-                    "watch_config"):
+                    "watch_config", "event_loop"):
             if getattr(cfg, key) != getattr(self.config, key):
                 raise ValueError(f"{key}: changing it needs a restart")
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import uvloop
 from _pytest._code import code as _pytest_code
 
 from tests.redis_servers import RedisClusterServers, RedisServer, running_server
@@ -35,6 +36,17 @@ def _install_traceback_guard() -> None:
 
 
 _install_traceback_guard()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Async tests run on asyncio's own loop; a module marked ``both_loops`` runs on uvloop
+    too, the loop ``extauth serve`` picks by default (extauth/eventloop.py). Those are the
+    modules that drive the event loop itself: the server, the access-log stream, the store's
+    connections and timeouts."""
+    factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+    if item.get_closest_marker("both_loops") is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 @pytest.fixture

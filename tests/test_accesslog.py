@@ -23,6 +23,8 @@ from extauth.store.base import LeaseRef, Limits, StoreError
 from extauth.store.memory import MemoryStore
 from tests.envoy_msgs import als_message, log_entry
 
+pytestmark = pytest.mark.both_loops
+
 
 def ref(user: str = "alice") -> LeaseRef:
     return LeaseRef(new_lease_id(), "chat", user, "10.0.0.1")

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import grpc
+import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from extauth.config import parse_config
@@ -16,6 +17,8 @@ from extauth.server import ExtAuthServer
 from tests.envoy_msgs import check_request, headers_of, ws_headers
 from tests.keys import jwks_for, jwks_server, shared_rsa_key, sign
 from tests.waiting import eventually
+
+pytestmark = pytest.mark.both_loops
 
 ISS = "https://issuer.example.com"
 _SUBJECTS = itertools.count()

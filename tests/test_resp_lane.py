@@ -24,7 +24,7 @@ from extauth.store.redis import RedisStore, client_from_url
 from extauth.store.resp import RespLane, encode
 from tests.redis_servers import RedisServer, free_port
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.both_loops]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ SIGTERM drain (NOT_SERVING first, checks still answered, exit 0)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -139,3 +140,23 @@ def test_bad_config_refused_at_start(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "listen" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(("setting", "runs_on"),
+                         [(None, "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")])
+def test_serves_on_the_configured_event_loop(tmp_path: Path, setting: str | None, runs_on: str) -> None:
+    cfg = tmp_path / "extauth.yaml"
+    port = free_port()
+    write_config(cfg, port, ["https://a.example.com"], **({"event_loop": setting} if setting else {}))
+    p = Proc(cfg, port)
+    try:
+        wait_for(lambda: p.logged('"msg":"serving"'), what="the serving line")
+        serving = next(json.loads(line) for line in p.lines if '"msg":"serving"' in line)
+        assert serving["event_loop"] == runs_on
+        assert p.reason("https://a.example.com") == "allow"
+        assert p.reason("https://evil.example.com") == "origin_not_allowed"
+        p.p.send_signal(signal.SIGTERM)
+        assert p.p.wait(timeout=15) == 0
+    finally:
+        out = p.stop()
+    assert "Traceback" not in out

@@ -24,6 +24,8 @@ from tests.envoy_msgs import als_message, check_request, headers_of, log_entry, 
 from tests.keys import JwksServer, jwks_for, jwks_server, make_rsa_key, shared_rsa_key, sign
 from tests.waiting import async_wait_until
 
+pytestmark = pytest.mark.both_loops
+
 ISS = "https://issuer.example.com"
 
 
@@ -410,7 +412,7 @@ async def test_a_file_that_breaks_the_parser_is_refused_and_reloads_go_on(
 
 
 @pytest.mark.parametrize(("key", "value"), [("admin_token_env", "EXTAUTH_ADMIN_TOKEN_NEXT"),
-                                            ("watch_config", False)])
+                                            ("watch_config", False), ("event_loop", "asyncio")])
 async def test_a_reload_that_changes_what_is_read_at_start_is_refused(
         file_server: FileServer, key: str, value: Any) -> None:
     # The admin token is read when the admin API starts and the file watcher is started by

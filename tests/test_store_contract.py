@@ -21,7 +21,7 @@ from extauth.store.base import PREVIOUS_LEASE_KEYS, LeaseKeys
 from extauth.store.redis import RedisStore, escape
 from tests.redis_servers import RedisClusterServers, RedisServer
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.both_loops]
 
 BACKENDS = ["memory", "redis", "cluster"]
 
