@@ -53,6 +53,8 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         out["anchor_cached_ratio"] = p / http["jwt_cached"]["rps"] if "jwt_cached" in http else math.nan
         out["ceiling_ratio"] = p / http["ceiling"]["rps"] if "ceiling" in http else math.nan
         out["floor_resp_ratio"] = p / http["floor_resp"]["rps"] if "floor_resp" in http else math.nan
+        out["loop_ratio"] = (p / http["product_asyncio"]["rps"] if "product_asyncio" in http
+                             else math.nan)
     if "half" in r:
         out["p99"] = r["half"]["check_p99"][0]
         out["p99_bound"] = r["half"]["check_p99"][1]
@@ -86,6 +88,9 @@ def summary(r: dict[str, Any]) -> str:
         if "floor_resp" in r["http"]:
             lines.append(f"ratio 4/3b (product / floor w/ allow) {t['floor_resp_ratio']:.3f}  (info)"
                          f"{_spread(spread.get('floor_resp'))}")
+        if "product_asyncio" in r["http"]:
+            lines.append(f"ratio 4/4a (uvloop / asyncio loop)  {t['loop_ratio']:.3f}  (info)"
+                         f"{_spread(spread.get('product_asyncio'))}")
         lines.append(f"ratio 4/2 (product / jwt_authn)     {t['anchor_ratio']:.3f}  target ≥ {TARGET_ANCHOR_RATIO}  "
                      f"{'met' if t['anchor_ratio'] >= TARGET_ANCHOR_RATIO else 'MISSED'}{_spread(spread.get('jwt'))}")
     if "p99" in t:
@@ -200,6 +205,8 @@ def _headline(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
           f"≥ {TARGET_ANCHOR_RATIO} | {verdict(t['anchor_ratio'] >= TARGET_ANCHOR_RATIO)} |")
         w(f"| 4/3b | product ÷ floor answering the product's allow (extauth's own code alone) | "
           f"{t['floor_resp_ratio']:.3f}{_spread(spread.get('floor_resp'))} | (info) | |")
+        w(f"| 4/4a | product on uvloop ÷ the same on asyncio's loop (what the default event loop is worth) | "
+          f"{t['loop_ratio']:.3f}{_spread(spread.get('product_asyncio'))} | (info) | |")
         w(f"| 4/2b | product ÷ jwt_authn with its JWT cache | {t['anchor_cached_ratio']:.2f} | (info) | |")
         w(f"| 4/1 | product ÷ ceiling | {t['ceiling_ratio']:.2f} | (info) | |")
     if "half" in r:
@@ -260,7 +267,8 @@ def _http(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
     w(f"{first['connections']} connections, {first['elapsed']:.0f} s each after a 1 s warm-up, same Envoy process, "
       "one listener per scenario (identical HCM settings; only the auth filter differs), all answering with a "
       "`direct_response` so no upstream is involved. The native anchor (2), the floors (3, 3b) and the "
-      "product (4), whose ratios matter, are measured in interleaved 2-second slices, 2 3 3b 4 4 3b 3 2, "
+      "product (4, and 4a on the other event loop), whose ratios matter, are measured in interleaved "
+      "2-second slices, 2 3 3b 4 4a 4a 4 3b 3 2, "
       f"{len(http['product']['runs_rps']) // 2} rounds, and each is the sum of its slices: this machine's speed "
       "drifts by 10-20% within a minute, a ratio of two runs taken one after the other carries that drift "
       "whole, and the mirrored order cancels a steady drift. The ratios' *rounds* ranges are each round's own "
@@ -273,7 +281,8 @@ def _http(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
       "Envoy µs/req | authz µs/req |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, e in http.items():
-        authz = key if key in ("noop", "floor_resp") else ("extauth" if key == "product" else None)
+        authz = key if key in ("noop", "floor_resp", "product_asyncio") else (
+            "extauth" if key == "product" else None)
         per = e.get("cpu_us_per_request", {})
         w(f"| {e['title']} | {n0(e['rps'])} | {ms(e['p50_us'])} | {ms(e['p99_us'])} | {e['non2xx']} | "
           f"{_cores(e, 'envoy')} | {_cores(e, authz) if authz else '—'} | {_cores(e, 'load generator')} | "

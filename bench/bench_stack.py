@@ -11,6 +11,9 @@ is then adjusted here, in the bench only:
 - ``floor_resp``: the same, to a second no-op servicer that answers the product's own allow for
   the bench request (identity header, credential removal, dynamic metadata), rendered once by
   extauth's code at start-up: Envoy does the same work on the answer as for ``product``.
+- ``product_asyncio``: a copy of ``product`` whose ext_authz filter and access log call a second
+  extauth, the same config on asyncio's own event loop (``event_loop: asyncio``): what the
+  default uvloop is worth, measured side by side.
 - ``ceiling``: the same HCM with the ext_authz filter removed (/api a direct_response, /ws to the
   echo upstream: churn with no auth at all).
 - ``jwt`` / ``jwt_cached``: the same HCM with Envoy's native ``jwt_authn`` (same RS256 key,
@@ -62,9 +65,11 @@ UPSTREAM_BREAKERS = {"thresholds": [{"max_connections": 100_000, "max_pending_re
 # while Envoy waits for the client to (measured: close() 1,000 ms through Envoy vs 0.5 ms
 # direct). 0 disables the delayed close, for every listener alike.
 DELAYED_CLOSE = "0s"
-LISTENERS = ("ceiling", "jwt", "jwt_cached", "noop", "floor_resp", "product")
+LISTENERS = ("ceiling", "jwt", "jwt_cached", "noop", "floor_resp", "product", "product_asyncio")
 # The listeners whose ext_authz filter calls a no-op servicer (a cluster of the same name).
 FLOORS = ("noop", "floor_resp")
+# The listener (and cluster, and process) of the product on asyncio's own event loop.
+ASYNCIO_PRODUCT = "product_asyncio"
 # The subject of the plain-HTTP scenarios' token.
 HTTP_USER = "bench-http"
 
@@ -131,8 +136,18 @@ def _jwt_authn(cached: bool) -> dict[str, Any]:
     }
 
 
+def _grpc_clusters(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    """The envoy_grpc blocks of a listener's ext_authz filter and gRPC access logs."""
+    hcm = _hcm(listener)
+    return ([f["typed_config"]["grpc_service"]["envoy_grpc"] for f in hcm["http_filters"]
+             if f["name"] == "envoy.filters.http.ext_authz"]
+            + [a["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]
+               for a in hcm.get("access_log", []) if "common_config" in a.get("typed_config", {})])
+
+
 def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int],
-                     floor_ports: dict[str, int]) -> dict[str, Any]:
+                     authz_ports: dict[str, int]) -> dict[str, Any]:
+    """``authz_ports``: the no-op floors' and the asyncio product's gRPC ports, by name."""
     doc = copy.deepcopy(generated)
     resources = doc["static_resources"]
     product = resources["listeners"][0]
@@ -150,6 +165,10 @@ def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int],
             if f["name"] == "envoy.filters.http.ext_authz":
                 f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = floor
         listeners[floor] = lst
+    # The second product takes its own access log too: its leases are released by itself.
+    asyncio_product = listeners[ASYNCIO_PRODUCT] = copy.deepcopy(product)
+    for grpc in _grpc_clusters(asyncio_product):
+        grpc["cluster_name"] = ASYNCIO_PRODUCT
 
     def without_authz(extra: list[dict[str, Any]], prefixes: tuple[str, ...]) -> dict[str, Any]:
         lst = copy.deepcopy(product)
@@ -181,9 +200,9 @@ def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int],
 
     clusters = resources["clusters"]
     extauth = next(c for c in clusters if c["name"] == "extauth")
-    for floor, port in floor_ports.items():
+    for name, port in authz_ports.items():
         cluster = copy.deepcopy(extauth)
-        cluster["name"] = cluster["load_assignment"]["cluster_name"] = floor
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = name
         ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         ep["address"]["socket_address"]["port_value"] = port
         clusters.append(cluster)
@@ -258,10 +277,12 @@ class BenchStack:
         self.redis: RedisServer | None = None
         self.upstream: Proc | None = None
         self.extauth: Instrumented | None = None
+        self.extauth_asyncio: Instrumented | None = None
         self.floors: dict[str, Noop] = {}
         self.envoy: Envoy | None = None
         self.ports = {name: free_port() for name in LISTENERS}
         self.metrics_port = free_port()
+        self.asyncio_metrics_port = free_port()
         self.profile_out = workdir / "extauth.prof"
 
     @property
@@ -288,6 +309,13 @@ class BenchStack:
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         ext = self.extauth = Instrumented("extauth", cfg_path, free_port(), self.dir, self.profile_out)
         ext.start()
+        asyncio_path = self.dir / "extauth-asyncio.yaml"
+        asyncio_path.write_text(yaml.safe_dump(
+            {**config, "event_loop": "asyncio", "metrics_listen": f"127.0.0.1:{self.asyncio_metrics_port}"},
+            sort_keys=False))
+        self.extauth_asyncio = Instrumented(ASYNCIO_PRODUCT, asyncio_path, free_port(), self.dir,
+                                            self.dir / "extauth-asyncio.prof")
+        self.extauth_asyncio.start()
         allow = self.dir / "product-allow.bin"
         allow.write_bytes(product_allow(config))
         for floor in FLOORS:
@@ -297,7 +325,8 @@ class BenchStack:
             "-c", str(cfg_path), "--listen", f"127.0.0.1:{self.ports['product']}",
             "--upstream", f"app=127.0.0.1:{up_port}", "--extauth", ext.address,
             "--admin-port", "0", "--flush-interval", "20"]))
-        bootstrap = derive_bootstrap(generated, self.ports, {k: v.port for k, v in self.floors.items()})
+        bootstrap = derive_bootstrap(generated, self.ports, {
+            **{k: v.port for k, v in self.floors.items()}, ASYNCIO_PRODUCT: self.extauth_asyncio.port})
         path = self.dir / "envoy.yaml"
         path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self.envoy = Envoy("envoy", path, self.ports["product"], self.dir).start()
@@ -307,13 +336,15 @@ class BenchStack:
     def _authz_healthy(self) -> bool:
         assert self.envoy is not None
         _, body = self.envoy.admin_get("/clusters")
+        authz = ("extauth", ASYNCIO_PRODUCT, *FLOORS)
         flags = [line for line in body.splitlines() if "::health_flags::" in line
-                 and line.split("::")[0] in ("extauth", *FLOORS)]
-        return len(flags) == 1 + len(FLOORS) and all(line.endswith("::healthy") for line in flags)
+                 and line.split("::")[0] in authz]
+        return len(flags) == len(authz) and all(line.endswith("::healthy") for line in flags)
 
     def pids(self) -> dict[str, int]:
         out: dict[str, int] = {}
         procs: list[tuple[str, Proc | None]] = [("envoy", self.envoy), ("extauth", self.extauth),
+                                                (ASYNCIO_PRODUCT, self.extauth_asyncio),
                                                 ("upstream", self.upstream), *self.floors.items()]
         for name, proc in procs:
             if proc is not None and proc.popen is not None:
@@ -323,7 +354,7 @@ class BenchStack:
         return out
 
     def close(self) -> None:
-        for proc in (self.envoy, *self.floors.values(), self.extauth, self.upstream):
+        for proc in (self.envoy, *self.floors.values(), self.extauth, self.extauth_asyncio, self.upstream):
             if proc is not None:
                 proc.stop(timeout=5)
         if self.redis is not None:

@@ -1,13 +1,13 @@
 """The framework floor: an ext_authz servicer that answers OK at once, on the same stack as the
-product (grpc.aio server with the product's options, grpc.health.v1 so Envoy's gRPC health
-checks pass). It does no translation, no policy and no store call: whatever the product costs
-above this is extauth's own work.
+product (grpc.aio server with the product's options on the product's event loop, grpc.health.v1
+so Envoy's gRPC health checks pass). It does no translation, no policy and no store call:
+whatever the product costs above this is extauth's own work.
 
 With ``--response FILE`` (a serialized CheckResponse) it answers that instead of a bare OK: given
 the product's own allow, Envoy then applies the same headers and metadata for both, and the
 product's remaining cost over this floor is its own code alone.
 
-    .venv/bin/python bench/noop_authz.py --listen 127.0.0.1:PORT [--response FILE]
+    .venv/bin/python bench/noop_authz.py --listen 127.0.0.1:PORT [--response FILE] [--loop asyncio]
 
 Bench only, never part of the product. SIGTERM/SIGINT stop it.
 """
@@ -25,6 +25,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+
+from extauth import eventloop
 
 _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
                                       ok_response=external_auth_pb2.OkHttpResponse())
@@ -60,6 +62,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--listen", required=True, metavar="HOST:PORT")
     ap.add_argument("--response", type=Path, metavar="FILE", help="serialized CheckResponse to answer")
+    ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                    help="event loop, as extauth's event_loop setting (default: the product's default)")
     args = ap.parse_args()
     fixed = external_auth_pb2.CheckResponse.FromString(args.response.read_bytes()) if args.response else _OK
-    asyncio.run(main(args.listen, fixed))
+    eventloop.run(main(args.listen, fixed), args.loop)

@@ -58,6 +58,7 @@ HTTP_SCENARIOS = (
     ("noop", "3. Framework floor: ext_authz to a no-op grpc.aio servicer"),
     ("floor_resp", "3b. Floor answering the product's allow (same servicer, extauth's response pre-built)"),
     ("product", "4. Product: extauth, origin + JWT (token cache and allow memo warm)"),
+    ("product_asyncio", "4a. Product on asyncio's own event loop (event_loop: asyncio; 4 runs on uvloop)"),
 )
 
 
@@ -215,12 +216,12 @@ def log(msg: str) -> None:
 
 
 # The native anchor (2), the floors (3, 3b) and the product (4), whose ratios matter, are
-# measured in interleaved 2-second slices, 2 3 3b 4 4 3b 3 2 repeated, and each is the sum of its
+# measured in interleaved 2-second slices, 2 3 3b 4 4a 4a 4 3b 3 2 repeated, and each is the sum of its
 # slices: this machine's speed drifts by 10-20% within a minute, and a ratio of two runs taken
 # one after the other carries that drift whole, while the mirrored order cancels a steady drift
 # and the repetition averages the rest. Two rounds left 4/3 spread over 0.78-0.85 from run to
 # run; each round's own ratios are kept, so the report shows the spread within a run too.
-_PAIRED = ("jwt", "noop", "floor_resp", "product")
+_PAIRED = ("jwt", "noop", "floor_resp", "product", "product_asyncio")
 _PAIRED_ROUNDS = 4
 _SLICE_SECONDS = 2.0
 
