@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import math
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -161,9 +163,34 @@ def flush_interval_for(cfg: Config, requested: float | None) -> float:
     return min(20.0, max(1.0, cfg.lease_ttl_seconds / 3))
 
 
+# Durations and limits are checked here rather than left to Envoy: a bootstrap that Envoy
+# rejects at start, or one where 0 quietly means "no limit" (max_stream_duration 0 would end
+# the re-authentication cap), is worse than a refusal naming the flag.
+_MAX_SECONDS = 365 * 86400.0
+_MAX_CONNECTIONS = 10_000_000
+
+
+def _check_limits(opts: EnvoyOptions) -> None:
+    for flag, seconds in (("--flush-interval", opts.flush_interval),
+                          ("--max-stream-duration", opts.max_stream_duration),
+                          ("--stream-idle-timeout", opts.stream_idle_timeout)):
+        if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= _MAX_SECONDS):
+            raise EnvoyConfigError(f"{flag}: expected seconds > 0 and at most a year, got {seconds:g}")
+    if not 1 <= opts.max_connections <= _MAX_CONNECTIONS:
+        raise EnvoyConfigError(f"--max-connections: expected 1 to {_MAX_CONNECTIONS:,}, "
+                               f"got {opts.max_connections}")
+    # Envoy binds listeners and its admin to IP literals only (no name resolution there).
+    for flag, hp in (("--listen", opts.listen), ("--admin-address", opts.admin)):
+        if not hp.is_ip:
+            raise EnvoyConfigError(f"{flag}: expected an IP address, got {hp.host!r}")
+    if not 0 <= opts.admin.port <= 65535:
+        raise EnvoyConfigError(f"--admin-port: expected 0 to 65535, got {opts.admin.port}")
+
+
 def check_options(cfg: Config, opts: EnvoyOptions) -> list[str]:
     """Raise EnvoyConfigError for inconsistent input; return warnings worth printing."""
     warnings: list[str] = []
+    _check_limits(opts)
     if not opts.upstreams:
         raise EnvoyConfigError("give at least one --upstream NAME=HOST:PORT")
     names = [u.name for u in opts.upstreams]
@@ -533,8 +560,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"envoy-config: {e}", file=sys.stderr)
         return 2
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            print(f"envoy-config: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
     return 0

@@ -111,6 +111,16 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     (["--upstream", "app=127.0.0.1"], "HOST:PORT"),
     (["--upstream", "extauth=127.0.0.1:1"], "ext_authz cluster"),
     ([], "at least one --upstream"),
+    # Values Envoy would reject at start, or where 0 would quietly mean "no limit".
+    (["--upstream", "app=127.0.0.1:1", "--max-connections", "0"], "--max-connections"),
+    (["--upstream", "app=127.0.0.1:1", "--max-stream-duration", "0"], "--max-stream-duration"),
+    (["--upstream", "app=127.0.0.1:1", "--max-stream-duration", "-5"], "--max-stream-duration"),
+    (["--upstream", "app=127.0.0.1:1", "--stream-idle-timeout", "nan"], "--stream-idle-timeout"),
+    (["--upstream", "app=127.0.0.1:1", "--flush-interval", "inf"], "--flush-interval"),
+    (["--upstream", "app=127.0.0.1:1", "--max-stream-duration", "1e300"], "--max-stream-duration"),
+    (["--upstream", "app=127.0.0.1:1", "--admin-port", "70000"], "--admin-port"),
+    (["--upstream", "app=127.0.0.1:1", "--admin-address", "localhost"], "--admin-address"),
+    (["--upstream", "app=127.0.0.1:99999"], "HOST:PORT"),
 ])
 def test_envoy_config_refuses_bad_input(args: list[str], message: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,6 +130,18 @@ def test_envoy_config_refuses_bad_input(args: list[str], message: str,
                  "--listen", "127.0.0.1:8080", *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_envoy_config_refuses_a_hostname_to_listen_on_and_an_unwritable_output(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from extauth.cli import main
+
+    base = ["envoy-config", "-c", str(REPO / "examples" / "extauth.yaml"), "--upstream", "app=127.0.0.1:1"]
+    assert main([*base, "--listen", "localhost:8080"]) == 2
+    assert "--listen: expected an IP address, got 'localhost'" in capsys.readouterr().err
+    out = tmp_path / "missing-dir" / "envoy.yaml"
+    assert main([*base, "--listen", "127.0.0.1:8080", "-o", str(out)]) == 2
+    assert f"cannot write {out}" in capsys.readouterr().err
 
 
 def test_flush_interval_close_to_ttl_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
