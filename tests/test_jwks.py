@@ -335,6 +335,33 @@ async def test_keys_past_max_stale_take_their_cached_verifications_with_them(
         await v.close()
 
 
+async def test_cached_verifications_go_when_the_keys_pass_max_stale_not_at_the_next_refresh(
+    server: JwksServer
+) -> None:
+    # After a failed refresh the timer sleeps a whole refresh period (4 s here); the keys
+    # pass max_stale 0.5 s into it. What they verified must stop passing then, not 3.5 s later.
+    refresh, max_stale = 4.0, 4.5
+    cfg = JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=server.url, jwks_refresh_seconds=refresh,
+                    jwks_refetch_cooldown_seconds=refresh, jwks_max_stale_seconds=max_stale,
+                    jwks_timeout_seconds=0.5)
+    v = JwtVerifier(cfg, max_token_bytes=8192, cache_size=100)  # the real clock: the timers' own
+    try:
+        await v.start()
+        fetched = time.monotonic()
+        now = int(time.time())
+        tok = token(iat=now, exp=now + 600)
+        await v.verify(tok)
+        server.set(mode="500")
+        await async_wait_until(lambda: _fetched(server, 2), 10, "the timer's failed refresh")
+        assert v.verify_cached(tok) is not None  # stale but usable: the verification stands
+        await async_wait_until(forgotten(v, tok), 10, "the cached verification to go")
+        gone_after = time.monotonic() - fetched
+        assert max_stale - 0.5 <= gone_after < 2 * refresh - 1.0, gone_after  # the next tick: 8 s
+        assert await reason_of(v, tok) is Reason.JWKS_UNAVAILABLE
+    finally:
+        await v.close()
+
+
 async def _fetched_ok(v: JwtVerifier) -> bool:
     return v.key_age_seconds == 0
 

@@ -233,6 +233,10 @@ def parse_jwks_bytes(body: bytes, algorithms: Sequence[str], *, source: str) -> 
 
 
 KeysWatcher = Callable[[KeySet], None]
+# How long after the stale deadline the deadline's own check runs: keys are unusable strictly
+# after it, and a timer may fire a little early by the clock the source reads.
+_STALE_CHECK_SLACK = 0.05
+
 # What a watcher is told when a URL source's keys become too stale to use.
 _NO_KEYS = KeySet(keys=())
 
@@ -596,6 +600,7 @@ class UrlKeySource:
         self._failed_at: float | None = None  # end of the last failed attempt
         self._inflight: asyncio.Task[bool] | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._stale_check: asyncio.TimerHandle | None = None
         self._watcher: KeysWatcher | None = None
         self._stale_announced = False
         self._closed = False
@@ -680,6 +685,7 @@ class UrlKeySource:
             self._set = new
             self._fetched_at = self._clock()
             self._failed_at = None
+            self._schedule_stale_check()
             if old is None or old.thumbprints != new.thumbprints:
                 log.info("jwks %s: fetched %d key(s)", self._safe_uri, len(new))
             else:
@@ -755,6 +761,15 @@ class UrlKeySource:
                 await self.refresh()
             self._announce_if_stale()
 
+    def _schedule_stale_check(self) -> None:
+        """Look again just after these keys pass ``jwks_max_stale_seconds``: what they verified
+        (token cache, allow memo) must stop passing then, not at the refresh timer's next tick,
+        which after a failed fetch can be up to ``jwks_refresh_seconds`` later."""
+        if self._stale_check is not None:
+            self._stale_check.cancel()
+        self._stale_check = asyncio.get_running_loop().call_later(
+            self._max_stale + _STALE_CHECK_SLACK, self._announce_if_stale)
+
     def _announce_if_stale(self) -> None:
         """Keys past ``jwks_max_stale_seconds`` are no longer used to verify (fail closed);
         the verifications they made go with them, once, until a fetch succeeds again."""
@@ -765,6 +780,8 @@ class UrlKeySource:
 
     async def close(self) -> None:
         self._closed = True
+        if self._stale_check is not None:
+            self._stale_check.cancel()
         await _cancel(self._refresher)
         self._refresher = None
         await _cancel(self._inflight)
