@@ -13,6 +13,7 @@ from extauth.memo import AllowMemo
 from extauth.origin import OriginPolicy
 from extauth.store.base import Limits
 from extauth.tokens.extract import TokenSources
+from extauth.tokens.jwks import KeySource, key_source_identity, make_key_source
 from extauth.tokens.jwt import JwtVerifier
 
 _FIELD_RE = re.compile(r"\{([^{}]*)\}")
@@ -100,15 +101,18 @@ class Runtime:
     policies: tuple[CompiledPolicy, ...]
     by_name: Mapping[str, CompiledPolicy]
     verifiers: Mapping[str, JwtVerifier]  # keyed by verifier identity, for reuse on reload
+    # The verifiers' key sources, keyed by key_source_identity: shared by verifiers that read
+    # the same keys, and carried over a reload that keeps them (warm keys, one fetcher).
+    key_sources: Mapping[str, KeySource]
     # Serialized allow responses; new and empty with every runtime, so a reload forgets them.
     memo: AllowMemo[bytes]
 
     async def close_unused(self, keep: Runtime | None) -> None:
-        """Close verifiers the next runtime did not take over."""
-        kept = set(keep.verifiers) if keep else set()
-        for key, verifier in self.verifiers.items():
+        """Close the key sources the next runtime did not take over (the verifiers own none)."""
+        kept = set(keep.key_sources) if keep else set()
+        for key, source in self.key_sources.items():
             if key not in kept:
-                await verifier.close()
+                await source.close()
 
 
 def _verifier_key(jwt: JwtConfig, cfg: Config) -> str:
@@ -134,17 +138,24 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
     """Compile a config. Verifiers whose settings did not change are carried over
     from ``previous`` so a reload keeps warm JWKS and token caches."""
     old = previous.verifiers if previous else {}
+    old_sources = previous.key_sources if previous else {}
     verifiers: dict[str, JwtVerifier] = {}
+    key_sources: dict[str, KeySource] = {}
     identity = {name for p in cfg.policies for name in p.upstream_headers}
     compiled = []
     for p in cfg.policies:
         verifier = None
         if p.jwt is not None:
+            source_key = key_source_identity(p.jwt)
+            source = key_sources.get(source_key) or old_sources.get(source_key)
+            if source is None:
+                source = make_key_source(p.jwt)  # raises ConfigError
+            key_sources[source_key] = source
             key = _verifier_key(p.jwt, cfg)
             verifier = verifiers.get(key) or old.get(key)
             if verifier is None:
                 verifier = JwtVerifier(p.jwt, max_token_bytes=cfg.max_token_bytes,
-                                       cache_size=cfg.token_cache_size)
+                                       cache_size=cfg.token_cache_size, source=source)
             verifiers[key] = verifier
         sources = TokenSources(p.jwt.token_sources) if p.jwt else None
         credential_headers, reads_query = sources.inputs() if sources else ((), False)
@@ -169,4 +180,4 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
     memo: AllowMemo[bytes] = AllowMemo(cfg.allow_memo_size)
     for verifier in verifiers.values():
         verifier.on_keys_dropped(memo.clear)
-    return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers, memo)
+    return Runtime(cfg, tuple(compiled), {c.name: c for c in compiled}, verifiers, key_sources, memo)

@@ -40,6 +40,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -246,9 +247,44 @@ def _dropped_keys(old: KeySet | None, new: KeySet) -> bool:
     return old is not None and not old.thumbprints <= new.thumbprints
 
 
+class _Watchers:
+    """Whom a key source tells that keys left its set: bound methods, held weakly. A source
+    outlives the verifiers built on it (a reload that changes only claim settings keeps it
+    and its warm keys), and must not keep the replaced ones alive."""
+
+    __slots__ = ("_refs",)
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.WeakMethod[KeysWatcher]] = []
+
+    def add(self, watcher: KeysWatcher) -> None:
+        self._refs = [r for r in self._refs if r() is not None]
+        self._refs.append(weakref.WeakMethod(watcher))
+
+    def __call__(self, keys: KeySet) -> None:
+        for ref in list(self._refs):
+            watcher = ref()
+            if watcher is not None:
+                watcher(keys)
+
+
+# The JwtConfig fields a key source reads: verifiers that differ only elsewhere (issuer,
+# audiences, leeway, claims, token sources) share one source, its keys and its fetches.
+KEY_SOURCE_FIELDS = frozenset({
+    "algorithms", "jwks_file", "jwks_uri", "hmac_secret_env", "hmac_previous_secret_env",
+    "jwks_refresh_seconds", "jwks_refetch_cooldown_seconds", "jwks_max_stale_seconds",
+    "jwks_timeout_seconds", "jwks_max_bytes"})
+
+
+def key_source_identity(cfg: JwtConfig) -> str:
+    """Equal for two JwtConfigs exactly when they describe the same key source."""
+    return cfg.model_dump_json(include=set(KEY_SOURCE_FIELDS))
+
+
 class KeySource(Protocol):
     def watch(self, watcher: KeysWatcher) -> None:
-        """Call ``watcher(new)`` whenever a new key set lacks a key of the previous one."""
+        """Call the bound method ``watcher(new)`` (held weakly) whenever a new key set lacks a
+        key of the previous one."""
         ...
 
     async def keys(self) -> KeySet:
@@ -322,12 +358,12 @@ class FileKeySource:
         # for months is not "stale"; one that can no longer be read or parsed is.
         self._current_at = clock()
         self._checked_at = self._current_at
-        self._watcher: KeysWatcher | None = None
+        self._watchers = _Watchers()
         self._poller: asyncio.Task[None] | None = None
         log.info("jwks %s: loaded %d key(s)", path, len(self._set))
 
     def watch(self, watcher: KeysWatcher) -> None:
-        self._watcher = watcher
+        self._watchers.add(watcher)
 
     def _stat(self) -> tuple[int, int]:
         st = os.stat(self._path)
@@ -362,8 +398,8 @@ class FileKeySource:
         old, self._set = self._set, new
         self._current_at = now
         log.info("jwks %s: reloaded %d key(s)", self._path, len(new))
-        if self._watcher is not None and _dropped_keys(old, new):
-            self._watcher(new)
+        if _dropped_keys(old, new):
+            self._watchers(new)
 
     async def keys(self) -> KeySet:
         self._maybe_reload()
@@ -601,7 +637,7 @@ class UrlKeySource:
         self._inflight: asyncio.Task[bool] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._stale_check: asyncio.TimerHandle | None = None
-        self._watcher: KeysWatcher | None = None
+        self._watchers = _Watchers()
         self._stale_announced = False
         self._closed = False
         self.fetches = 0
@@ -619,7 +655,7 @@ class UrlKeySource:
         return self._inflight is not None
 
     def watch(self, watcher: KeysWatcher) -> None:
-        self._watcher = watcher
+        self._watchers.add(watcher)
 
     def key_age_seconds(self) -> float | None:
         if self._fetched_at is None:
@@ -690,8 +726,8 @@ class UrlKeySource:
                 log.info("jwks %s: fetched %d key(s)", self._safe_uri, len(new))
             else:
                 log.debug("jwks %s: refreshed %d key(s)", self._safe_uri, len(new))
-            if self._watcher is not None and _dropped_keys(old, new):
-                self._watcher(new)
+            if _dropped_keys(old, new):
+                self._watchers(new)
             return True
         finally:
             self._inflight = None
@@ -774,8 +810,8 @@ class UrlKeySource:
         """Keys past ``jwks_max_stale_seconds`` are no longer used to verify (fail closed);
         the verifications they made go with them, once, until a fetch succeeds again."""
         stale = self._set is not None and self._usable(self._clock()) is None
-        if stale and not self._stale_announced and self._watcher is not None:
-            self._watcher(_NO_KEYS)
+        if stale and not self._stale_announced:
+            self._watchers(_NO_KEYS)
         self._stale_announced = stale
 
     async def close(self) -> None:

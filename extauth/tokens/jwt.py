@@ -107,13 +107,17 @@ class JwtVerifier:
         max_token_bytes: int,
         cache_size: int,
         clock: Callable[[], float] = time.time,
+        source: KeySource | None = None,
     ) -> None:
+        """``source``: a key source for ``cfg`` owned by the caller (shared, or carried over a
+        reload); without one the verifier makes its own and closes it with itself."""
         self.cfg = cfg
         self.max_token_bytes = max_token_bytes
         self._clock = clock
         self._algorithms = frozenset(cfg.algorithms)
         self._audiences = frozenset(cfg.audiences)
-        self._source: KeySource = make_key_source(cfg, clock)  # raises ConfigError
+        self._owns_source = source is None
+        self._source: KeySource = source or make_key_source(cfg, clock)  # raises ConfigError
         self.cache = TokenCache(cache_size, clock)
         # Counters for metrics/tests: signature verifications actually run.
         self.verifications = 0
@@ -165,7 +169,8 @@ class JwtVerifier:
             log.warning("jwt: key warm-up failed", exc_info=True)
 
     async def close(self) -> None:
-        await self._source.close()
+        if self._owns_source:
+            await self._source.close()
 
     # -- verification ----------------------------------------------------------
 
