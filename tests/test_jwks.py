@@ -362,6 +362,37 @@ async def test_cached_verifications_go_when_the_keys_pass_max_stale_not_at_the_n
         await v.close()
 
 
+async def test_issuers_that_hang_never_delay_another_issuers_fetch() -> None:
+    # Two issuers hang until their deadline (3 s); a third answers at once. Its keys must
+    # load while the other two still hang: no fetch waits behind another issuer's.
+    hanging = [JwksServer(jwks_for(shared_rsa_key(), "k1", "RS256")).start() for _ in range(2)]
+    healthy = JwksServer(jwks_for(shared_rsa_key(), "k1", "RS256")).start()
+    for server in hanging:
+        server.set(mode="hang")
+
+    def verifier(server: JwksServer) -> JwtVerifier:
+        cfg = JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=server.url, jwks_timeout_seconds=3.0)
+        return JwtVerifier(cfg, max_token_bytes=8192, cache_size=0)
+
+    stuck = [verifier(server) for server in hanging]
+    fine = verifier(healthy)
+    try:
+        pending = [asyncio.create_task(v.start()) for v in stuck]
+        await async_wait_until(lambda: _fetched(hanging[0], 1), 5, "the first hanging fetch")
+        await async_wait_until(lambda: _fetched(hanging[1], 1), 5, "the second hanging fetch")
+        started = time.monotonic()
+        await fine.start()
+        assert fine.key_age_seconds is not None, "the healthy issuer's keys did not load"
+        assert time.monotonic() - started < 2.0
+        assert not any(task.done() for task in pending)  # the other two still hang
+        await asyncio.gather(*pending)
+    finally:
+        for v in (*stuck, fine):
+            await v.close()
+        for server in (*hanging, healthy):
+            server.stop()
+
+
 async def _fetched_ok(v: JwtVerifier) -> bool:
     return v.key_age_seconds == 0
 
@@ -629,44 +660,37 @@ async def test_slow_drip_endpoint_fails_closed_within_the_timeout(
     assert time.monotonic() - started < timeout + 2
 
 
-async def test_fetches_run_on_the_jwks_threads_only(
+async def test_each_source_fetches_on_one_thread_of_its_own(
     clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Threads are bounded by the config (one per distinct JWKS source), never by traffic, and
+    # none is the default executor's (config reloads run there).
     doc = json.dumps(jwks_for(shared_rsa_key(), "k1", "RS256")).encode()
     lock = threading.Lock()
-    names: list[str] = []
-    running = peak = 0
-    crowded = threading.Event()  # set if a third fetch ever runs beside two others
+    threads: dict[str, set[int]] = {}
 
     def fake_get(uri: str, timeout: float, max_bytes: int) -> bytes:
-        nonlocal running, peak
+        thread = threading.current_thread()
+        assert thread.name.startswith("extauth-jwks"), thread.name
         with lock:
-            names.append(threading.current_thread().name)
-            running += 1
-            peak = max(peak, running)
-            if running > 2:
-                crowded.set()
-        # Held like a slow endpoint, so fetches overlap: with more than two threads a third
-        # would join here (and end every wait at once); with two it never does.
-        crowded.wait(0.1)
-        with lock:
-            running -= 1
+            threads.setdefault(uri, set()).add(thread.ident or 0)
         return doc
 
     monkeypatch.setattr(jwks_module, "_http_get", fake_get)
     sources = [
         UrlKeySource(JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=f"https://idp{i}.example/jwks",
                                jwks_timeout_seconds=10), clock)
-        for i in range(6)
+        for i in range(3)
     ]
     try:
-        assert all(await asyncio.gather(*(s.refresh() for s in sources)))
+        for _ in range(4):
+            assert all(await asyncio.gather(*(s.refresh() for s in sources)))
     finally:
         for s in sources:
             await s.close()
-    assert len(names) == 6
-    assert all(n.startswith("extauth-jwks") for n in names)  # never the default executor
-    assert peak <= 2 and not crowded.is_set()  # stuck endpoints cannot take more threads than this
+    assert len(threads) == 3
+    assert all(len(idents) == 1 for idents in threads.values())  # one thread per source, reused
+    assert len(set.union(*threads.values())) == 3  # and no two sources share one
 
 
 async def test_default_executor_free_while_fetches_are_stuck(

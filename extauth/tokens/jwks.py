@@ -75,8 +75,6 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # How often a file source looks at the file's mtime.
 _FILE_CHECK_SECONDS = 1.0
-# Threads for JWKS fetches, shared by every URL source of the process.
-_FETCH_WORKERS = 2
 _READ_CHUNK = 64 * 1024
 
 
@@ -584,22 +582,6 @@ def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _fetch_executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The JWKS module's own threads: stuck fetches never starve the default executor
-    (config reloads use it), and at most this many fetches run at once."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=_FETCH_WORKERS, thread_name_prefix="extauth-jwks"
-            )
-        return _executor
-
-
 def _describe(e: BaseException) -> str:
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code}"
@@ -637,6 +619,13 @@ class UrlKeySource:
         self._inflight: asyncio.Task[bool] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._stale_check: asyncio.TimerHandle | None = None
+        # This source's own fetch thread (started at the first fetch): an issuer that hangs
+        # holds only its own, until its deadline, and never delays another issuer's fetch.
+        # One is enough: a source has at most one fetch in flight. Config-bounded in number
+        # (one per distinct jwks_uri and settings), and never the default executor, which
+        # config reloads use.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="extauth-jwks")
         self._watchers = _Watchers()
         self._stale_announced = False
         self._closed = False
@@ -701,7 +690,7 @@ class UrlKeySource:
                 # _http_get ends by its own deadline; wait_for only covers a queued fetch.
                 loop = asyncio.get_running_loop()
                 body = await asyncio.wait_for(
-                    loop.run_in_executor(_fetch_executor(), _http_get, self._uri, self._timeout,
+                    loop.run_in_executor(self._executor, _http_get, self._uri, self._timeout,
                                          self._max_bytes),
                     timeout=self._timeout,
                 )
@@ -822,6 +811,8 @@ class UrlKeySource:
         self._refresher = None
         await _cancel(self._inflight)
         self._inflight = None
+        # A fetch still running in the thread ends by its own deadline; nothing waits for it.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def _join(fetch: asyncio.Future[bool]) -> bool:
