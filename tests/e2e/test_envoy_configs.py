@@ -63,6 +63,9 @@ def test_envoy_dir_has_configs() -> None:
 def test_shipped_config_validates(path: Path, tmp_path: Path) -> None:
     text = substitute(path.read_text(), PLACEHOLDERS)
     assert "${" not in text
+    clusters = {c["name"]: c for c in yaml.safe_load(text)["static_resources"]["clusters"]}
+    if "extauth" in clusters:  # the access-log stream's room for a mass close, as generated
+        assert clusters["extauth"]["per_connection_buffer_limit_bytes"] == 32 * 1024 * 1024
     out = tmp_path / path.name
     out.write_text(text)
     validate(out)
@@ -89,6 +92,8 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     assert clusters["api"]["type"] == "STRICT_DNS"  # a host name
     ext_eps = clusters["extauth"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert len(ext_eps) == 2
+    # Room for a mass close's end entries: at Envoy's 1 MiB default it discards them.
+    assert clusters["extauth"]["per_connection_buffer_limit_bytes"] == 32 * 1024 * 1024
     hcm = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     # longest prefix first
