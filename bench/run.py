@@ -211,6 +211,26 @@ def run_inproc(s: Settings) -> dict[str, str]:
     return out
 
 
+def _default_loop() -> str:
+    """The loop extauth and the floors run on here (``event_loop: auto``)."""
+    from extauth import eventloop
+
+    loop = eventloop.loop_factory("auto")()
+    try:
+        return eventloop.loop_name(loop)
+    finally:
+        loop.close()
+
+
+def _version_or_none(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -670,6 +690,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(), "envoy": m.group(1) if m else envoy.strip(),
         "wrk": wrk_version, "grpcio": version("grpcio"), "websockets": version("websockets"),
         "redis_py": version("redis"), "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "event_loop": _default_loop(), "uvloop": _version_or_none("uvloop"),
     }
 
 
