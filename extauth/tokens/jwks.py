@@ -43,7 +43,7 @@ import urllib.request
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, ParamSpec, Protocol
 from urllib.parse import urlsplit
 
 from jwt import PyJWK
@@ -232,6 +232,8 @@ def parse_jwks_bytes(body: bytes, algorithms: Sequence[str], *, source: str) -> 
 
 
 KeysWatcher = Callable[[KeySet], None]
+P = ParamSpec("P")
+
 # How long after the stale deadline the deadline's own check runs: keys are unusable strictly
 # after it, and a timer may fire a little early by the clock the source reads.
 _STALE_CHECK_SLACK = 0.05
@@ -245,25 +247,25 @@ def _dropped_keys(old: KeySet | None, new: KeySet) -> bool:
     return old is not None and not old.thumbprints <= new.thumbprints
 
 
-class _Watchers:
-    """Whom a key source tells that keys left its set: bound methods, held weakly. A source
-    outlives the verifiers built on it (a reload that changes only claim settings keeps it
-    and its warm keys), and must not keep the replaced ones alive."""
+class WeakCallbacks(Generic[P]):
+    """Bound methods to call, held weakly. A key source outlives the verifiers built on it (a
+    reload that changes only claim settings keeps it and its warm keys), and a verifier the
+    runtimes built on it (each with its allow memo): neither may keep the replaced ones alive."""
 
     __slots__ = ("_refs",)
 
     def __init__(self) -> None:
-        self._refs: list[weakref.WeakMethod[KeysWatcher]] = []
+        self._refs: list[weakref.WeakMethod[Callable[P, None]]] = []
 
-    def add(self, watcher: KeysWatcher) -> None:
+    def add(self, callback: Callable[P, None]) -> None:
         self._refs = [r for r in self._refs if r() is not None]
-        self._refs.append(weakref.WeakMethod(watcher))
+        self._refs.append(weakref.WeakMethod(callback))
 
-    def __call__(self, keys: KeySet) -> None:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> None:
         for ref in list(self._refs):
-            watcher = ref()
-            if watcher is not None:
-                watcher(keys)
+            callback = ref()
+            if callback is not None:
+                callback(*args, **kwargs)
 
 
 # The JwtConfig fields a key source reads: verifiers that differ only elsewhere (issuer,
@@ -356,7 +358,7 @@ class FileKeySource:
         # for months is not "stale"; one that can no longer be read or parsed is.
         self._current_at = clock()
         self._checked_at = self._current_at
-        self._watchers = _Watchers()
+        self._watchers: WeakCallbacks[[KeySet]] = WeakCallbacks()
         self._poller: asyncio.Task[None] | None = None
         log.info("jwks %s: loaded %d key(s)", path, len(self._set))
 
@@ -626,7 +628,7 @@ class UrlKeySource:
         # config reloads use.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="extauth-jwks")
-        self._watchers = _Watchers()
+        self._watchers: WeakCallbacks[[KeySet]] = WeakCallbacks()
         self._stale_announced = False
         self._closed = False
         self.fetches = 0

@@ -23,7 +23,6 @@ import logging
 import math
 import re
 import time
-import weakref
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
@@ -37,7 +36,7 @@ from extauth.config import JwtConfig
 from extauth.reasons import DenyError, Reason
 from extauth.tokens import VerifiedToken
 from extauth.tokens.cache import TokenCache
-from extauth.tokens.jwks import KeyEntry, KeySet, KeySource, UrlKeySource, make_key_source
+from extauth.tokens.jwks import KeyEntry, KeySet, KeySource, UrlKeySource, WeakCallbacks, make_key_source
 
 __all__ = ["FORBIDDEN_HEADERS", "JwtVerifier"]
 
@@ -122,23 +121,19 @@ class JwtVerifier:
         # Counters for metrics/tests: signature verifications actually run.
         self.verifications = 0
         # Called when keys leave the key set (weakly: a replaced runtime's allow memo goes).
-        self._on_keys_dropped: list[weakref.WeakMethod[Callable[[], None]]] = []
+        self._on_keys_dropped: WeakCallbacks[[]] = WeakCallbacks()
         self._source.watch(self._keys_dropped)
 
     def on_keys_dropped(self, callback: Callable[[], None]) -> None:
         """Call the bound method ``callback`` whenever a key leaves the key set; held weakly."""
-        self._on_keys_dropped = [r for r in self._on_keys_dropped if r() is not None]
-        self._on_keys_dropped.append(weakref.WeakMethod(callback))
+        self._on_keys_dropped.add(callback)
 
     def _keys_dropped(self, keys: KeySet) -> None:
         """Keys were removed, changed or went stale: what they verified is verified again, or denied."""
         forgotten = self.cache.forget_keys_not_in(keys.thumbprints)
         log.info("jwt: keys withdrawn (removed, changed, or too stale to use); "
                  "%d cached verification(s) forgotten", forgotten)
-        for ref in self._on_keys_dropped:
-            callback = ref()
-            if callback is not None:
-                callback()
+        self._on_keys_dropped()
 
     # -- metrics ---------------------------------------------------------------
 
