@@ -157,9 +157,8 @@ def default_routes(cfg: Config, upstream: str) -> list[RouteSpec]:
 
 
 def flush_interval_for(cfg: Config, requested: float | None) -> float:
+    """The access-log flush interval; a requested one was checked by ``_check_limits``."""
     if requested is not None:
-        if requested <= 0:
-            raise EnvoyConfigError("--flush-interval must be positive")
         return requested
     return min(20.0, max(1.0, cfg.lease_ttl_seconds / 3))
 
