@@ -14,6 +14,7 @@ signed with PyJWT and the JWKS server is a real ``ThreadingHTTPServer``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
@@ -271,3 +272,8 @@ def forgotten(verifier: Any, token: str) -> Callable[[], Awaitable[bool]]:
     async def probe() -> bool:
         return verifier.verify_cached(token) is None
     return probe
+
+
+def refresh_timers() -> list[asyncio.Task[Any]]:
+    """The running JWKS sources' refresh timers (one per started URL key source)."""
+    return [t for t in asyncio.all_tasks() if "_refresh_on_timer" in repr(t.get_coro())]

@@ -31,6 +31,7 @@ from tests.keys import (
     jwks_for,
     jwks_of,
     make_rsa_key,
+    refresh_timers,
     shared_rsa_key,
     sign,
 )
@@ -411,17 +412,13 @@ async def _fetched(server: JwksServer, n: int) -> bool:
     return server.requests >= n
 
 
-def _timers() -> list[asyncio.Task[Any]]:
-    return [t for t in asyncio.all_tasks() if "_refresh_on_timer" in repr(t.get_coro())]
-
-
 async def test_one_timer_per_source_and_close_stops_it(server: JwksServer, clock: FakeClock) -> None:
     v = make(server, clock, jwks_refresh_seconds=1)
     await v.start()
     await v.start()  # a reload warms every verifier again
-    assert len(_timers()) == 1
+    assert len(refresh_timers()) == 1
     await v.close()
-    assert _timers() == []
+    assert refresh_timers() == []
 
 
 # -- refresh and staleness ---------------------------------------------------

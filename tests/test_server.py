@@ -21,7 +21,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from extauth.config import load_config, parse_config
 from extauth.server import ExtAuthServer
 from tests.envoy_msgs import als_message, check_request, headers_of, log_entry, metadata_of, ws_headers
-from tests.keys import JwksServer, jwks_for, jwks_server, make_rsa_key, shared_rsa_key, sign
+from tests.keys import (
+    JwksServer,
+    jwks_for,
+    jwks_server,
+    make_rsa_key,
+    refresh_timers,
+    shared_rsa_key,
+    sign,
+)
 from tests.waiting import async_wait_until
 
 pytestmark = pytest.mark.both_loops
@@ -426,12 +434,8 @@ async def test_a_reload_that_changes_what_is_read_at_start_is_refused(
     assert srv.metrics.reloads.labels("error")._value.get() == 1
 
 
-def _key_timers() -> int:
-    return sum("_refresh_on_timer" in repr(t.get_coro()) for t in asyncio.all_tasks() if not t.done())
-
-
 async def _one_key_timer() -> bool:
-    return _key_timers() == 1
+    return len(refresh_timers()) == 1
 
 
 async def test_a_reload_that_changes_only_claim_settings_keeps_the_warm_keys(tmp_path: Any) -> None:
@@ -440,7 +444,7 @@ async def test_a_reload_that_changes_only_claim_settings_keeps_the_warm_keys(tmp
         await fs.srv.start()
         try:
             # Both policies read the same JWKS with the same settings: one source, one fetch.
-            assert keys.requests == 1 and _key_timers() == 1
+            assert keys.requests == 1 and len(refresh_timers()) == 1
             before = list(fs.srv.authorizer.runtime.key_sources.values())
             # The endpoint is down when a new audience is added: a new key source could load
             # nothing, and the policy would deny jwks_unavailable until the endpoint is back.
@@ -451,7 +455,7 @@ async def test_a_reload_that_changes_only_claim_settings_keeps_the_warm_keys(tmp
             async with grpc.aio.insecure_channel(f"127.0.0.1:{fs.srv.port}") as ch:
                 resp = await Client(ch).check(f"/ws?token={token(aud='ws2')}", ws_headers())
             assert resp.status.code == 0, reason_of(resp)
-            assert keys.requests == 1 and _key_timers() == 1
+            assert keys.requests == 1 and len(refresh_timers()) == 1
             assert list(fs.srv.authorizer.runtime.key_sources.values()) == before
             # A change to the key source's own settings replaces it, and the old one stops.
             keys.set(mode="ok")
@@ -459,7 +463,7 @@ async def test_a_reload_that_changes_only_claim_settings_keeps_the_warm_keys(tmp
             fs.write()
             assert await fs.srv.reload()
             assert len(fs.srv.authorizer.runtime.key_sources) == 2
-            assert _key_timers() == 2  # the api policy's source, and chat's new one
+            assert len(refresh_timers()) == 2  # the api policy's source, and chat's new one
             fs.data["policies"][1]["jwt"]["jwks_timeout_seconds"] = 1.5
             fs.write()
             assert await fs.srv.reload()
@@ -467,7 +471,7 @@ async def test_a_reload_that_changes_only_claim_settings_keeps_the_warm_keys(tmp
             await async_wait_until(_one_key_timer, 5, "the unused key source to stop")
         finally:
             await fs.srv.stop(drain=0)
-    assert _key_timers() == 0
+    assert len(refresh_timers()) == 0
 
 
 async def test_a_reload_applies_the_log_level(file_server: FileServer) -> None:
