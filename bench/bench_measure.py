@@ -185,6 +185,16 @@ class HttpResult:
     cores: dict[str, float] = field(default_factory=dict)
     raw: str = ""
 
+    @property
+    def ok(self) -> int:
+        """Answers that were 2xx: an overloaded authz service times out at Envoy (503), and
+        such fast refusals must not count as throughput."""
+        return max(0, self.requests - self.non2xx)
+
+    @property
+    def ok_rps(self) -> float:
+        return self.ok / self.elapsed if self.elapsed else 0.0
+
 
 def wrk_path() -> str | None:
     return shutil.which("wrk")

@@ -276,7 +276,9 @@ def _http(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
       f"{len(http['product']['runs_rps']) // 2} rounds, and each is the sum of its slices: this machine's speed "
       "drifts by 10-20% within a minute, a ratio of two runs taken one after the other carries that drift "
       "whole, and the mirrored order cancels a steady drift. The ratios' *rounds* ranges are each round's own "
-      "ratio, the run-to-run noise the whole-run figure averages (each slice's rate is in the JSON results). *cores* = CPU "
+      "ratio, the run-to-run noise the whole-run figure averages (each slice's rate is in the JSON results). "
+      "*req/s* counts 2xx answers only: an authz service that falls behind by Envoy's ext_authz timeout "
+      "(500 ms) is answered 503 at once, and a scenario with more than 1% of those fails the run. *cores* = CPU "
       "seconds per second of each process during the run (2.00 = both cores); *µs/req* = that CPU divided by "
       "requests.\n")
     w("*others* = CPU used on the machine by anything else meanwhile (other jobs, kernel); *steal* = CPU the "

@@ -274,9 +274,9 @@ def http_scenarios(stack: BenchStack, s: Settings, headers: list[str], python_lo
 
 
 def _rate(runs: list[bm.HttpResult]) -> float:
-    """Requests per second over several runs taken as one."""
+    """2xx answers per second over several runs taken as one."""
     elapsed = sum(r.elapsed for r in runs)
-    return sum(r.requests for r in runs) / elapsed if elapsed else 0.0
+    return sum(r.ok for r in runs) / elapsed if elapsed else 0.0
 
 
 def _round_ratios(ours: list[bm.HttpResult], theirs: list[bm.HttpResult]) -> list[float]:
@@ -305,7 +305,7 @@ def _http_entry(stack: BenchStack, key: str, title: str, runs: list[bm.HttpResul
         "title": title, "rps": rps, "requests": requests, "elapsed": elapsed, "non2xx": non2xx,
         "errors": sum(r.errors for r in runs), "p50_us": sum(r.p50_us for r in runs) / len(runs),
         "p99_us": max(r.p99_us for r in runs), "connections": runs[0].connections, "tool": runs[0].tool,
-        "runs_rps": [r.rps for r in runs], "cores": cores,
+        "runs_rps": [r.ok_rps for r in runs], "cores": cores,
         "cpu_us_per_request": {k: v / rps * 1e6 for k, v in cores.items() if rps}}
     if key == "product":
         after = bm.scrape(stack.metrics_port)
@@ -313,11 +313,15 @@ def _http_entry(stack: BenchStack, key: str, title: str, runs: list[bm.HttpResul
             entry["allowed" if result == "allow" else "denied"] = bm.delta(
                 before, after, "extauth_decisions_total", policy="api", result=result)
         entry["memo_hits"] = bm.delta(before, after, "extauth_allow_memo_hits_total")
-    log(f"{key}: {rps:,.0f} req/s ({', '.join(f'{r.rps:,.0f}' for r in runs)}), "
+    log(f"{key}: {rps:,.0f} req/s ({', '.join(f'{r.ok_rps:,.0f}' for r in runs)}), "
         f"p99 {entry['p99_us'] / 1000:.2f} ms, non-2xx {non2xx}, "
         f"cores {', '.join(f'{k} {v:.2f}' for k, v in cores.items() if v >= 0.01)}")
     if requests == 0 or non2xx > 0.01 * requests:
-        raise RuntimeError(f"{key}: {non2xx} of {requests} responses not 2xx: the scenario is broken")
+        # Recorded, and the run goes on: a host that stalls the authz service past Envoy's
+        # ext_authz timeout (503s) should still get the rest of its report. The rate above
+        # counts 2xx answers only.
+        what = f"{non2xx:,} of {requests:,} responses not 2xx (more than 1%" if requests else "no response (0"
+        entry["failure"] = f"{key}: {what}; host steal {cores.get('steal', 0.0):.2f} cores meanwhile)"
     return entry
 
 
@@ -345,7 +349,7 @@ def half_load(stack: BenchStack, s: Settings, headers: list[str], max_rps: float
     after = bm.scrape(stack.metrics_port)
     check = bm.histogram_delta(before, after, "extauth_check_duration_seconds")
     return {
-        "target_rps": target, "rps": r.rps, "fraction_of_max": r.rps / max_rps if max_rps else math.nan,
+        "target_rps": target, "rps": r.ok_rps, "fraction_of_max": r.ok_rps / max_rps if max_rps else math.nan,
         "connections": conns, "non2xx": r.non2xx, "e2e_p50_us": r.p50_us, "e2e_p99_us": r.p99_us,
         "cores": cores, "checks": check.count,
         "check_p50": check.quantile(0.5), "check_p99": check.quantile(0.99),
@@ -751,7 +755,10 @@ def main() -> int:
         http_tok = token(HTTP_USER, lifetime=3600)
         headers = [f"Authorization: Bearer {http_tok}", f"Origin: {ALLOWED_ORIGIN}"]
         results["http"] = http_scenarios(stack, s, headers, python_load)
+        results["failures"] += [e["failure"] for e in results["http"].values() if "failure" in e]
         max_rps = results["http"]["product"]["rps"]
+        if not max_rps:
+            raise RuntimeError("the product answered no request 2xx: no load to halve")
         results["half"] = half_load(stack, s, headers, max_rps, python_load)
         log(f"half load: {results['half']['rps']:,.0f} req/s, check p99 "
             f"{results['half']['check_p99'][0] * 1e6:.0f} µs")
@@ -760,6 +767,9 @@ def main() -> int:
             duration=s.profile_seconds, workdir=workdir, force_python=python_load))
         tokens = workdir / "tokens.json"
         tokens.write_text(json.dumps([token(f"user{i:03d}", lifetime=3600) for i in range(s.users)]))
+        # The WebSocket scenarios go on after an HTTP scenario's failure, but each stops at a
+        # failure of its own (a leak makes the next figures meaningless).
+        http_failures = len(results["failures"])
         results["churn"] = churn(stack, s, tokens)
         c = results["churn"]
         log(f"churn: {c['rate']:,.0f} upgrades/s, handshake p50 {c['handshake_p50_us'] / 1000:.1f} ms "
@@ -771,13 +781,13 @@ def main() -> int:
             results["failures"].append(
                 f"churn accounting: {c['upgrades']} upgrades, {c['allowed']:.0f} allowed, "
                 f"{c['end_released']:.0f} end entries released")
-        if not results["failures"]:
+        if len(results["failures"]) == http_failures:
             results["profile_churn"] = profile(stack, s.profile_seconds, lambda: churn_clients(
                 stack, s, tokens, 4, s.profile_seconds, "profiled churn"))
             left, _ = wait_leases(stack.store_url, 0, 30)
             if left:
                 results["failures"].append(f"profiled churn: {left} leases left after the drain (a leak)")
-        if not results["failures"]:
+        if len(results["failures"]) == http_failures:
             results["held"] = held(stack, s, tokens)
             h = results["held"]
             if h["leases_left"]:
