@@ -65,6 +65,11 @@ class Metrics:
             "Leases of open connections the store had lost (restart, flush, refreshes cut off for a "
             "TTL), put back by their refresh", registry=r,
         )
+        self.leases_past_deadline = Counter(
+            "extauth_leases_past_deadline_total",
+            "Leases given back at once because their check ended after Envoy's deadline (Envoy had "
+            "answered the client itself): the event loop stalled past ext_authz's timeout", registry=r,
+        )
         self.bans = Counter("extauth_bans_total", "Bans by kind (enforced, dry_run, manual)", ["kind"],
                             registry=r)
         self.hostile = Counter("extauth_hostile_signals_total", "Hostile signals counted by the jail",

@@ -74,6 +74,9 @@ class AuthorizationService:
                 if hit is not None and authorizer.admit_repeat(hit, started):
                     return hit.payload + decision_id_field(new_decision_id())
             decision = await authorizer.check(check_input(request), started)
+            if decision.lease is not None and _past_deadline(context):
+                authorizer.metrics.leases_past_deadline.inc()
+                authorizer.take_back(decision.lease)
             if key is not None and decision.valid_until is not None and decision.policy is not None:
                 static = response_bytes(decision, with_id=False)
                 rt.memo.put(key, static, decision.valid_until, decision.policy, decision.client_ip)
@@ -97,6 +100,18 @@ class AuthorizationService:
             response_serializer=bytes)}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHZ_SERVICE, handlers),))
         server.add_registered_method_handlers(AUTHZ_SERVICE, handlers)
+
+
+def _past_deadline(context: Any) -> bool:
+    """Whether the caller's deadline (Envoy's ext_authz timeout, sent as grpc-timeout) has
+    passed: an answer now goes to a call that has ended. That happens to a check that ran to
+    its end while it should have been cancelled: the event loop stalled past the deadline (a
+    GC pause, a host that takes the CPU away), so nothing could cancel it. Envoy has answered
+    the client itself, never applies the allow and never logs its lease: the lease must be given
+    back now, or it holds its slot a whole TTL. (gRPC's ``cancelled()`` stays False for a
+    call that expired this way; the deadline is what tells.)"""
+    remaining = context.time_remaining() if context is not None else None
+    return remaining is not None and remaining <= 0
 
 
 def build_store(cfg: Config, metrics: Metrics | None = None) -> Store:

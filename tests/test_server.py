@@ -495,6 +495,50 @@ def test_store_url_redaction_hides_a_password_containing_at() -> None:
     assert _redact("redis://redis.internal:6379/0") == "redis://redis.internal:6379/0"
 
 
+async def test_a_lease_whose_allow_is_answered_past_envoys_deadline_is_given_back(jwks: JwksServer) -> None:
+    """The check is not cancelled, it finishes: the event loop stalled (a GC pause, a host
+    that takes the CPU away) right after the acquire, past the caller's deadline. Its allow
+    goes to a call that has already ended: Envoy never applies it and never logs the lease."""
+    from extauth.store.guard import GuardedStore
+    from extauth.store.memory import MemoryStore
+
+    class Stalled(MemoryStore):
+        stall = 0.0
+
+        async def acquire(self, *a: Any, **kw: Any) -> Any:
+            result = await super().acquire(*a, **kw)
+            # Blocking on purpose: the whole loop stops, so nothing can cancel the check meanwhile.
+            time.sleep(self.stall)  # noqa: ASYNC251
+            return result
+
+    cfg = parse_config(config(jwks.url, store_timeout_ms=2000))
+    inner = Stalled()
+    srv = ExtAuthServer(cfg, store=GuardedStore.from_config(inner, cfg))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            warm = await stub.Check(check_request(f"/ws?token={token('warm')}", ws_headers()), timeout=5)
+            assert warm.status.code == 0 and await inner.count("chat", user="warm") == 1
+            inner.stall = 0.4
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Check(check_request(f"/ws?token={token('late')}", ws_headers()), timeout=0.2)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            inner.stall = 0.0
+
+            async def none_left() -> bool:
+                return await inner.count("chat", user="late") == 0
+
+            await async_wait_until(none_left, 5.0, "the late lease to be released")
+            assert srv.metrics.leases_past_deadline._value.get() == 1
+            # The allows that reached their caller keep their leases.
+            assert await inner.count("chat", user="warm") == 1
+            ok = await stub.Check(check_request(f"/ws?token={token('prompt')}", ws_headers()), timeout=5)
+            assert ok.status.code == 0 and await inner.count("chat", user="prompt") == 1
+    finally:
+        await srv.stop(drain=0)
+
+
 async def test_a_lease_whose_check_is_cancelled_at_envoys_deadline_is_given_back(jwks: JwksServer) -> None:
     from extauth.store.guard import GuardedStore
     from extauth.store.memory import MemoryStore
