@@ -499,15 +499,14 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
     # then one at full concurrency that grows extauth's Redis connection pool. Cold work in
     # bursts (RS256 verifications, new pooled connections) stalls the event loop, and a stall
     # past store_timeout_ms leaks a lease (see the findings): that still fails the run.
-    before_warm = bm.scrape(stack.metrics_port)
+    before_warm, envoy_before = bm.scrape(stack.metrics_port), envoy_stats(stack)
     churn_clients(stack, s, tokens, 1, s.churn_warmup, "churn warm-up (gentle)")
     churn_clients(stack, s, tokens, s.churn_lanes, s.churn_warmup, "churn warm-up")
     left, _ = wait_leases(url, 0, 20)
     if left:
-        unavailable = bm.delta(before_warm, bm.scrape(stack.metrics_port), "extauth_decisions_total",
-                               reason="store_unavailable")
-        raise RuntimeError(f"{left} leases left after the churn warm-up ({unavailable:.0f} checks denied "
-                           "store_unavailable: an acquire timed out after its script ran)")
+        raise RuntimeError(f"{left} leases left after the churn warm-up: "
+                           + _lease_trail(before_warm, bm.scrape(stack.metrics_port), envoy_before,
+                                          envoy_stats(stack)))
     # The references run just before and just after the product, so a change in the machine's
     # speed during the run falls on both sides alike.
     references: dict[str, list[dict[str, Any]]] = {}
@@ -569,6 +568,25 @@ def churn(stack: BenchStack, s: Settings, tokens: Path) -> dict[str, Any]:
         "acquire_p99": acquire.quantile(0.99),
         "references": merge_references(references),
     }
+
+
+def _lease_trail(before: bm.Samples, after: bm.Samples, envoy_before: dict[str, int],
+                 envoy_after: dict[str, int]) -> str:
+    """Where leases went between two points, for a leak's message: allows that never reached
+    Envoy, or reached it with no end entry back."""
+    def ext(name: str, **labels: str) -> str:
+        return f"{bm.delta(before, after, name, **labels):,.0f}"
+
+    def envoy(name: str) -> str:
+        return f"{envoy_after.get(name, 0) - envoy_before.get(name, 0):,}"
+
+    return (f"extauth allowed {ext('extauth_decisions_total', policy='chat', result='allow')} upgrades and "
+            f"released {ext('extauth_accesslog_entries_total', outcome='release')} on end entries; "
+            f"Envoy counted ext_authz.ok {envoy('http.product.ext_authz.ok')}, "
+            f"ext_authz.error {envoy('http.product.ext_authz.error')}, "
+            f"access-log entries lost {envoy('access_logs.grpc_access_log.grpc_entries_flush_failed')}; "
+            f"given back: {ext('extauth_leases_past_deadline_total')} past Envoy's deadline, "
+            f"{ext('extauth_decisions_total', reason='store_unavailable')} after a store timeout")
 
 
 def envoy_stats(stack: BenchStack) -> dict[str, int]:
