@@ -654,6 +654,17 @@ def _method(w: Any, r: dict[str, Any]) -> None:
       "extauth on asyncio's own loop, interleaved with 4 in the same slices, so 4/4a is what uvloop is "
       "worth here. Across this session's side-by-side runs it was 1.04-1.16 (about 7% less CPU per check), "
       "and the no-op floors run on uvloop too, so 4/3 compares like with like.")
+    w("7. **A check answered past Envoy's deadline kept its lease (fixed in `extauth/server.py`).** A quick "
+      "run on a host whose hypervisor took up to 0.95 of a core left one lease after the churn warm-up, with "
+      "no store timeout to explain it. When the event loop stalls right after an acquire, past Envoy's "
+      "ext_authz timeout, nothing can cancel the check: it runs to its end and answers a call that has "
+      "expired. Envoy has answered the client itself and never applies the allow or logs the lease, which "
+      "then held its slot for a whole TTL. gRPC's `cancelled()` stays False for such a call; the deadline "
+      "tells. extauth now gives the lease back at once and counts it in "
+      "`extauth_leases_past_deadline_total`. What remains for the TTL: an allow sent in time that Envoy "
+      "still drops (its timer firing while the answer travels, or the client leaving meanwhile), which "
+      "the server cannot see: gRPC reports no cancellation for a call that already answered. A lease left after a warm-up "
+      "now fails the run with its trail (allows, releases, Envoy's ext_authz and access-log counters).")
     w("")
     w("## How to run\n")
     w("```sh\nmake bench                         # full run, < 5 min, rewrites this page\n"
