@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from extauth.store import LeaseRef, Limits, MemoryStore, Store, new_lease_id
 from extauth.store.redis import RedisStore
 from extauth.store.resp import RespLane
+from extauth.store.resp import _Connection as RespConnection
 from tests.redis_servers import RedisServer, running_cluster, running_server
 
 LIMITS = Limits(connections_per_user=1_000_000, connections_per_ip=1_000_000,
@@ -35,14 +36,18 @@ class PlainConnection(aioredis.Connection):
     store runs on redis-py alone (the comparison row)."""
 
 
-class CountingLane(RespLane):
+class CountingConnection(RespConnection):
     """Counts network writes: one per command, one per pipeline: a round trip each."""
 
     sends = 0
 
-    async def _send(self, conn: Any, data: bytes, count: int) -> list[Any]:
+    def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
         type(self).sends += 1
-        return await super()._send(conn, data, count)
+        return super().send(data, count)
+
+
+class CountingLane(RespLane):
+    connection_class = CountingConnection
 
 
 def redis_py_only(server: RedisServer, key_prefix: str) -> RedisStore:
@@ -108,21 +113,21 @@ async def round_trips(server: RedisServer, ops: int) -> dict[str, float]:
         await store.refresh([warm], 60)
         await store.release([warm])
         refs = [LeaseRef(new_lease_id(), "chat", f"user{i % 100}", f"10.2.{i % 20}.1") for i in range(ops)]
-        sends, evalsha = CountingLane.sends, info_calls(admin, "evalsha")
+        sends, evalsha = CountingConnection.sends, info_calls(admin, "evalsha")
         total = int(admin.info("stats")["total_commands_processed"])
         for ref in refs:
             await store.acquire(ref, LIMITS, 60)
-        acquire_rt = (CountingLane.sends - sends) / ops
+        acquire_rt = (CountingConnection.sends - sends) / ops
         acquire_evalsha = (info_calls(admin, "evalsha") - evalsha) / ops
         # Includes the commands run inside the script (and 2 INFO calls of ours, negligible).
         server_cmds = (int(admin.info("stats")["total_commands_processed"]) - total) / ops
-        sends = CountingLane.sends
+        sends = CountingConnection.sends
         batch = refs[:500]
         await store.refresh(batch, 60)
-        refresh_rt = CountingLane.sends - sends
-        sends = CountingLane.sends
+        refresh_rt = CountingConnection.sends - sends
+        sends = CountingConnection.sends
         await store.release(batch)
-        release_rt = CountingLane.sends - sends
+        release_rt = CountingConnection.sends - sends
         await store.release(refs)
         return {"acquire_rt": acquire_rt, "acquire_evalsha": acquire_evalsha, "server_cmds": server_cmds,
                 "refresh500_rt": refresh_rt, "release500_rt": release_rt}

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from extauth.store import LeaseRef, Limits, new_lease_id
+from extauth.store import LeaseRef, Limits, new_lease_id, resp
 from extauth.store.redis import RedisStore, client_from_url
 from extauth.store.resp import RespLane, encode
 from tests.redis_servers import RedisServer, free_port
@@ -204,12 +204,16 @@ class _Custom(aioredis.Connection):
     pass
 
 
-class _CountingLane(RespLane):
+class _CountingConnection(resp._Connection):
     writes = 0
 
-    async def _send(self, conn: Any, data: bytes, count: int) -> list[Any]:
+    def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
         type(self).writes += 1
-        return await super()._send(conn, data, count)
+        return super().send(data, count)
+
+
+class _CountingLane(RespLane):
+    connection_class = _CountingConnection
 
 
 async def test_store_request_path_is_one_write_per_acquire_and_per_batch(
@@ -224,13 +228,13 @@ async def test_store_request_path_is_one_write_per_acquire_and_per_batch(
         warm = LeaseRef(new_lease_id(), "chat", "warm", "10.0.0.2")
         await store.acquire(warm, Limits(), 30)
         await store.refresh([warm], 30)
-        before = _CountingLane.writes
+        before = _CountingConnection.writes
         results = await asyncio.gather(*(store.acquire(r, Limits(connections_per_user=1), 30) for r in refs))
         assert all(r.granted for r in results)
-        assert _CountingLane.writes - before == 20
+        assert _CountingConnection.writes - before == 20
         assert await store.refresh(refs, 30) == 20
         assert await store.release(refs) == 20
-        assert _CountingLane.writes - before == 22
+        assert _CountingConnection.writes - before == 22
         assert await store.count("chat", ip="10.0.0.1") == 0
     finally:
         await store.close()
