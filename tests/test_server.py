@@ -20,6 +20,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from extauth.config import load_config, parse_config
 from extauth.server import ExtAuthServer
+from extauth.store.guard import GuardedStore
+from extauth.store.memory import MemoryStore
 from tests.envoy_msgs import als_message, check_request, headers_of, log_entry, metadata_of, ws_headers
 from tests.keys import (
     JwksServer,
@@ -495,67 +497,36 @@ def test_store_url_redaction_hides_a_password_containing_at() -> None:
     assert _redact("redis://redis.internal:6379/0") == "redis://redis.internal:6379/0"
 
 
-async def test_a_lease_whose_allow_is_answered_past_envoys_deadline_is_given_back(jwks: JwksServer) -> None:
-    """The check is not cancelled, it finishes: the event loop stalled (a GC pause, a host
-    that takes the CPU away) right after the acquire, past the caller's deadline. Its allow
-    goes to a call that has already ended: Envoy never applies it and never logs the lease."""
-    from extauth.store.guard import GuardedStore
-    from extauth.store.memory import MemoryStore
+class _LateStore(MemoryStore):
+    """Commits the lease, then answers ``delay`` seconds late: awaiting (the check can be
+    cancelled meanwhile) or, with ``stall``, blocking the whole event loop (it cannot)."""
 
-    class Stalled(MemoryStore):
-        stall = 0.0
+    delay = 0.0
+    stall = False
+    committed = 0
 
-        async def acquire(self, *a: Any, **kw: Any) -> Any:
-            result = await super().acquire(*a, **kw)
-            # Blocking on purpose: the whole loop stops, so nothing can cancel the check meanwhile.
-            time.sleep(self.stall)  # noqa: ASYNC251
-            return result
+    async def acquire(self, *a: Any, **kw: Any) -> Any:
+        result = await super().acquire(*a, **kw)
+        self.committed += 1
+        if self.stall:
+            time.sleep(self.delay)  # noqa: ASYNC251  (blocking on purpose: a stalled loop)
+        elif self.delay:
+            await asyncio.sleep(self.delay)
+        return result
 
+
+@pytest.mark.parametrize("stall", [
+    # The reply comes past the caller's deadline, where grpc.aio cancels the check (Envoy has
+    # answered the client itself by then): the guard gives the lease back.
+    False,
+    # The check is not cancelled, it finishes: the loop stalled (a GC pause, a host that takes
+    # the CPU away) right after the acquire, past the deadline. Its allow goes to a call that
+    # has ended: Envoy never applies it and never logs the lease.
+    True,
+], ids=["cancelled", "loop_stalled"])
+async def test_a_lease_whose_allow_never_reaches_envoy_is_given_back(jwks: JwksServer, stall: bool) -> None:
     cfg = parse_config(config(jwks.url, store_timeout_ms=2000))
-    inner = Stalled()
-    srv = ExtAuthServer(cfg, store=GuardedStore.from_config(inner, cfg))
-    await srv.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
-            warm = await stub.Check(check_request(f"/ws?token={token('warm')}", ws_headers()), timeout=5)
-            assert warm.status.code == 0 and await inner.count("chat", user="warm") == 1
-            inner.stall = 0.4
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Check(check_request(f"/ws?token={token('late')}", ws_headers()), timeout=0.2)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            inner.stall = 0.0
-
-            async def none_left() -> bool:
-                return await inner.count("chat", user="late") == 0
-
-            await async_wait_until(none_left, 5.0, "the late lease to be released")
-            assert srv.metrics.leases_past_deadline._value.get() == 1
-            # The allows that reached their caller keep their leases.
-            assert await inner.count("chat", user="warm") == 1
-            ok = await stub.Check(check_request(f"/ws?token={token('prompt')}", ws_headers()), timeout=5)
-            assert ok.status.code == 0 and await inner.count("chat", user="prompt") == 1
-    finally:
-        await srv.stop(drain=0)
-
-
-async def test_a_lease_whose_check_is_cancelled_at_envoys_deadline_is_given_back(jwks: JwksServer) -> None:
-    from extauth.store.guard import GuardedStore
-    from extauth.store.memory import MemoryStore
-
-    class Slow(MemoryStore):
-        # The script commits, then its reply is late: past the caller's deadline, where
-        # grpc.aio cancels the check (Envoy has answered the client itself by then).
-        committed = 0
-
-        async def acquire(self, *a: Any, **kw: Any) -> Any:
-            result = await super().acquire(*a, **kw)
-            self.committed += 1
-            await asyncio.sleep(0.3)
-            return result
-
-    cfg = parse_config(config(jwks.url, store_timeout_ms=2000))
-    inner = Slow()
+    inner = _LateStore()
     srv = ExtAuthServer(cfg, store=GuardedStore.from_config(inner, cfg))
     await srv.start()
     try:
@@ -565,16 +536,20 @@ async def test_a_lease_whose_check_is_cancelled_at_envoys_deadline_is_given_back
             # falls after the acquire has committed, not before it, on a busy machine too.
             warm = await stub.Check(check_request(f"/ws?token={token('warm')}", ws_headers()), timeout=5)
             assert warm.status.code == 0 and inner.committed == 1
+            inner.delay, inner.stall = 0.4, stall
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Check(check_request(f"/ws?token={token('late')}", ws_headers()), timeout=0.1)
+                await stub.Check(check_request(f"/ws?token={token('late')}", ws_headers()), timeout=0.2)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert inner.committed == 2
+            inner.delay = 0.0
 
             async def none_left() -> bool:
                 return await inner.count("chat", user="late") == 0
 
             await async_wait_until(none_left, 5.0, "the late lease to be released")
-            # A check answered in time keeps its lease.
+            assert srv.metrics.leases_past_deadline._value.get() == (1 if stall else 0)
+            # The allows that reached their caller keep their leases.
+            assert await inner.count("chat", user="warm") == 1
             ok = await stub.Check(check_request(f"/ws?token={token('prompt')}", ws_headers()), timeout=5)
             assert ok.status.code == 0 and await inner.count("chat", user="prompt") == 1
     finally:
