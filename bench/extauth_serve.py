@@ -65,9 +65,8 @@ def install() -> None:
 
     import extauth.server as server_mod
     from extauth.metrics import Metrics
-    from extauth.store import resp
     from extauth.store.redis import RedisStore
-    from extauth.store.resp import RespLane
+    from extauth.store.resp import RespConnection, RespLane
 
     sends = _OpCounts("extauth_bench_redis_round_trips", "Redis writes by store op (bench)")
     refs = _OpCounts("extauth_bench_store_refs", "Leases per store op (bench)")
@@ -101,7 +100,7 @@ def install() -> None:
 
     rconn.AbstractConnection.on_connect_check_health = tagged_on_connect  # type: ignore[method-assign]
 
-    class CountedConnection(resp._Connection):
+    class CountedConnection(RespConnection):
         def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
             sends.values[_OP.get()] += 1
             return super().send(data, count)

@@ -23,8 +23,7 @@ import redis.asyncio as aioredis
 
 from extauth.store import LeaseRef, Limits, MemoryStore, Store, new_lease_id
 from extauth.store.redis import RedisStore
-from extauth.store.resp import RespLane
-from extauth.store.resp import _Connection as RespConnection
+from extauth.store.resp import RespConnection, RespLane
 from tests.redis_servers import RedisServer, running_cluster, running_server
 
 LIMITS = Limits(connections_per_user=1_000_000, connections_per_ip=1_000_000,

@@ -19,9 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from extauth.store import LeaseRef, Limits, new_lease_id, resp
+from extauth.store import LeaseRef, Limits, new_lease_id
 from extauth.store.redis import RedisStore, client_from_url
-from extauth.store.resp import RespLane, encode
+from extauth.store.resp import RespConnection, RespLane, encode
 from tests.redis_servers import RedisServer, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.both_loops]
@@ -204,7 +204,7 @@ class _Custom(aioredis.Connection):
     pass
 
 
-class _CountingConnection(resp._Connection):
+class _CountingConnection(RespConnection):
     writes = 0
 
     def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:

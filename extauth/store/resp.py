@@ -41,7 +41,7 @@ from extauth.aio import retrieve
 
 Command = Sequence[str | int | bytes]
 
-__all__ = ["Command", "RespLane"]
+__all__ = ["Command", "RespConnection", "RespLane"]
 
 
 def encode(commands: Sequence[Command]) -> bytes:
@@ -66,7 +66,9 @@ class _Waiting:
         self.replies: list[Any] = []
 
 
-class _Connection(asyncio.Protocol):
+class RespConnection(asyncio.Protocol):
+    """One connection's protocol: a write per call, its replies matched first in, first out."""
+
     def __init__(self, reply_timeout: float) -> None:
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         self._waiting: collections.deque[_Waiting] = collections.deque()
@@ -147,7 +149,7 @@ class RespLane:
 
     # Every write goes through its ``send``: the tests and the bench count round trips in a
     # subclass of their own, at no cost to the lanes that do not.
-    connection_class: type[_Connection] = _Connection
+    connection_class: type[RespConnection] = RespConnection
 
     def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
                  password: str | None = None, connect_timeout: float = 1.0, reply_timeout: float = 1.0,
@@ -164,8 +166,8 @@ class RespLane:
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
         self._client_name = client_name
-        self._conn: _Connection | None = None
-        self._connecting: asyncio.Task[_Connection] | None = None
+        self._conn: RespConnection | None = None
+        self._connecting: asyncio.Task[RespConnection] | None = None
 
     @classmethod
     def from_client(cls, client: Any) -> RespLane | None:
@@ -217,7 +219,7 @@ class RespLane:
         conn = self._conn if self._conn is not None and self._conn.usable else await self._connect()
         return await conn.send(encode(commands), len(commands))
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> RespConnection:
         # Concurrent callers share one connect attempt; a caller that gives up (its timeout)
         # does not cancel it for the others.
         if self._connecting is None:
@@ -228,14 +230,14 @@ class RespLane:
             self._connecting.add_done_callback(retrieve)
         return await asyncio.shield(self._connecting)
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> RespConnection:
         try:
             self._conn = await self._dial()
             return self._conn
         finally:
             self._connecting = None
 
-    async def _dial(self) -> _Connection:
+    async def _dial(self) -> RespConnection:
         loop = asyncio.get_running_loop()
         try:
             ssl_context = self.ssl_context()
@@ -253,7 +255,7 @@ class RespLane:
             raise RedisConnectionError(f"redis connect to {self.host}:{self.port}: {e}") from e
         return conn
 
-    async def _handshake(self, conn: _Connection) -> None:
+    async def _handshake(self, conn: RespConnection) -> None:
         setup: list[Command] = []
         if self._password is not None:
             setup.append(("AUTH", self._username, self._password) if self._username
