@@ -24,52 +24,33 @@ against 83 in one such run), which the churn figures carried.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import cProfile
 import functools
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 _OP: contextvars.ContextVar[str] = contextvars.ContextVar("bench_store_op", default="other")
 
 
-class _OpCounts(Collector):
-    """A counter labelled by store op, for the event-loop thread only: a dict increment per
-    count, where prometheus_client's Counter takes a lock and builds the label key on every
-    ``labels().inc()``."""
-
-    def __init__(self, name: str, documentation: str) -> None:
-        self._name = name
-        self._doc = documentation
-        self.values: collections.Counter[str] = collections.Counter()
-
-    def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(self._name, self._doc, labels=("op",))
-        for op, n in list(self.values.items()):
-            family.add_metric((op,), n)
-        yield family
-
-
 def install() -> None:
     import redis.asyncio.connection as rconn
 
     import extauth.server as server_mod
-    from extauth.metrics import Metrics
+    from extauth.metrics import LoopCounter, Metrics
     from extauth.store.redis import RedisStore
     from extauth.store.resp import RespConnection, RespLane
 
-    sends = _OpCounts("extauth_bench_redis_round_trips", "Redis writes by store op (bench)")
-    refs = _OpCounts("extauth_bench_store_refs", "Leases per store op (bench)")
+    # extauth's own lock-free loop counters: prometheus_client's Counter takes a lock and
+    # builds the label key on every labels().inc().
+    sends = LoopCounter("extauth_bench_redis_round_trips", "Redis writes by store op (bench)", ("op",))
+    refs = LoopCounter("extauth_bench_store_refs", "Leases per store op (bench)", ("op",))
 
     class BenchMetrics(Metrics):
         def __init__(self, registry: Any = None) -> None:
@@ -82,7 +63,7 @@ def install() -> None:
     send = rconn.AbstractConnection.send_packed_command
 
     async def counted_send(self: Any, command: Any, check_health: bool = True) -> None:
-        sends.values[_OP.get()] += 1
+        sends.labels(_OP.get()).inc()
         await send(self, command, check_health)
 
     rconn.AbstractConnection.send_packed_command = counted_send  # type: ignore[method-assign]
@@ -102,7 +83,7 @@ def install() -> None:
 
     class CountedConnection(RespConnection):
         def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
-            sends.values[_OP.get()] += 1
+            sends.labels(_OP.get()).inc()
             return super().send(data, count)
 
     RespLane.connection_class = CountedConnection
@@ -126,7 +107,7 @@ def install() -> None:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             _OP.set(name)
             if counts_refs:
-                refs.values[name] += len(args[0])
+                refs.labels(name).inc(len(args[0]))
             return fn(self, *args, **kwargs)
         return wrapper
 
