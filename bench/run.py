@@ -320,8 +320,8 @@ def _http_entry(stack: BenchStack, key: str, title: str, runs: list[bm.HttpResul
         # Recorded, and the run goes on: a host that stalls the authz service past Envoy's
         # ext_authz timeout (503s) should still get the rest of its report. The rate above
         # counts 2xx answers only.
-        what = f"{non2xx:,} of {requests:,} responses not 2xx (more than 1%" if requests else "no response (0"
-        entry["failure"] = f"{key}: {what}; host steal {cores.get('steal', 0.0):.2f} cores meanwhile)"
+        what = f"{non2xx:,} of {requests:,} responses not 2xx, more than 1%" if requests else "no response"
+        entry["failure"] = f"{key}: {what} (host steal {cores.get('steal', 0.0):.2f} cores meanwhile)"
     return entry
 
 
