@@ -84,7 +84,7 @@ async def test_jwks_down_stale_then_fail_closed_for_jwks_policies_only(tmp_path:
 async def test_without_access_log_stream_leases_expire_by_ttl() -> None:
     with jwks_server(jwks_for(shared_rsa_key(), "k1", "RS256")) as jwks:
         cfg = parse_config({
-            "listen": "127.0.0.1:0", "drain_seconds": 0, "lease_ttl_seconds": 0.5,
+            "listen": "127.0.0.1:0", "drain_seconds": 0, "lease_ttl_seconds": 1.0,
             "policies": [{"name": "chat", "origins": ["https://app.example.com"],
                           "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_uri": jwks.url,
                                   "token_sources": ["query:token"]},

@@ -117,9 +117,11 @@ async def test_no_limit_still_records(store: Store) -> None:
 
 
 async def test_ttl_expiry_frees_a_slot(store: Store) -> None:
+    # A one-second TTL: long enough that a stalled host cannot expire the lease between
+    # two calls in a row, short enough to wait for.
     lim = Limits(connections_per_user=1)
-    assert (await store.acquire(ref(), lim, 0.3)).granted
-    assert not (await store.acquire(ref(), lim, 0.3)).granted
+    assert (await store.acquire(ref(), lim, 1.0)).granted
+    assert not (await store.acquire(ref(), lim, 1.0)).granted
 
     async def slot_free() -> bool:
         return (await store.acquire(ref(), lim, 30)).granted
@@ -129,20 +131,31 @@ async def test_ttl_expiry_frees_a_slot(store: Store) -> None:
 
 
 async def test_refresh_keeps_a_lease_alive_past_its_ttl(store: Store) -> None:
+    # Each refresh moves the expiry to now + the new TTL, which is checked directly. The
+    # lease is then checked past the TTL it was acquired with, with more than a second of
+    # slack after the last refresh: a CI host that stalls for a few hundred ms (seen: the
+    # former 0.4 s TTL refreshed every 0.1 s expired once) cannot fail it.
     r = ref()
     lim = Limits(connections_per_user=1)
-    assert (await store.acquire(r, lim, 0.4)).granted
-    started = time.monotonic()
-    while time.monotonic() - started < 1.2:  # three original TTLs
-        assert await store.refresh([r], 0.4) == 1
-        await asyncio.sleep(0.1)
+    assert (await store.acquire(r, lim, 0.3)).granted
+    outlived = time.time() + 0.3
+    for _ in range(3):
+        before = time.time()
+        assert await store.refresh([r], 1.5) == 1
+        [lease] = await store.list_leases("chat", user="alice")
+        assert lease.expires_at >= before + 1.5 - 0.002  # the store's clock counts whole ms
+        await asyncio.sleep(0.15)
+    assert time.time() > outlived
     assert await store.count("chat", user="alice") == 1
-    assert not (await store.acquire(ref(), lim, 0.4)).granted
+    assert not (await store.acquire(ref(), lim, 30)).granted
+
+    # Stop refreshing and it expires; a short last TTL keeps the wait short.
+    assert await store.refresh([r], 0.2) == 1
 
     async def gone() -> bool:
         return await store.count("chat", user="alice") == 0
 
-    await eventually(gone)  # stop refreshing: it expires
+    await eventually(gone)
 
 
 async def test_lease_key_is_stable_and_shared_by_every_replica(store: Store, key_prefix: str,
@@ -423,13 +436,15 @@ async def test_record_hostile_evidence_seen_again_stays_in_the_window(store: Sto
     ip = "198.51.100.6"
 
     async def signal(evidence: str) -> bool:
-        return await store.record_hostile(ip, dry_run=False, threshold=2, window=0.4, ban_seconds=30,
+        return await store.record_hostile(ip, dry_run=False, threshold=2, window=0.8, ban_seconds=30,
                                           signal=evidence)
 
     assert await signal("a") is False
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.65)
     assert await signal("a") is False  # still one signal, now 0 s old
-    await asyncio.sleep(0.25)  # 0.5 s after the first sighting, 0.25 s after the latest
+    # 0.85 s after the first sighting, 0.2 s after the latest: the 0.6 s to spare are for a
+    # stalled host, which only ever makes the second sleep longer.
+    await asyncio.sleep(0.2)
     assert await signal("b") is True
 
 

@@ -52,7 +52,7 @@ async def test_killed_redis_opens_the_breaker_and_recovery_closes_it(
 
         private_redis.kill()
         for _ in range(3):  # each failure comes back within the per-call timeout
-            await _fails_fast(guarded, 0.2 + 0.15)
+            await _fails_fast(guarded, 0.2 + 0.8)
         assert state(guarded) == "open"
         assert metrics.breaker_open._value.get() == 1
 
@@ -61,7 +61,7 @@ async def test_killed_redis_opens_the_breaker_and_recovery_closes_it(
         for _ in range(100):
             with pytest.raises(StoreError):
                 await guarded.acquire(ref(), Limits(), 30)
-        assert time.monotonic() - started < 0.5  # no network wait while open
+        assert time.monotonic() - started < 2  # no network wait while open (20 s if each timed out)
         assert guarded.rejected - rejected == 100
         assert guarded.errors - errors == 100
 
@@ -94,14 +94,15 @@ async def test_a_silent_server_can_never_hang_a_call(silent_port: int) -> None:
             started = time.monotonic()
             with pytest.raises(StoreError, match="timed out"):
                 await guarded.acquire(ref(), Limits(), 30)
-            assert time.monotonic() - started < 0.3
+            assert time.monotonic() - started < 1
         assert guarded.timeouts == 2
         assert state(guarded) == "open"
         started = time.monotonic()
         for _ in range(100):
             with pytest.raises(StoreError):
                 await guarded.acquire(ref(), Limits(), 30)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2  # 5 s if each waited for its timeout
+        assert guarded.timeouts == 2
     finally:
         await guarded.close()
 
