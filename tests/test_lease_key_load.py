@@ -171,10 +171,11 @@ async def test_checks_never_queue_on_a_store_that_hangs_at_start(silent_port: in
         with pytest.raises(StoreError):
             await authz.tagger.load(store, bounded=False)  # waits for that attempt's end
         assert store.timeouts == 1 and store.breaker_state == "open"
-        # The next burst fails at once: the failure is remembered, nothing new is tried.
+        # The next burst fails at once: the failure is remembered, nothing new is tried. The
+        # store's call count says so; a time bound of one per-call timeout (50 ms) said it
+        # too, but a CI host can stall the loop that long.
         results = await burst(authz)
         assert_all_answered_in_time(results, store_on_error)
-        assert max(elapsed for elapsed, _ in results) < TIMEOUT
         assert store.calls == 1
 
 
