@@ -148,7 +148,7 @@ def test_the_churn_client_cycles_against_it(wsecho: Path, wschurn: Path, tmp_pat
     try:
         out = subprocess.run([str(wschurn), "--host", "127.0.0.1", "--port", str(port), "--path", "/ws",
                               "--origin", "https://app.example.com", "--tokens", str(tokens),
-                              "--concurrency", "4", "--duration", "0.3"],
+                              "--concurrency", "4", "--duration", "1.0"],
                              capture_output=True, text=True, timeout=30, check=True)
     finally:
         assert _stop(proc) == 0

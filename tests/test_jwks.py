@@ -340,15 +340,15 @@ async def test_cached_verifications_go_when_the_keys_pass_max_stale_not_at_the_n
     server: JwksServer
 ) -> None:
     # After a failed refresh the timer sleeps a whole refresh period (4 s here); the keys
-    # pass max_stale 0.5 s into it. What they verified must stop passing then, not 3.5 s later.
-    refresh, max_stale = 4.0, 4.5
+    # pass max_stale 1.5 s into it. What they verified must stop passing then, not 2.5 s later.
+    refresh, max_stale = 4.0, 5.5
     cfg = JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=server.url, jwks_refresh_seconds=refresh,
                     jwks_refetch_cooldown_seconds=refresh, jwks_max_stale_seconds=max_stale,
                     jwks_timeout_seconds=0.5)
     v = JwtVerifier(cfg, max_token_bytes=8192, cache_size=100)  # the real clock: the timers' own
     try:
+        fetched = time.monotonic()  # before start: a stall meanwhile can only lengthen gone_after
         await v.start()
-        fetched = time.monotonic()
         now = int(time.time())
         tok = token(iat=now, exp=now + 600)
         await v.verify(tok)
@@ -424,20 +424,24 @@ async def test_one_timer_per_source_and_close_stops_it(server: JwksServer, clock
 # -- refresh and staleness ---------------------------------------------------
 
 
-async def test_background_refresh_serves_current_keys(
-    verifier: JwtVerifier, server: JwksServer, clock: FakeClock
-) -> None:
-    await verifier.verify(token())
-    server.set(mode="hang")
-    clock.advance(REFRESH)
-    # The refresh hangs in the background; requests are answered from the current keys.
-    assert (await verifier.verify(token())).user == "alice"
-    assert source(verifier).fetching
-    for _ in range(10):
+async def test_background_refresh_serves_current_keys(server: JwksServer, clock: FakeClock) -> None:
+    # The hang ends when the test releases it, never by the fetch timeout (a stalled host
+    # must not end it early).
+    verifier = make(server, clock, jwks_timeout_seconds=5)
+    try:
+        await verifier.verify(token())
+        server.set(mode="hang")
+        clock.advance(REFRESH)
+        # The refresh hangs in the background; requests are answered from the current keys.
         assert (await verifier.verify(token())).user == "alice"
-    server.release()
-    await source(verifier).wait_idle()
-    assert server.requests == 2  # one fetch in flight at a time, not one per request
+        assert source(verifier).fetching
+        for _ in range(10):
+            assert (await verifier.verify(token())).user == "alice"
+        server.release()
+        await source(verifier).wait_idle()
+        assert server.requests == 2  # one fetch in flight at a time, not one per request
+    finally:
+        await verifier.close()
 
 
 async def test_stale_keys_served_then_fail_closed(
@@ -513,7 +517,7 @@ async def test_empty_key_list_is_a_failure(
 
 
 async def test_close_cancels_inflight_fetch(server: JwksServer, clock: FakeClock) -> None:
-    v = make(server, clock)
+    v = make(server, clock, jwks_timeout_seconds=5)
     await v.verify(token())
     server.set(mode="hang")
     clock.advance(REFRESH)
@@ -543,7 +547,7 @@ async def test_checks_waiting_on_a_fetch_that_close_cancels_are_denied(
 
 async def test_a_fetch_counts_when_it_ends_so_the_ok_count_never_goes_down(
         server: JwksServer, clock: FakeClock) -> None:
-    v = make(server, clock)
+    v = make(server, clock, jwks_timeout_seconds=5)
     server.set(mode="hang")
     waiting = asyncio.ensure_future(reason_of(v, token()))
 

@@ -73,10 +73,10 @@ async def test_a_cancelled_call_leaves_the_replies_in_step(lane: RespLane, key_p
 
 async def test_a_late_reply_aborts_the_connection_then_the_next_call_reconnects(
         redis_server: RedisServer, key_prefix: str) -> None:
-    lane = RespLane("127.0.0.1", redis_server.port, reply_timeout=0.1)
+    lane = RespLane("127.0.0.1", redis_server.port, reply_timeout=1.0)
     try:
         first = await lane.call("CLIENT", "ID")
-        waiting = [asyncio.ensure_future(lane.call("BLPOP", f"{key_prefix}:q", "2")),
+        waiting = [asyncio.ensure_future(lane.call("BLPOP", f"{key_prefix}:q", "5")),
                    asyncio.ensure_future(lane.call("ECHO", "queued"))]
         for call in waiting:
             with pytest.raises(RedisTimeoutError):

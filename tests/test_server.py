@@ -525,7 +525,7 @@ class _LateStore(MemoryStore):
     True,
 ], ids=["cancelled", "loop_stalled"])
 async def test_a_lease_whose_allow_never_reaches_envoy_is_given_back(jwks: JwksServer, stall: bool) -> None:
-    cfg = parse_config(config(jwks.url, store_timeout_ms=2000))
+    cfg = parse_config(config(jwks.url, store_timeout_ms=5000))
     inner = _LateStore()
     srv = ExtAuthServer(cfg, store=GuardedStore.from_config(inner, cfg))
     await srv.start()
@@ -536,9 +536,10 @@ async def test_a_lease_whose_allow_never_reaches_envoy_is_given_back(jwks: JwksS
             # falls after the acquire has committed, not before it, on a busy machine too.
             warm = await stub.Check(check_request(f"/ws?token={token('warm')}", ws_headers()), timeout=5)
             assert warm.status.code == 0 and inner.committed == 1
-            inner.delay, inner.stall = 0.4, stall
+            # A deadline with a second of slack to reach the acquire, a reply half a second past it.
+            inner.delay, inner.stall = 1.5, stall
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Check(check_request(f"/ws?token={token('late')}", ws_headers()), timeout=0.2)
+                await stub.Check(check_request(f"/ws?token={token('late')}", ws_headers()), timeout=1.0)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert inner.committed == 2
             inner.delay = 0.0

@@ -44,7 +44,7 @@ async def test_killed_redis_opens_the_breaker_and_recovery_closes_it(
     states: list[str] = []
     metrics = Metrics()
     guarded = GuardedStore(RedisStore.from_url(private_redis.url, key_prefix=key_prefix),
-                           timeout=0.2, failure_threshold=3, reset_seconds=0.5,
+                           timeout=0.2, failure_threshold=3, reset_seconds=2.0,
                            on_state_change=states.append, metrics=metrics)
     try:
         assert (await guarded.acquire(ref(), Limits(connections_per_user=5), 30)).granted
