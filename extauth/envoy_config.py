@@ -172,6 +172,7 @@ _MAX_CONNECTIONS = 10_000_000
 
 def _check_limits(opts: EnvoyOptions) -> None:
     for flag, seconds in (("--flush-interval", opts.flush_interval),
+                          ("--ext-authz-timeout", opts.ext_authz_timeout),
                           ("--max-stream-duration", opts.max_stream_duration),
                           ("--stream-idle-timeout", opts.stream_idle_timeout)):
         if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= _MAX_SECONDS):
@@ -207,6 +208,14 @@ def check_options(cfg: Config, opts: EnvoyOptions) -> list[str]:
     prefixes = [r.prefix for r in routes]
     if len(set(prefixes)) != len(prefixes):
         raise EnvoyConfigError("--route: duplicate prefix")
+    if cfg.store_timeout_ms / 1000 >= opts.ext_authz_timeout:
+        # Envoy's deadline then always fires first on a slow store: it answers 503 itself
+        # (status_on_error), store_on_error never applies, and the deny carries no reason.
+        warnings.append(
+            f"store_timeout_ms ({cfg.store_timeout_ms:g} ms) is not shorter than the ext_authz "
+            f"timeout ({opts.ext_authz_timeout:g}s): on a slow store Envoy answers 503 before "
+            f"extauth decides, and store_on_error never applies; raise --ext-authz-timeout"
+        )
     flush = flush_interval_for(cfg, opts.flush_interval)
     if flush * 2 > cfg.lease_ttl_seconds:
         warnings.append(
@@ -529,6 +538,7 @@ def options_from_args(args: argparse.Namespace) -> EnvoyOptions:
         extauth=[HostPort.parse(e, "--extauth") for e in args.extauth],
         admin=HostPort(args.admin_address, args.admin_port),
         flush_interval=args.flush_interval,
+        ext_authz_timeout=args.ext_authz_timeout,
         max_stream_duration=args.max_stream_duration,
         stream_idle_timeout=args.stream_idle_timeout,
         max_connections=args.max_connections,
@@ -548,6 +558,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin bind address")
     p.add_argument("--flush-interval", type=float, default=None, metavar="S",
                    help="access-log flush interval (lease refresh); default: lease_ttl_seconds/3")
+    p.add_argument("--ext-authz-timeout", type=float, default=0.5, metavar="S",
+                   help="Envoy's deadline for one check (default 0.5); keep it above the config's "
+                        "store_timeout_ms, so that extauth, not Envoy, answers a slow store")
     p.add_argument("--max-stream-duration", type=float, default=3600.0, metavar="S",
                    help="hard cap on a WebSocket's life; it must reconnect (and re-authenticate)")
     p.add_argument("--stream-idle-timeout", type=float, default=300.0, metavar="S")

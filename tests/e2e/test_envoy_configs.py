@@ -80,8 +80,8 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
          "--upstream", "api=backend.internal:18082",
          "--route", "/ws=chat:chat", "--route", "/api/v2=api:api", "--route", "/api=api:api",
          "--extauth", "127.0.0.1:9001", "--extauth", "127.0.0.1:9011",
-         "--admin-port", "0", "--flush-interval", "5", "--max-stream-duration", "600",
-         "--max-connections", "1000", "-o", str(out)],
+         "--admin-port", "0", "--flush-interval", "5", "--ext-authz-timeout", "1.5",
+         "--max-stream-duration", "600", "--max-connections", "1000", "-o", str(out)],
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     validate(out)
@@ -107,6 +107,7 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     assert authz["name"] == "envoy.filters.http.ext_authz"
     assert authz["typed_config"].get("failure_mode_allow", False) is False
     assert authz["typed_config"]["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert authz["typed_config"]["grpc_service"]["timeout"] == "1.500s"
     assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket"}]
 
 
@@ -122,6 +123,8 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     (["--upstream", "app=127.0.0.1:1", "--max-stream-duration", "-5"], "--max-stream-duration"),
     (["--upstream", "app=127.0.0.1:1", "--stream-idle-timeout", "nan"], "--stream-idle-timeout"),
     (["--upstream", "app=127.0.0.1:1", "--flush-interval", "inf"], "--flush-interval"),
+    (["--upstream", "app=127.0.0.1:1", "--ext-authz-timeout", "0"], "--ext-authz-timeout"),
+    (["--upstream", "app=127.0.0.1:1", "--ext-authz-timeout", "nan"], "--ext-authz-timeout"),
     (["--upstream", "app=127.0.0.1:1", "--max-stream-duration", "1e300"], "--max-stream-duration"),
     (["--upstream", "app=127.0.0.1:1", "--admin-port", "70000"], "--admin-port"),
     (["--upstream", "app=127.0.0.1:1", "--admin-address", "localhost"], "--admin-address"),
@@ -231,3 +234,26 @@ async def test_reference_config_works_against_the_real_stack(shared_stack: Stack
         assert isinstance(r, Refused)
     finally:
         envoy.kill()
+
+
+@pytest.mark.parametrize(("store_timeout_ms", "ext_authz_timeout", "warned"), [
+    (500, "0.5", True),    # equal: Envoy's deadline fires first on a slow store
+    (800, "0.5", True),
+    (800, "1", False),     # raised above the store timeout: extauth decides
+    (50, None, False),     # the defaults
+])
+def test_a_store_timeout_envoy_would_cut_short_warns(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], store_timeout_ms: int,
+        ext_authz_timeout: str | None, warned: bool) -> None:
+    from extauth.cli import main
+
+    cfg = yaml.safe_load((REPO / "examples" / "extauth.yaml").read_text())
+    cfg["store_timeout_ms"] = store_timeout_ms
+    path = tmp_path / "extauth.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    flag = ["--ext-authz-timeout", ext_authz_timeout] if ext_authz_timeout else []
+    out = tmp_path / "e.yaml"
+    code = main(["envoy-config", "-c", str(path), "--listen", "127.0.0.1:8080",
+                 "--upstream", "app=127.0.0.1:1", *flag, "-o", str(out)])
+    assert code == 0 and out.exists()
+    assert ("store_on_error never applies" in capsys.readouterr().err) is warned
