@@ -558,13 +558,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin bind address")
     p.add_argument("--flush-interval", type=float, default=None, metavar="S",
                    help="access-log flush interval (lease refresh); default: lease_ttl_seconds/3")
-    p.add_argument("--ext-authz-timeout", type=float, default=0.5, metavar="S",
-                   help="Envoy's deadline for one check (default 0.5); keep it above the config's "
+    # Defaults come from EnvoyOptions, the one place they are set.
+    p.add_argument("--ext-authz-timeout", type=float, default=EnvoyOptions.ext_authz_timeout, metavar="S",
+                   help="Envoy's deadline for one check (default %(default)s); keep it above the config's "
                         "store_timeout_ms, so that extauth, not Envoy, answers a slow store")
-    p.add_argument("--max-stream-duration", type=float, default=3600.0, metavar="S",
+    p.add_argument("--max-stream-duration", type=float, default=EnvoyOptions.max_stream_duration, metavar="S",
                    help="hard cap on a WebSocket's life; it must reconnect (and re-authenticate)")
-    p.add_argument("--stream-idle-timeout", type=float, default=300.0, metavar="S")
-    p.add_argument("--max-connections", type=int, default=50_000,
+    p.add_argument("--stream-idle-timeout", type=float, default=EnvoyOptions.stream_idle_timeout, metavar="S")
+    p.add_argument("--max-connections", type=int, default=EnvoyOptions.max_connections,
                    help="global downstream connection limit (overload manager)")
     p.add_argument("-o", "--output", help="write here instead of stdout")
 
