@@ -55,6 +55,10 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         out["floor_resp_ratio"] = p / http["floor_resp"]["rps"] if "floor_resp" in http else math.nan
         out["loop_ratio"] = (p / http["product_asyncio"]["rps"] if "product_asyncio" in http
                              else math.nan)
+        if "product_const" in http:
+            const = http["product_const"]["rps"]
+            out["handler_ratio"] = p / const
+            out["process_ratio"] = const / http["floor_resp"]["rps"] if "floor_resp" in http else math.nan
     if "half" in r:
         out["p99"] = r["half"]["check_p99"][0]
         out["p99_bound"] = r["half"]["check_p99"][1]
@@ -88,6 +92,12 @@ def summary(r: dict[str, Any]) -> str:
         if "floor_resp" in r["http"]:
             lines.append(f"ratio 4/3b (product / floor w/ allow) {t['floor_resp_ratio']:.3f}  (info)"
                          f"{_spread(spread.get('floor_resp'))}")
+        if "handler_ratio" in t:
+            lines.append(f"ratio 4/4c (product / constant Check) {t['handler_ratio']:.3f}  (info)"
+                         f"{_spread(spread.get('product_const'))}")
+            const_spread = r["http"]["product_const"].get("round_ratios", {})
+            lines.append(f"ratio 4c/3b (constant Check / floor w/ allow) {t['process_ratio']:.3f}  (info)"
+                         f"{_spread(const_spread.get('floor_resp'))}")
         if "product_asyncio" in r["http"]:
             lines.append(f"ratio 4/4a (uvloop / asyncio loop)  {t['loop_ratio']:.3f}  (info)"
                          f"{_spread(spread.get('product_asyncio'))}")
@@ -209,6 +219,13 @@ def _headline(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
           f"≥ {TARGET_ANCHOR_RATIO} | {verdict(t['anchor_ratio'] >= TARGET_ANCHOR_RATIO)} |")
         w(f"| 4/3b | product ÷ floor answering the product's allow (extauth's own code alone) | "
           f"{t['floor_resp_ratio']:.3f}{_spread(spread.get('floor_resp'))} | (info) | |")
+        if "handler_ratio" in t:
+            const_spread = http["product_const"].get("round_ratios", {})
+            w(f"| 4/4c | product ÷ its own process with a constant Check (what the Check handler costs) | "
+              f"{t['handler_ratio']:.3f}{_spread(spread.get('product_const'))} | (info) | |")
+            w(f"| 4c/3b | extauth's process with a constant Check ÷ the floor answering the same bytes (what "
+              f"the rest of the process costs) | {t['process_ratio']:.3f}{_spread(const_spread.get('floor_resp'))} "
+              "| (info) | |")
         w(f"| 4/4a | product on uvloop ÷ the same on asyncio's loop (what the default event loop is worth) | "
           f"{t['loop_ratio']:.3f}{_spread(spread.get('product_asyncio'))} | (info) | |")
         w(f"| 4/2b | product ÷ jwt_authn with its JWT cache | {t['anchor_cached_ratio']:.2f} | (info) | |")
@@ -271,8 +288,8 @@ def _http(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
     w(f"{first['connections']} connections, {first['elapsed']:.0f} s each after a 1 s warm-up, same Envoy process, "
       "one listener per scenario (identical HCM settings; only the auth filter differs), all answering with a "
       "`direct_response` so no upstream is involved. The native anchor (2), the floors (3, 3b) and the "
-      "product (4, and 4a on the other event loop), whose ratios matter, are measured in interleaved "
-      "2-second slices, 2 3 3b 4 4a 4a 4 3b 3 2, "
+      "product (4, 4c with a constant Check, and 4a on the other event loop), whose ratios matter, are "
+      "measured in interleaved 2-second slices, 2 3 3b 4 4c 4a 4a 4c 4 3b 3 2, "
       f"{len(http['product']['runs_rps']) // 2} rounds, and each is the sum of its slices: this machine's speed "
       "drifts by 10-20% within a minute, a ratio of two runs taken one after the other carries that drift "
       "whole, and the mirrored order cancels a steady drift. The ratios' *rounds* ranges are each round's own "
@@ -287,7 +304,7 @@ def _http(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
       "Envoy µs/req | authz µs/req |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, e in http.items():
-        authz = key if key in ("noop", "floor_resp", "product_asyncio") else (
+        authz = key if key in ("noop", "floor_resp", "product_asyncio", "product_const") else (
             "extauth" if key == "product" else None)
         per = e.get("cpu_us_per_request", {})
         w(f"| {e['title']} | {n0(e['rps'])} | {ms(e['p50_us'])} | {ms(e['p99_us'])} | {e['non2xx']} | "
@@ -555,28 +572,64 @@ def _finding_churn(w: Any, r: dict[str, Any]) -> None:
     w(text)
 
 
+def _inproc_us(r: dict[str, Any], row: str) -> float:
+    """A median from the in-process decision bench's tables, by the start of its row's name."""
+    for line in r.get("inproc", {}).get("decision", "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith(row):
+            try:
+                return float(cells[1])
+            except ValueError:
+                return math.nan
+    return math.nan
+
+
 def _finding_floor(w: Any, r: dict[str, Any]) -> None:
-    """Finding 2: the 4/3 gap split into Envoy's work on the answer and extauth's own code."""
+    """Finding 2: the 4/3 gap split into the answer's cost, the process's and the Check handler's."""
     http = r.get("http", {})
     if not {"noop", "floor_resp", "product"} <= http.keys():
         return
-    cpu = {k: http[k].get("cpu_us_per_request", {}) for k in ("noop", "floor_resp", "product")}
+    keys = ("noop", "floor_resp", "product", "product_const")
+    cpu = {k: http[k].get("cpu_us_per_request", {}) if k in http else {} for k in keys}
+
+    def more(a: str, b: str, proc_a: str, proc_b: str) -> str:
+        return n0(cpu[a].get(proc_a, math.nan) - cpu[b].get(proc_b, math.nan))
+
     answer_share = 1 - http["floor_resp"]["rps"] / http["noop"]["rps"]
-    w("2. **Where the 4/3 gap goes.** Scenario 3b is the same no-op servicer answering extauth's own allow "
-      f"for the bench request. From 3 to 3b, Envoy spends {n0(cpu['floor_resp'].get('envoy', math.nan) - cpu['noop'].get('envoy', math.nan))} µs "
-      "more CPU per request applying it (the identity header, the credential removal, four metadata "
-      f"fields) and the servicer {n0(cpu['floor_resp'].get('floor_resp', math.nan) - cpu['noop'].get('noop', math.nan))} µs "
-      f"more sending it: {answer_share * 100:.0f}% of the floor's rate in this run is the price of what the "
-      "answer does, whoever computes it. The rest, 4/3b, is extauth's own code: its process spends "
-      f"{n0(cpu['product'].get('extauth', math.nan) - cpu['floor_resp'].get('floor_resp', math.nan))} µs more "
-      "CPU per request than the servicer of 3b. In-process, a whole memo hit costs about 10 µs more than the "
-      "no-op handler; under saturation the gap is several times that, and not in extauth alone: Envoy, "
-      "applying the very answer of 3b (byte for byte but the decision id), spent "
-      f"{n0(cpu['product'].get('envoy', math.nan) - cpu['floor_resp'].get('envoy', math.nan))} µs more per "
-      "request in 4 than in 3b. A slower answer means fewer requests per wake-up for every process in the "
-      "chain (gRPC frames, epoll rounds, event-loop iterations), so each request carries more of the fixed "
-      "cost of a wake-up; CPU caches and the GIL shared with gRPC's threads on two busy cores add to it. "
-      "The round ranges show how far one 2-second round strays from the run's figure on this machine: in "
+    w("2. **Where the 4/3 gap goes.** Three side-by-side steps split it. *The answer* (3 to 3b): the same "
+      "no-op servicer answering extauth's own allow for the bench request. Envoy spends "
+      f"{more('floor_resp', 'noop', 'envoy', 'envoy')} µs more CPU per request applying it (the identity "
+      "header, the credential removal, four metadata fields) and the servicer "
+      f"{more('floor_resp', 'noop', 'floor_resp', 'noop')} µs more sending it: {answer_share * 100:.0f}% of "
+      "the floor's rate in this run is the price of what the answer does, whoever computes it.")
+    if "product_const" in http:
+        t = targets(r)
+        process_free = t["process_ratio"] >= 0.95
+        w(f"\n   *The process* (3b to 4c, ratio {t['process_ratio']:.2f}): extauth's own process, with its "
+          "services, store, jail, metrics and event loop, but a Check that answers those same bytes without "
+          "reading the request. Its CPU per request differs from the servicer's by "
+          f"{more('product_const', 'floor_resp', 'product_const', 'floor_resp')} µs"
+          + (": being extauth's process costs about nothing." if process_free else "."))
+        hit = _inproc_us(r, "Check handler, plain-HTTP allow-memo hit")
+        key = _inproc_us(r, "of which the memo key")
+        digest = _inproc_us(r, "of which the key's credential digest")
+        const = _inproc_us(r, "constant handler")
+        w(f"\n   *The Check handler* (4c to 4, ratio {t['handler_ratio']:.2f}) is the rest: extauth's process "
+          f"spends {more('product', 'product_const', 'extauth', 'product_const')} µs more CPU per request in 4 "
+          "than in 4c, and Envoy, applying the same answer but for the decision id, "
+          f"{more('product', 'product_const', 'envoy', 'envoy')} µs more. In-process (the *Check handler* table in "
+          f"[In-process figures](#in-process-figures)) the handler's memo hit costs {hit:.1f} µs against the constant handler's "
+          f"{const:.1f}: its key {key:.1f} µs, of which the credential's digest {digest:.1f} (BLAKE2b, the "
+          "fastest of hashlib's digests here: SHA-256 took 2.1 µs and MD5 1.5 on this token), and the rest "
+          "reading the request's fields from the protobuf message; then the ban check, two metrics and the "
+          "new decision id. Under saturation the same Python costs several times that: a `perf` profile of "
+          "4 and 4c in one run (outside the bench) put 36 µs per request more in the interpreter (libpython) "
+          "and 6 µs more in the protobuf module for 4, its caches shared with Envoy, gRPC's threads and the "
+          "kernel on two busy cores; and a slower answer leaves fewer requests per wake-up for every process "
+          "in the chain (gRPC frames, epoll rounds, event-loop iterations), so Envoy's share rises with it."
+          + (" Nothing in the process but the handler's own Python separates 4 from the floor, and the "
+             "handler is one dictionary lookup keyed by a digest." if process_free else ""))
+    w("\n   The round ranges show how far one 2-second round strays from the run's figure on this machine: in "
       "eight 6-second runs outside the bench, with no steal, the no-op servicer alone measured 2,564-3,585 "
       "req/s and 290-401 µs of CPU per request. Nor does the order of the slices bias the ratio: outside "
       "the bench, six rounds in its order and six in a plain 3 4 4 3 order, alternated on one stack, gave "
@@ -586,6 +639,7 @@ def _finding_floor(w: Any, r: dict[str, Any]) -> None:
       "4 µs a check), and the **allow memo** (`extauth/memo.py`, `docs/operations.md`) answers a repeated "
       "plain-HTTP allow with the serialized response already built plus a new decision id (the *memo hits* "
       "above count them). WebSocket upgrades, which need a lease, always take the whole pipeline.")
+    w("")
 
 
 def _method(w: Any, r: dict[str, Any]) -> None:

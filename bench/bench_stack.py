@@ -14,6 +14,10 @@ is then adjusted here, in the bench only:
 - ``product_asyncio``: a copy of ``product`` whose ext_authz filter and access log call a second
   extauth, the same config on asyncio's own event loop (``event_loop: asyncio``): what the
   default uvloop is worth, measured side by side.
+- ``product_const``: a copy of ``product`` to a third extauth, the same config, whose Check
+  answers the product's allow for the bench request (the bytes ``floor_resp`` answers) without
+  reading the request (``bench/extauth_serve.py``, ``$EXTAUTH_BENCH_CONSTANT_ANSWER``): the
+  product's process without its Check handler.
 - ``ceiling``: the same HCM with the ext_authz filter removed (/api a direct_response, /ws to the
   echo upstream: churn with no auth at all).
 - ``jwt`` / ``jwt_cached``: the same HCM with Envoy's native ``jwt_authn`` (same RS256 key,
@@ -65,11 +69,16 @@ UPSTREAM_BREAKERS = {"thresholds": [{"max_connections": 100_000, "max_pending_re
 # while Envoy waits for the client to (measured: close() 1,000 ms through Envoy vs 0.5 ms
 # direct). 0 disables the delayed close, for every listener alike.
 DELAYED_CLOSE = "0s"
-LISTENERS = ("ceiling", "jwt", "jwt_cached", "noop", "floor_resp", "product", "product_asyncio")
+LISTENERS = ("ceiling", "jwt", "jwt_cached", "noop", "floor_resp", "product", "product_const",
+             "product_asyncio")
 # The listeners whose ext_authz filter calls a no-op servicer (a cluster of the same name).
 FLOORS = ("noop", "floor_resp")
 # The listener (and cluster, and process) of the product on asyncio's own event loop.
 ASYNCIO_PRODUCT = "product_asyncio"
+# The listener (and cluster, and process) of the product's process with a constant Check.
+CONST_PRODUCT = "product_const"
+# The product's copies on listeners of their own: each takes its own access log too.
+PRODUCT_COPIES = (ASYNCIO_PRODUCT, CONST_PRODUCT)
 # The subject of the plain-HTTP scenarios' token.
 HTTP_USER = "bench-http"
 
@@ -147,7 +156,7 @@ def _grpc_clusters(listener: dict[str, Any]) -> list[dict[str, Any]]:
 
 def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int],
                      authz_ports: dict[str, int]) -> dict[str, Any]:
-    """``authz_ports``: the no-op floors' and the asyncio product's gRPC ports, by name."""
+    """``authz_ports``: the no-op floors' and the product copies' gRPC ports, by name."""
     doc = copy.deepcopy(generated)
     resources = doc["static_resources"]
     product = resources["listeners"][0]
@@ -165,10 +174,11 @@ def derive_bootstrap(generated: dict[str, Any], ports: dict[str, int],
             if f["name"] == "envoy.filters.http.ext_authz":
                 f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = floor
         listeners[floor] = lst
-    # The second product takes its own access log too: its leases are released by itself.
-    asyncio_product = listeners[ASYNCIO_PRODUCT] = copy.deepcopy(product)
-    for grpc in _grpc_clusters(asyncio_product):
-        grpc["cluster_name"] = ASYNCIO_PRODUCT
+    # Each copy of the product takes its own access log too: its leases are released by itself.
+    for name in PRODUCT_COPIES:
+        copied = listeners[name] = copy.deepcopy(product)
+        for grpc in _grpc_clusters(copied):
+            grpc["cluster_name"] = name
 
     def without_authz(extra: list[dict[str, Any]], prefixes: tuple[str, ...]) -> dict[str, Any]:
         lst = copy.deepcopy(product)
@@ -278,11 +288,13 @@ class BenchStack:
         self.upstream: Proc | None = None
         self.extauth: Instrumented | None = None
         self.extauth_asyncio: Instrumented | None = None
+        self.extauth_const: Instrumented | None = None
         self.floors: dict[str, Noop] = {}
         self.envoy: Envoy | None = None
         self.ports = {name: free_port() for name in LISTENERS}
         self.metrics_port = free_port()
         self.asyncio_metrics_port = free_port()
+        self.const_metrics_port = free_port()
         self.profile_out = workdir / "extauth.prof"
 
     @property
@@ -318,6 +330,13 @@ class BenchStack:
         self.extauth_asyncio.start()
         allow = self.dir / "product-allow.bin"
         allow.write_bytes(product_allow(config))
+        const_path = self.dir / "extauth-const.yaml"
+        const_path.write_text(yaml.safe_dump(
+            {**config, "metrics_listen": f"127.0.0.1:{self.const_metrics_port}"}, sort_keys=False))
+        self.extauth_const = Instrumented(CONST_PRODUCT, const_path, free_port(), self.dir,
+                                          self.dir / "extauth-const.prof")
+        self.extauth_const.env["EXTAUTH_BENCH_CONSTANT_ANSWER"] = str(allow)
+        self.extauth_const.start()
         for floor in FLOORS:
             self.floors[floor] = Noop(floor, free_port(), self.dir, allow if floor == "floor_resp" else None)
             self.floors[floor].start()
@@ -326,7 +345,8 @@ class BenchStack:
             "--upstream", f"app=127.0.0.1:{up_port}", "--extauth", ext.address,
             "--admin-port", "0", "--flush-interval", "20"]))
         bootstrap = derive_bootstrap(generated, self.ports, {
-            **{k: v.port for k, v in self.floors.items()}, ASYNCIO_PRODUCT: self.extauth_asyncio.port})
+            **{k: v.port for k, v in self.floors.items()}, ASYNCIO_PRODUCT: self.extauth_asyncio.port,
+            CONST_PRODUCT: self.extauth_const.port})
         path = self.dir / "envoy.yaml"
         path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self.envoy = Envoy("envoy", path, self.ports["product"], self.dir).start()
@@ -336,7 +356,7 @@ class BenchStack:
     def _authz_healthy(self) -> bool:
         assert self.envoy is not None
         _, body = self.envoy.admin_get("/clusters")
-        authz = ("extauth", ASYNCIO_PRODUCT, *FLOORS)
+        authz = ("extauth", *PRODUCT_COPIES, *FLOORS)
         flags = [line for line in body.splitlines() if "::health_flags::" in line
                  and line.split("::")[0] in authz]
         return len(flags) == len(authz) and all(line.endswith("::healthy") for line in flags)
@@ -345,6 +365,7 @@ class BenchStack:
         out: dict[str, int] = {}
         procs: list[tuple[str, Proc | None]] = [("envoy", self.envoy), ("extauth", self.extauth),
                                                 (ASYNCIO_PRODUCT, self.extauth_asyncio),
+                                                (CONST_PRODUCT, self.extauth_const),
                                                 ("upstream", self.upstream), *self.floors.items()]
         for name, proc in procs:
             if proc is not None and proc.popen is not None:
@@ -354,7 +375,8 @@ class BenchStack:
         return out
 
     def close(self) -> None:
-        for proc in (self.envoy, *self.floors.values(), self.extauth, self.extauth_asyncio, self.upstream):
+        for proc in (self.envoy, *self.floors.values(), self.extauth, self.extauth_asyncio,
+                     self.extauth_const, self.upstream):
             if proc is not None:
                 proc.stop(timeout=5)
         if self.redis is not None:

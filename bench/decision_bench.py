@@ -1,5 +1,7 @@
 """Microseconds per decision, in-process (no gRPC): origin only, JWT cold (RS256
-verify on every call, cache disabled), JWT cached (verified-token cache warm).
+verify on every call, cache disabled), JWT cached (verified-token cache warm); then the Check
+handler itself (a parsed CheckRequest in, the answer's bytes out) on a plain-HTTP allow-memo hit,
+its memo key, the credential digest in that key, and a constant handler (scenario 4c's).
 
     .venv/bin/python bench/decision_bench.py [--n 20000]
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -20,10 +23,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from envoy.service.auth.v3 import external_auth_pb2
+
 from extauth.config import parse_config
+from extauth.envoy_api import repeat_key
 from extauth.pipeline import Authorizer
 from extauth.request import CheckInput
 from extauth.runtime import build_runtime
+from extauth.server import AuthorizationService
 from tests.keys import jwks_for, make_rsa_key, sign
 
 ISS = "https://issuer.example.com"
@@ -46,6 +53,11 @@ def _config(jwks_file: str, cache_size: int) -> dict[str, Any]:
             {"name": "origin-only", "match": {"path_prefix": "/open"}, "origins": ["https://app.example.com"]},
             {"name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"],
              "jwt": jwt, "upstream_headers": {"x-user-id": "{sub}"}},
+            # scenario 4's policy: a bearer header on plain HTTP, answered from the allow memo
+            {"name": "api", "match": {"path_prefix": "/api"}, "websocket_only": False,
+             "origins": ["https://app.example.com"],
+             "jwt": {**jwt, "token_sources": ["header:authorization"]},
+             "upstream_headers": {"x-user-id": "{sub}"}},
         ],
     }
 
@@ -83,6 +95,76 @@ async def run(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
     return results
 
 
+def _check_request(tok: str) -> external_auth_pb2.CheckRequest:
+    """Scenario 4's request as Envoy sends it, parsed from its bytes like gRPC's deserializer."""
+    r = external_auth_pb2.CheckRequest()
+    a = r.attributes
+    a.source.address.socket_address.address = "127.0.0.1"
+    a.source.address.socket_address.port_value = 45678
+    a.destination.address.socket_address.address = "127.0.0.1"
+    a.destination.address.socket_address.port_value = 10000
+    a.context_extensions["policy"] = "api"
+    h = a.request.http
+    h.id, h.method, h.path, h.host, h.scheme, h.protocol = (
+        "9815373417465553040", "GET", "/api/bench", "127.0.0.1:10000", "http", "HTTP/1.1")
+    h.headers.update({":authority": h.host, ":path": h.path, ":method": "GET", ":scheme": "http",
+                      "authorization": f"Bearer {tok}", "origin": "https://app.example.com",
+                      "x-forwarded-proto": "http", "x-request-id": "1b4c2c4e-5e39-4c5e-9d3c-1a2b3c4d5e6f"})
+    return external_auth_pb2.CheckRequest.FromString(r.SerializeToString())
+
+
+def _per_call(fn: Any, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def _run_to_end(coro: Any) -> Any:
+    """A coroutine that never suspends (a memo hit, the constant handler), run without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the handler suspended: not a memo hit")
+
+
+def handler(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
+    authz = Authorizer(build_runtime(parse_config(_config(jwks_path, 10_000))), None)
+    service = AuthorizationService(authz)
+    request = _check_request(tok)
+    answer = asyncio.run(service.Check(request, None))  # the first check fills the memo
+    if not external_auth_pb2.CheckResponse.FromString(answer).HasField("ok_response"):
+        raise RuntimeError("the bench request was not allowed")
+    rt = authz.runtime
+    credential = f"Bearer {tok}"
+
+    async def constant(request: Any, context: Any) -> bytes:
+        return answer
+
+    cases = {
+        "Check handler, plain-HTTP allow-memo hit (scenario 4)": lambda: _run_to_end(
+            service.Check(request, None)),
+        "of which the memo key (`repeat_key`)": lambda: repeat_key(request, rt),
+        "of which the key's credential digest (BLAKE2b-128)": lambda: hashlib.blake2b(
+            credential.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
+        "constant handler (scenario 4c's Check)": lambda: _run_to_end(constant(request, None)),
+    }
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(ROUNDS):
+        for name, fn in cases.items():
+            results[name].append(_per_call(fn, n))
+    return results
+
+
+def _table(title: str, results: dict[str, list[float]]) -> None:
+    print(f"| {title} | µs median of {ROUNDS} | µs best |")
+    print("|---|---|---|")
+    for name, rounds in results.items():
+        print(f"| {name} | {statistics.median(rounds):.1f} | {min(rounds):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10000)
@@ -91,13 +173,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "jwks.json")
         Path(path).write_text(json.dumps(jwks_for(key, "k1", "RS256")))
-        results = asyncio.run(run(args.n, path, _token(key)))
+        tok = _token(key)
+        results = asyncio.run(run(args.n, path, tok))
+        handled = handler(args.n * 5, path, tok)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")
-    print(f"| decision (in-process, full pipeline) | µs median of {ROUNDS} | µs best |")
-    print("|---|---|---|")
-    for name, rounds in results.items():
-        print(f"| {name} | {statistics.median(rounds):.1f} | {min(rounds):.1f} |")
+    _table("decision (in-process, full pipeline)", results)
+    print()
+    _table("Check handler (in-process, a parsed CheckRequest in, the answer's bytes out)", handled)
 
 
 if __name__ == "__main__":

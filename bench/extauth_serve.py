@@ -11,6 +11,10 @@ What it adds (all registered on extauth's own /metrics registry, scraped by benc
   trips into round trips per lease).
 - cProfile on demand: SIGUSR1 starts profiling the event-loop thread, SIGUSR2 stops and
   writes pstats to ``$EXTAUTH_BENCH_PROFILE_OUT``.
+- ``$EXTAUTH_BENCH_CONSTANT_ANSWER`` (a file of serialized CheckResponse bytes): Check answers
+  those bytes and reads nothing of the request. Everything else in the process is the product's
+  (its services, store, jail, metrics, event loop): scenario 4c, the product's process without
+  its Check handler, which splits 4/3b into the process's cost and the handler's.
 
 Check latency comes from the product's own ``extauth_check_duration_seconds``. The plain-HTTP
 Check path carries no bench code at all; a store call carries a ContextVar.set and each Redis
@@ -115,6 +119,20 @@ def install() -> None:
         setattr(RedisStore, name, tagged(name, getattr(RedisStore, name), counts))
 
 
+def install_constant_answer() -> None:
+    path = os.environ.get("EXTAUTH_BENCH_CONSTANT_ANSWER")
+    if not path:
+        return
+    from extauth.server import AuthorizationService
+
+    answer = Path(path).read_bytes()
+
+    async def constant_check(self: Any, request: Any, context: Any) -> bytes:
+        return answer
+
+    AuthorizationService.Check = constant_check  # type: ignore[method-assign]
+
+
 def install_profiler() -> None:
     out = os.environ.get("EXTAUTH_BENCH_PROFILE_OUT")
     if not out:
@@ -138,6 +156,7 @@ def install_profiler() -> None:
 
 if __name__ == "__main__":
     install()
+    install_constant_answer()
     install_profiler()
     from extauth.cli import main
 

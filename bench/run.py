@@ -3,8 +3,11 @@ thread (``--concurrency 1``), then docs/benchmarks.md written from the figures m
 
 1. ceiling: Envoy direct_response, no auth
 2. native anchor: Envoy jwt_authn, same RS256 key, inline local JWKS (and 2b: with its JWT cache)
-3. framework floor: ext_authz to a no-op servicer on the product's grpc.aio stack
+3. framework floor: ext_authz to a no-op servicer on the product's grpc.aio stack (and 3b: the
+   same servicer answering the product's own allow)
 4. product, plain HTTP: origin + JWT (token cache and allow memo warm) through Envoy -> extauth
+   (and 4c: extauth's process with a constant Check, which splits 4/3b into the process's cost
+   and the handler's; 4a: extauth on asyncio's own event loop)
 5. product, WebSocket churn: real upgrades (connect, one echo, close) with quotas on a real
    valkey-server; afterwards zero leases must be left (any leak: exit 1)
 6. held connections: as many concurrent WebSockets as the file-descriptor limit allows (up to
@@ -58,6 +61,7 @@ HTTP_SCENARIOS = (
     ("noop", "3. Framework floor: ext_authz to a no-op grpc.aio servicer"),
     ("floor_resp", "3b. Floor answering the product's allow (same servicer, extauth's response pre-built)"),
     ("product", "4. Product: extauth, origin + JWT (token cache and allow memo warm)"),
+    ("product_const", "4c. extauth's process with a constant Check (answers 3b's bytes, reads nothing)"),
     ("product_asyncio", "4a. Product on asyncio's own event loop (event_loop: asyncio; 4 runs on uvloop)"),
 )
 
@@ -235,13 +239,13 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# The native anchor (2), the floors (3, 3b) and the product (4), whose ratios matter, are
-# measured in interleaved 2-second slices, 2 3 3b 4 4a 4a 4 3b 3 2 repeated, and each is the sum of its
-# slices: this machine's speed drifts by 10-20% within a minute, and a ratio of two runs taken
+# The native anchor (2), the floors (3, 3b) and the product (4, 4c, 4a), whose ratios matter, are
+# measured in interleaved 2-second slices, 2 3 3b 4 4c 4a 4a 4c 4 3b 3 2 repeated, and each is the
+# sum of its slices: this machine's speed drifts by 10-20% within a minute, and a ratio of two runs taken
 # one after the other carries that drift whole, while the mirrored order cancels a steady drift
 # and the repetition averages the rest. Two rounds left 4/3 spread over 0.78-0.85 from run to
 # run; each round's own ratios are kept, so the report shows the spread within a run too.
-_PAIRED = ("jwt", "noop", "floor_resp", "product", "product_asyncio")
+_PAIRED = ("jwt", "noop", "floor_resp", "product", "product_const", "product_asyncio")
 _PAIRED_ROUNDS = 4
 _SLICE_SECONDS = 2.0
 
@@ -270,6 +274,9 @@ def http_scenarios(stack: BenchStack, s: Settings, headers: list[str], python_lo
         out[key] = _http_entry(stack, key, titles[key], runs[key], before)
     out["product"]["round_ratios"] = {
         other: _round_ratios(runs["product"], runs[other]) for other in _PAIRED if other != "product"}
+    # 4c/3b: the product's process without its handler against the floor answering the same bytes.
+    out["product_const"]["round_ratios"] = {
+        "floor_resp": _round_ratios(runs["product_const"], runs["floor_resp"])}
     return {key: out[key] for key in titles}
 
 
