@@ -87,22 +87,20 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"{entry['title']:<62} {entry['rps']:>10,.0f} req/s   p99 {ms(entry['p99_us'])}")
     if "floor_ratio" in t:
         spread = r["http"]["product"].get("round_ratios", {})
-        lines.append(f"ratio 4/3 (product / no-op floor)   {t['floor_ratio']:.3f}  target ≥ {TARGET_FLOOR_RATIO}  "
-                     f"{'met' if t['floor_ratio'] >= TARGET_FLOOR_RATIO else 'MISSED'}{_spread(spread.get('noop'))}")
+        lines.append(_ratio_line("4/3 (product / no-op floor)", t["floor_ratio"], spread.get("noop"),
+                                 TARGET_FLOOR_RATIO))
         if "floor_resp" in r["http"]:
-            lines.append(f"ratio 4/3b (product / floor w/ allow) {t['floor_resp_ratio']:.3f}  (info)"
-                         f"{_spread(spread.get('floor_resp'))}")
+            lines.append(_ratio_line("4/3b (product / floor w/ allow)", t["floor_resp_ratio"],
+                                     spread.get("floor_resp")))
         if "handler_ratio" in t:
-            lines.append(f"ratio 4/4c (product / constant Check) {t['handler_ratio']:.3f}  (info)"
-                         f"{_spread(spread.get('product_const'))}")
-            const_spread = r["http"]["product_const"].get("round_ratios", {})
-            lines.append(f"ratio 4c/3b (constant Check / floor w/ allow) {t['process_ratio']:.3f}  (info)"
-                         f"{_spread(const_spread.get('floor_resp'))}")
+            lines.append(_ratio_line("4/4c (product / constant Check)", t["handler_ratio"],
+                                     spread.get("product_const")))
+            lines.append(_ratio_line("4c/3b (constant Check / floor w/ allow)", t["process_ratio"],
+                                     _process_rounds(r)))
         if "product_asyncio" in r["http"]:
-            lines.append(f"ratio 4/4a (uvloop / asyncio loop)  {t['loop_ratio']:.3f}  (info)"
-                         f"{_spread(spread.get('product_asyncio'))}")
-        lines.append(f"ratio 4/2 (product / jwt_authn)     {t['anchor_ratio']:.3f}  target ≥ {TARGET_ANCHOR_RATIO}  "
-                     f"{'met' if t['anchor_ratio'] >= TARGET_ANCHOR_RATIO else 'MISSED'}{_spread(spread.get('jwt'))}")
+            lines.append(_ratio_line("4/4a (uvloop / asyncio loop)", t["loop_ratio"], spread.get("product_asyncio")))
+        lines.append(_ratio_line("4/2 (product / jwt_authn)", t["anchor_ratio"], spread.get("jwt"),
+                                 TARGET_ANCHOR_RATIO))
     if "p99" in t:
         lines.append(f"check p99 at half load             {usec(t['p99'])}  target ≤ 1 ms  "
                      f"{'met' if t['p99_bound'] <= TARGET_P99 else 'MISSED'}")
@@ -118,7 +116,7 @@ def summary(r: dict[str, Any]) -> str:
                 lines.append(f"  churn reference: {label:<29} {ref['rate']:,.0f} upgrades/s"
                              f"{_slices(ref)}")
         if "churn_floor_ratio" in t:
-            lines.append(f"ratio 5/5f (churn, product / no-op floor) {t['churn_floor_ratio']:.3f}  (info)")
+            lines.append(_ratio_line("5/5f (churn, product / no-op floor)", t["churn_floor_ratio"], None))
     if "held" in r:
         h = r["held"]
         lines.append(f"held connections                    {h['held']:,} of {h['target']:,} (cap {h['fd_cap']:,}), "
@@ -196,6 +194,18 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _ratio_line(label: str, value: float, rounds: list[float] | None, target: float | None = None) -> str:
+    """One ratio of the console summary: against its target, or for information."""
+    verdict_ = "(info)" if target is None else f"target ≥ {target}  {'met' if value >= target else 'MISSED'}"
+    return f"ratio {label:<40} {value:.3f}  {verdict_}{_spread(rounds)}"
+
+
+def _process_rounds(r: dict[str, Any]) -> list[float] | None:
+    """4c/3b's per-round ratios (kept on 4c's entry: the product's are the product's own)."""
+    rounds: list[float] | None = r["http"]["product_const"].get("round_ratios", {}).get("floor_resp")
+    return rounds
+
+
 def _spread(ratios: list[float] | None) -> str:
     """The range of the per-round ratios behind a whole-run ratio."""
     if not ratios or len(ratios) < 2:
@@ -220,11 +230,10 @@ def _headline(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
         w(f"| 4/3b | product ÷ floor answering the product's allow (extauth's own code alone) | "
           f"{t['floor_resp_ratio']:.3f}{_spread(spread.get('floor_resp'))} | (info) | |")
         if "handler_ratio" in t:
-            const_spread = http["product_const"].get("round_ratios", {})
             w(f"| 4/4c | product ÷ its own process with a constant Check (what the Check handler costs) | "
               f"{t['handler_ratio']:.3f}{_spread(spread.get('product_const'))} | (info) | |")
             w(f"| 4c/3b | extauth's process with a constant Check ÷ the floor answering the same bytes (what "
-              f"the rest of the process costs) | {t['process_ratio']:.3f}{_spread(const_spread.get('floor_resp'))} "
+              f"the rest of the process costs) | {t['process_ratio']:.3f}{_spread(_process_rounds(r))} "
               "| (info) | |")
         w(f"| 4/4a | product on uvloop ÷ the same on asyncio's loop (what the default event loop is worth) | "
           f"{t['loop_ratio']:.3f}{_spread(spread.get('product_asyncio'))} | (info) | |")
