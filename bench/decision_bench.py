@@ -27,10 +27,12 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from extauth.config import parse_config
 from extauth.envoy_api import repeat_key
+from extauth.jail import Jail
 from extauth.pipeline import Authorizer
 from extauth.request import CheckInput
 from extauth.runtime import build_runtime
 from extauth.server import AuthorizationService
+from extauth.store.memory import MemoryStore
 from tests.keys import jwks_for, make_rsa_key, sign
 
 ISS = "https://issuer.example.com"
@@ -131,7 +133,10 @@ def _run_to_end(coro: Any) -> Any:
 
 
 def handler(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
-    authz = Authorizer(build_runtime(parse_config(_config(jwks_path, 10_000))), None)
+    config = parse_config(_config(jwks_path, 10_000))
+    # With the jail, as extauth serves (abuse.enabled by default): a memo hit checks the ban.
+    store = MemoryStore()
+    authz = Authorizer(build_runtime(config), store, jail=Jail(config.abuse, store))
     service = AuthorizationService(authz)
     request = _check_request(tok)
     answer = asyncio.run(service.Check(request, None))  # the first check fills the memo
