@@ -190,7 +190,7 @@ def render(r: dict[str, Any]) -> str:
     _held(w, r, t)
     _profiles(w, r)
     _inproc(w, r)
-    _method(w, r)
+    _method(w, r, t)
     return "\n".join(out) + "\n"
 
 
@@ -593,7 +593,7 @@ def _inproc_us(r: dict[str, Any], row: str) -> float:
     return math.nan
 
 
-def _finding_floor(w: Any, r: dict[str, Any]) -> None:
+def _finding_floor(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
     """Finding 2: the 4/3 gap split into the answer's cost, the process's and the Check handler's."""
     http = r.get("http", {})
     if not {"noop", "floor_resp", "product"} <= http.keys():
@@ -612,7 +612,6 @@ def _finding_floor(w: Any, r: dict[str, Any]) -> None:
       f"{more('floor_resp', 'noop', 'floor_resp', 'noop')} µs more sending it: {answer_share * 100:.0f}% of "
       "the floor's rate in this run is the price of what the answer does, whoever computes it.")
     if "product_const" in http:
-        t = targets(r)
         process_free = t["process_ratio"] >= 0.95
         w(f"\n   *The process* (3b to 4c, ratio {t['process_ratio']:.2f}): extauth's own process, with its "
           "services, store, jail, metrics and event loop, but a Check that answers those same bytes without "
@@ -651,7 +650,7 @@ def _finding_floor(w: Any, r: dict[str, Any]) -> None:
     w("")
 
 
-def _method(w: Any, r: dict[str, Any]) -> None:
+def _method(w: Any, r: dict[str, Any], t: dict[str, Any]) -> None:
     w("## Method and caveats\n")
     w("- **One machine, 2 cores, everything on it.** Envoy (one worker), extauth, valkey-server, the echo "
       "upstream and the load generators compete for the same two cores; the *cores* columns show who used "
@@ -704,7 +703,7 @@ def _method(w: Any, r: dict[str, Any]) -> None:
       "refreshes and releases are never refused by the breaker. The bench still runs extauth with 250 ms "
       "(the e2e harness's value): at 50 ms a saturated 2-core box answers some upgrades 503, which is the "
       "designed overload behaviour but would make the churn figure measure refusals.")
-    _finding_floor(w, r)
+    _finding_floor(w, r, t)
     w("3. **Envoy defaults that matter for WebSockets (fixed in `envoy/envoy.yaml` and `extauth "
       "envoy-config`).** With the default circuit breakers (1,024 connections and requests per cluster) a "
       "1,500-connection hold stalled after the first wave of 750: upgrades past the limit wait in Envoy's "

@@ -287,14 +287,12 @@ class BenchStack:
         self.redis: RedisServer | None = None
         self.upstream: Proc | None = None
         self.extauth: Instrumented | None = None
-        self.extauth_asyncio: Instrumented | None = None
-        self.extauth_const: Instrumented | None = None
+        # The product's copies (PRODUCT_COPIES), by listener name.
+        self.copies: dict[str, Instrumented] = {}
         self.floors: dict[str, Noop] = {}
         self.envoy: Envoy | None = None
         self.ports = {name: free_port() for name in LISTENERS}
         self.metrics_port = free_port()
-        self.asyncio_metrics_port = free_port()
-        self.const_metrics_port = free_port()
         self.profile_out = workdir / "extauth.prof"
 
     @property
@@ -321,22 +319,10 @@ class BenchStack:
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         ext = self.extauth = Instrumented("extauth", cfg_path, free_port(), self.dir, self.profile_out)
         ext.start()
-        asyncio_path = self.dir / "extauth-asyncio.yaml"
-        asyncio_path.write_text(yaml.safe_dump(
-            {**config, "event_loop": "asyncio", "metrics_listen": f"127.0.0.1:{self.asyncio_metrics_port}"},
-            sort_keys=False))
-        self.extauth_asyncio = Instrumented(ASYNCIO_PRODUCT, asyncio_path, free_port(), self.dir,
-                                            self.dir / "extauth-asyncio.prof")
-        self.extauth_asyncio.start()
+        self._start_copy(ASYNCIO_PRODUCT, {**config, "event_loop": "asyncio"})
         allow = self.dir / "product-allow.bin"
         allow.write_bytes(product_allow(config))
-        const_path = self.dir / "extauth-const.yaml"
-        const_path.write_text(yaml.safe_dump(
-            {**config, "metrics_listen": f"127.0.0.1:{self.const_metrics_port}"}, sort_keys=False))
-        self.extauth_const = Instrumented(CONST_PRODUCT, const_path, free_port(), self.dir,
-                                          self.dir / "extauth-const.prof")
-        self.extauth_const.env["EXTAUTH_BENCH_CONSTANT_ANSWER"] = str(allow)
-        self.extauth_const.start()
+        self._start_copy(CONST_PRODUCT, config, EXTAUTH_BENCH_CONSTANT_ANSWER=str(allow))
         for floor in FLOORS:
             self.floors[floor] = Noop(floor, free_port(), self.dir, allow if floor == "floor_resp" else None)
             self.floors[floor].start()
@@ -345,13 +331,21 @@ class BenchStack:
             "--upstream", f"app=127.0.0.1:{up_port}", "--extauth", ext.address,
             "--admin-port", "0", "--flush-interval", "20"]))
         bootstrap = derive_bootstrap(generated, self.ports, {
-            **{k: v.port for k, v in self.floors.items()}, ASYNCIO_PRODUCT: self.extauth_asyncio.port,
-            CONST_PRODUCT: self.extauth_const.port})
+            **{k: v.port for k, v in (*self.floors.items(), *self.copies.items())}})
         path = self.dir / "envoy.yaml"
         path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self.envoy = Envoy("envoy", path, self.ports["product"], self.dir).start()
         # Envoy's gRPC health checks must have found every authz cluster healthy.
         wait_until(self._authz_healthy, 15, "Envoy health checks to pass for extauth and the floors")
+
+    def _start_copy(self, name: str, config: dict[str, Any], **env: str) -> None:
+        """One of the product's copies: its own config file, gRPC and metrics ports."""
+        path = self.dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**config, "metrics_listen": f"127.0.0.1:{free_port()}"},
+                                       sort_keys=False))
+        proc = self.copies[name] = Instrumented(name, path, free_port(), self.dir, self.dir / f"{name}.prof")
+        proc.env.update(env)
+        proc.start()
 
     def _authz_healthy(self) -> bool:
         assert self.envoy is not None
@@ -364,9 +358,8 @@ class BenchStack:
     def pids(self) -> dict[str, int]:
         out: dict[str, int] = {}
         procs: list[tuple[str, Proc | None]] = [("envoy", self.envoy), ("extauth", self.extauth),
-                                                (ASYNCIO_PRODUCT, self.extauth_asyncio),
-                                                (CONST_PRODUCT, self.extauth_const),
-                                                ("upstream", self.upstream), *self.floors.items()]
+                                                *self.copies.items(), ("upstream", self.upstream),
+                                                *self.floors.items()]
         for name, proc in procs:
             if proc is not None and proc.popen is not None:
                 out[name] = proc.popen.pid
@@ -375,8 +368,7 @@ class BenchStack:
         return out
 
     def close(self) -> None:
-        for proc in (self.envoy, *self.floors.values(), self.extauth, self.extauth_asyncio,
-                     self.extauth_const, self.upstream):
+        for proc in (self.envoy, *self.floors.values(), self.extauth, *self.copies.values(), self.upstream):
             if proc is not None:
                 proc.stop(timeout=5)
         if self.redis is not None:
