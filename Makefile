@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench proto clean serve
+.PHONY: demo test lint typecheck unit bench proto clean serve docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# docs/configuration.md from the config schema (tests/test_configdoc.py fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m extauth.configdoc docs/configuration.md
 
 proto: $(STAMP)
 	$(PY) -m extauth._protogen

@@ -76,8 +76,11 @@ def _hostport(value: str) -> str:
 
 
 class Match(_Model):
-    hosts: list[str] = Field(default_factory=list)
-    path_prefix: str = "/"
+    """Host/path selection, used when Envoy's route names no policy (first match in config order)."""
+
+    hosts: list[str] = Field(
+        default_factory=list, description="Host names this policy serves (any host when empty).")
+    path_prefix: str = Field(default="/", description="Path prefix this policy serves; starts with `/`.")
 
     @field_validator("hosts")
     @classmethod
@@ -93,26 +96,51 @@ class Match(_Model):
 
 
 class JwtConfig(_Model):
-    issuer: str = Field(min_length=1)
-    audiences: list[str] = Field(min_length=1)
-    algorithms: list[Algorithm] = Field(default_factory=lambda: list[Algorithm](["RS256"]), min_length=1)
-    jwks_file: str | None = None
-    jwks_uri: str | None = None
-    hmac_secret_env: str | None = None
-    # A rotation: the secret before hmac_secret_env's, still accepted (tokens it signed are
-    # valid until they expire), so honest users are never taken for forgers.
-    hmac_previous_secret_env: str | None = None
-    token_sources: list[str] = Field(default_factory=lambda: ["header:authorization"], min_length=1)
-    leeway_seconds: int = Field(default=30, ge=0, le=600)
-    max_lifetime_seconds: int = Field(default=86400, ge=1, le=366 * DAY)
-    user_claim: str = "sub"
-    # JWKS caching: refresh on TTL; an unknown kid refetches at most once per
-    # cooldown; stale keys serve while the endpoint is down, then fail closed.
-    jwks_refresh_seconds: float = Field(default=300, ge=1, le=DAY)
-    jwks_refetch_cooldown_seconds: float = Field(default=30, ge=1, le=DAY)
-    jwks_max_stale_seconds: float = Field(default=3600, ge=0, le=30 * DAY)
-    jwks_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
-    jwks_max_bytes: int = Field(default=256 * 1024, gt=0, le=JWKS_MAX_BYTES_LIMIT)
+    """Token verification; exactly one key source: `jwks_file`, `jwks_uri` or `hmac_secret_env`."""
+
+    issuer: str = Field(min_length=1, description="The `iss` every token must carry.")
+    audiences: list[str] = Field(min_length=1, description="Accepted `aud` values; a token must name one.")
+    algorithms: list[Algorithm] = Field(
+        default_factory=lambda: list[Algorithm](["RS256"]), min_length=1,
+        description="Accepted algorithms; HS* only with `hmac_secret_env` (then exactly one), never with "
+        "a JWKS.")
+    jwks_file: str | None = Field(
+        default=None, description="A JWKS file, relative to the config file; re-read when it changes.")
+    jwks_uri: str | None = Field(
+        default=None,
+        description="A JWKS URL: https:// (http:// only for localhost, 127.0.0.0/8, ::1, never through "
+        "a proxy); no `user:password@`; other hosts go through `https_proxy` when set (`no_proxy` honoured).")
+    hmac_secret_env: str | None = Field(
+        default=None, description="Environment variable holding the HMAC shared secret.")
+    hmac_previous_secret_env: str | None = Field(
+        default=None,
+        description="While rotating: the variable holding the previous secret, still accepted "
+        "(tokens it signed stay valid until they expire), so honest users are never taken for forgers.")
+    token_sources: list[str] = Field(
+        default_factory=lambda: ["header:authorization"], min_length=1,
+        description="Where the token may be: `query:NAME`, `header:NAME`, `cookie:NAME`, `subprotocol`; "
+        "every one present is stripped before the upstream sees the request.")
+    leeway_seconds: int = Field(
+        default=30, ge=0, le=600, description="Clock skew allowed on `exp`, `nbf`, `iat`.")
+    max_lifetime_seconds: int = Field(
+        default=86400, ge=1, le=366 * DAY,
+        description="Longest accepted `exp - iat` (`exp - now` without `iat`): bounds how long a token "
+        "revoked at the issuer still passes.")
+    user_claim: str = Field(
+        default="sub", description="The claim that names the user (per-user quotas, logs).")
+    jwks_refresh_seconds: float = Field(
+        default=300, ge=1, le=DAY, description="A `jwks_uri` is refetched on this timer, busy or not.")
+    jwks_refetch_cooldown_seconds: float = Field(
+        default=30, ge=1, le=DAY,
+        description="An unknown `kid` refetches the key set at most once per cooldown.")
+    jwks_max_stale_seconds: float = Field(
+        default=3600, ge=0, le=30 * DAY,
+        description="Keys keep serving this long after the last successful fetch while the endpoint is "
+        "down, then 503 `jwks_unavailable`; at least `jwks_refresh_seconds` for a URL.")
+    jwks_timeout_seconds: float = Field(
+        default=2.0, gt=0, le=30, description="One total deadline per JWKS fetch.")
+    jwks_max_bytes: int = Field(
+        default=256 * 1024, gt=0, le=JWKS_MAX_BYTES_LIMIT, description="Largest JWKS document accepted.")
 
     @field_validator("token_sources")
     @classmethod
@@ -179,10 +207,18 @@ class JwtConfig(_Model):
 
 
 class Quotas(_Model):
-    connections_per_user: int | None = Field(default=None, ge=1, le=1_000_000_000)
-    connections_per_ip: int | None = Field(default=None, ge=1, le=1_000_000_000)
-    attempts_per_ip_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
-    attempts_per_user_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    """Limits held in the store across every replica; a denial is 429 with `Retry-After`. Unset: no limit."""
+
+    connections_per_user: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Concurrent WebSockets per user (`quota_user`).")
+    connections_per_ip: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Concurrent WebSockets per client IP (`quota_ip`).")
+    attempts_per_ip_per_minute: int | None = Field(
+        default=None, ge=1, le=1_000_000_000,
+        description="Upgrade attempts per client IP per minute (`rate_ip`).")
+    attempts_per_user_per_minute: int | None = Field(
+        default=None, ge=1, le=1_000_000_000,
+        description="Upgrade attempts per user per minute (`rate_user`).")
 
     @property
     def any(self) -> bool:
@@ -198,16 +234,26 @@ class Quotas(_Model):
 
 
 class Policy(_Model):
-    name: str
-    match: Match | None = None
-    websocket_only: bool = True
-    origins: list[str] = Field(default_factory=list)
-    allow_missing_origin: bool = False
-    jwt: JwtConfig | None = None
-    quotas: Quotas = Field(default_factory=Quotas)
-    upstream_headers: dict[str, str] = Field(default_factory=dict)
-    # Allow everything, but log, count and tag what would have been denied.
-    shadow: bool = False
+    """One protected service. Envoy's route names it (`context_extensions: {policy: NAME}`), else `match`."""
+
+    name: str = Field(description="Unique; letters, digits, `_`, `.`, `-` (at most 64).")
+    match: Match | None = Field(default=None, description="Host/path selection when Envoy names no policy.")
+    websocket_only: bool = Field(default=True, description="Refuse plain HTTP (400 `bad_handshake`).")
+    origins: list[str] = Field(
+        default_factory=list,
+        description="Allowed origins, compared in canonical form: `https://app.example.com`, "
+        "`https://*.example.com` (subdomains only) or `null`. Checked on upgrades only.")
+    allow_missing_origin: bool = Field(
+        default=False, description="Admit an upgrade without `Origin` (non-browser clients).")
+    jwt: JwtConfig | None = Field(
+        default=None, description="Token verification; without it the policy has no user.")
+    quotas: Quotas = Field(default_factory=Quotas, description="Connection quotas and attempt rates.")
+    upstream_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Headers added on allow, with claim placeholders (`{x-user-id: \"{sub}\"}`); a client's "
+        "own copy of any header some policy sets is replaced or removed on every allow.")
+    shadow: bool = Field(
+        default=False, description="Allow everything, but log, count and tag what would have been denied.")
 
     @field_validator("name")
     @classmethod
@@ -250,19 +296,26 @@ class Policy(_Model):
 
 
 class StoreBreaker(_Model):
-    # Consecutive failures that open the breaker, and how long it stays open
-    # before one probe call is let through.
-    failure_threshold: int = Field(default=3, ge=1, le=1_000_000)
-    reset_seconds: float = Field(default=2.0, gt=0, le=300)
+    """The circuit breaker in front of the store: checks stop waiting on a store that is down."""
+
+    failure_threshold: int = Field(
+        default=3, ge=1, le=1_000_000, description="Consecutive failures that open it.")
+    reset_seconds: float = Field(
+        default=2.0, gt=0, le=300, description="How long it stays open before one probe call is let through.")
 
 
 class Abuse(_Model):
-    enabled: bool = True
-    threshold: int = Field(default=5, ge=1, le=1_000_000)
-    window_seconds: int = Field(default=300, ge=1, le=DAY)
-    ban_seconds: int = Field(default=900, ge=1, le=MAX_BAN_SECONDS)
-    never_ban: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    dry_run: bool = False
+    """The jail: bans a client IP after repeated `token_bad_signature` (forgeries), never honest mistakes."""
+
+    enabled: bool = Field(
+        default=True, description="False: no bans are made or enforced, and admin `ban` is refused.")
+    threshold: int = Field(
+        default=5, ge=1, le=1_000_000, description="Bad signatures within the window that ban.")
+    window_seconds: int = Field(default=300, ge=1, le=DAY, description="The counting window.")
+    ban_seconds: int = Field(default=900, ge=1, le=MAX_BAN_SECONDS, description="How long a ban lasts.")
+    never_ban: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"], description="CIDRs never banned.")
+    dry_run: bool = Field(default=False, description="Log and count the bans it would make, make none.")
 
     @field_validator("never_ban")
     @classmethod
@@ -275,44 +328,80 @@ class Abuse(_Model):
 class AdminTls(_Model):
     """TLS for the admin API: its bearer token must not cross a network in clear text."""
 
-    cert_file: str  # PEM certificate chain, leaf first
-    key_file: str  # PEM private key
-    # Mutual TLS: clients must present a certificate signed by this CA (the token is still required
-    # off loopback).
-    client_ca_file: str | None = None
+    cert_file: str = Field(description="PEM certificate chain, leaf first.")
+    key_file: str = Field(description="PEM private key.")
+    client_ca_file: str | None = Field(
+        default=None,
+        description="Mutual TLS: clients must present a certificate signed by this CA "
+        "(the token is still required off loopback).")
 
 
 ClientIp = Annotated[str, Field(pattern=r"^(source|xff:[0-9]{1,2})$")]
 
 
 class Config(_Model):
-    listen: str = "127.0.0.1:9001"
-    store: str = "memory://"
-    client_ip: ClientIp = "source"
-    # Per-IP quotas and bans count an IPv6 client by its network of this length
-    # (extauth/addresses.py says why); 128 counts single addresses.
-    ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
-    lease_ttl_seconds: float = Field(default=60, gt=0, le=DAY)
-    store_timeout_ms: float = Field(default=50, gt=0, le=10_000)
-    store_on_error: Literal["deny", "allow"] = "deny"
-    store_breaker: StoreBreaker = Field(default_factory=StoreBreaker)
-    max_token_bytes: int = Field(default=8192, ge=256, le=65536)
-    token_cache_size: int = Field(default=10_000, ge=0, le=10_000_000)
-    # Remembered plain-HTTP allows (extauth/memo.py); 0 disables the memo.
-    allow_memo_size: int = Field(default=10_000, ge=0, le=10_000_000)
-    admin_listen: str = "127.0.0.1:9002"
-    admin_token_env: str = "EXTAUTH_ADMIN_TOKEN"
-    admin_tls: AdminTls | None = None
-    metrics_listen: str | None = None
-    # How often active leases are counted in the store for the gauge (a SCAN on Redis).
-    metrics_sample_seconds: float = Field(default=5.0, ge=0.1, le=3600)
-    abuse: Abuse = Field(default_factory=Abuse)
-    drain_seconds: float = Field(default=5.0, ge=0, le=300)
-    watch_config: bool = True
-    # uvloop when installed (extauth/eventloop.py says why), or asyncio's own loop.
-    event_loop: EventLoop = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    policies: list[Policy] = Field(min_length=1)
+    """The whole file."""
+
+    listen: str = Field(
+        default="127.0.0.1:9001",
+        description="gRPC `HOST:PORT`: ext_authz Check, Envoy's access-log stream, `grpc.health.v1` "
+        "and reflection.")
+    store: str = Field(
+        default="memory://",
+        description="`memory://` (one replica), `redis://`, `rediss://` (TLS), `redis+cluster://h:p,h:p`, "
+        "`rediss+cluster://h:p,h:p` (Cluster over TLS).")
+    client_ip: ClientIp = Field(
+        default="source",
+        description="`source` (the connection's address) or `xff:N`: the entry N from the right of "
+        "X-Forwarded-For (N trusted proxies); see docs/operations.md, \"Who counts as one client\".")
+    ipv6_prefix_length: int = Field(
+        default=64, ge=32, le=128,
+        description="Per-IP quotas, rates and bans count an IPv6 client by its network of this length; "
+        "128 counts single addresses.")
+    lease_ttl_seconds: float = Field(
+        default=60, gt=0, le=DAY,
+        description="A lease not refreshed for this long disappears; keep it a few access-log "
+        "flush intervals.")
+    store_timeout_ms: float = Field(
+        default=50, gt=0, le=10_000,
+        description="Per store call; keep it below Envoy's ext_authz timeout (0.5 s in the generated "
+        "config), or Envoy answers a slow store with its own 503 first.")
+    store_on_error: Literal["deny", "allow"] = Field(
+        default="deny", description="`deny`: 503 `store_unavailable`; `allow`: admit without counting.")
+    store_breaker: StoreBreaker = Field(
+        default_factory=StoreBreaker, description="The store's circuit breaker.")
+    max_token_bytes: int = Field(
+        default=8192, ge=256, le=65536, description="Longer tokens are refused before any parsing.")
+    token_cache_size: int = Field(
+        default=10_000, ge=0, le=10_000_000,
+        description="Verified-token LRU entries per key set (0 disables).")
+    allow_memo_size: int = Field(
+        default=10_000, ge=0, le=10_000_000,
+        description="Remembered plain-HTTP allows, so a repeated request skips the pipeline (0 disables).")
+    admin_listen: str = Field(
+        default="127.0.0.1:9002",
+        description="Admin gRPC `HOST:PORT`; off loopback it requires the token in `admin_token_env`.")
+    admin_token_env: str = Field(
+        default="EXTAUTH_ADMIN_TOKEN", description="Environment variable holding the admin bearer token.")
+    admin_tls: AdminTls | None = Field(
+        default=None, description="Serve the admin API over TLS (without it, off loopback warns at start).")
+    metrics_listen: str | None = Field(default=None, description="`HOST:PORT` serving Prometheus `/metrics`.")
+    metrics_sample_seconds: float = Field(
+        default=5.0, ge=0.1, le=3600,
+        description="How often active leases are counted in the store for the gauge (a SCAN on Redis).")
+    abuse: Abuse = Field(default_factory=Abuse, description="The abuse jail.")
+    drain_seconds: float = Field(
+        default=5.0, ge=0, le=300,
+        description="On SIGTERM: NOT_SERVING, keep answering this long, then stop.")
+    watch_config: bool = Field(
+        default=True, description="Reload when the file changes (SIGHUP always reloads).")
+    event_loop: EventLoop = Field(
+        default="auto",
+        description="`auto`: uvloop when installed, else asyncio's own loop; `uvloop` (refused at start "
+        "when missing) or `asyncio`. The start-up log line `serving` names the loop.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log threshold.")
+    policies: list[Policy] = Field(min_length=1, description="The protected services, at least one.")
 
     @field_validator("listen", "admin_listen")
     @classmethod
