@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from extauth.addresses import is_loopback_host
+from extauth.claims import MAX_PATH_DEPTH
 from extauth.eventloop import EventLoop, available
 from extauth.origin import parse_origin_pattern
 from extauth.store.url import REDIS_SCHEMES, parse_redis_url
@@ -233,6 +234,87 @@ class Quotas(_Model):
         )
 
 
+ClaimValue = Annotated[str, Field(max_length=1024)] | int | bool
+_MAX_CLAIM_RULES = 32
+_MAX_CHECKS = 32
+_MAX_VALUES = 256
+
+
+class ClaimCheck(_Model):
+    """One requirement on one claim: ``claim`` (a dotted path, or its segments as a list for
+    names with dots) and exactly one of ``equals``, ``one_of``, ``contains_all``, ``contains_any``."""
+
+    claim: str | list[str] = Field(
+        description="A dotted path (`realm_access.roles`), or its names as a list (`[https://x/plan]`).")
+    equals: ClaimValue | None = Field(
+        default=None, description="The claim is exactly this string, integer or boolean (type included).")
+    one_of: list[ClaimValue] | None = Field(
+        default=None, min_length=1, max_length=_MAX_VALUES, description="The claim is one of these values.")
+    contains_all: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(
+        default=None, min_length=1, max_length=_MAX_VALUES,
+        description="The claim (an array of strings, or a space-delimited string like `scope`) holds each.")
+    contains_any: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(
+        default=None, min_length=1, max_length=_MAX_VALUES,
+        description="The claim (as for `contains_all`) holds at least one of these.")
+
+    @field_validator("claim")
+    @classmethod
+    def _claim(cls, v: str | list[str]) -> str | list[str]:
+        segments = v.split(".") if isinstance(v, str) else v
+        if not segments or len(segments) > MAX_PATH_DEPTH or not all(segments):
+            raise ValueError(f"a claim path of 1 to {MAX_PATH_DEPTH} non-empty names")
+        if any(len(s) > 256 for s in segments):
+            raise ValueError("claim names are at most 256 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _one_test(self) -> ClaimCheck:
+        given = [k for k in ("equals", "one_of", "contains_all", "contains_any") if k in self.model_fields_set
+                 and getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of equals, one_of, contains_all, contains_any is required")
+        return self
+
+    def spec(self) -> dict[str, Any]:
+        """The plain form extauth.claims compiles."""
+        return self.model_dump(exclude_none=True)
+
+
+class ClaimRule(_Model):
+    """Every ``all_of`` check and, when given, at least one ``any_of`` check must hold for the
+    requests the rule covers (all of them, or those under ``path_prefix`` and/or ``methods``)."""
+
+    path_prefix: str | None = Field(
+        default=None, description="The rule covers only paths under this prefix (raw or decoded).")
+    methods: list[Annotated[str, Field(pattern=r"^[A-Za-z]{1,16}$")]] = Field(
+        default_factory=list, description="The rule covers only these methods (all when empty).")
+    all_of: list[ClaimCheck] = Field(
+        default_factory=list, max_length=_MAX_CHECKS, description="Checks that must all hold.")
+    any_of: list[ClaimCheck] = Field(
+        default_factory=list, max_length=_MAX_CHECKS, description="Checks of which at least one must hold.")
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slash(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _some_check(self) -> ClaimRule:
+        if not self.all_of and not self.any_of:
+            raise ValueError("a rule needs all_of or any_of")
+        return self
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "path_prefix": self.path_prefix,
+            "methods": [m.upper() for m in self.methods],
+            "all_of": [c.spec() for c in self.all_of],
+            "any_of": [c.spec() for c in self.any_of],
+        }
+
+
 class Policy(_Model):
     """One protected service. Envoy's route names it (`context_extensions: {policy: NAME}`), else `match`."""
 
@@ -252,6 +334,10 @@ class Policy(_Model):
         default_factory=dict,
         description="Headers added on allow, with claim placeholders (`{x-user-id: \"{sub}\"}`); a client's "
         "own copy of any header some policy sets is replaced or removed on every allow.")
+    claim_rules: list[ClaimRule] = Field(
+        default_factory=list, max_length=_MAX_CLAIM_RULES,
+        description="Required claims, roles and scopes (docs/authorization.md); a verified token that "
+        "fails one is 403 `claims_forbidden`.")
     shadow: bool = Field(
         default=False, description="Allow everything, but log, count and tag what would have been denied.")
 
@@ -292,6 +378,8 @@ class Policy(_Model):
             raise ValueError("per-user quotas need a jwt section (there is no user without one)")
         if self.jwt is None and any(_TEMPLATE_FIELD_RE.search(t) for t in self.upstream_headers.values()):
             raise ValueError("claim placeholders in upstream_headers need a jwt section")
+        if self.jwt is None and self.claim_rules:
+            raise ValueError("claim_rules need a jwt section (there are no claims without one)")
         return self
 
 

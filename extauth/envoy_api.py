@@ -102,6 +102,10 @@ def repeat_key(request: external_auth_pb2.CheckRequest, rt: Runtime) -> Hashable
     xff = headers.get("x-forwarded-for") if rt.config.xff_hops else None
     if xff is not None:
         kept += len(xff)
+    if policy.keys_target:  # claim rules scoped by method or path: both are inputs then
+        path = _target(http, headers)[1]
+        route = (route, http.method, path)
+        kept += len(path)
     if kept > _MAX_KEPT_CHARS:
         return None
     return (route, attrs.source.address.socket_address.address, xff, digest)

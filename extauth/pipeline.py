@@ -197,7 +197,9 @@ class Authorizer:
         elif policy.policy.websocket_only:
             raise DenyError(Reason.BAD_HANDSHAKE, "plain HTTP request on a WebSocket-only policy")
         if policy.verifier is not None and policy.sources is not None:
-            await self._verify(policy, req, ctx)
+            verified = await self._verify(policy, req, ctx)
+            if policy.claim_rules and not policy.claim_rules.allows(verified.claims, req.method, req.path):
+                raise DenyError(Reason.CLAIMS_FORBIDDEN, "a claim rule does not hold")
         if ctx.websocket and policy.limits is not None:
             await self._acquire(rt, policy, ctx)
         return self._allow(ctx)
@@ -233,7 +235,7 @@ class Authorizer:
         ctx.stripped = True
         return extracted.token
 
-    async def _verify(self, policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> None:
+    async def _verify(self, policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> VerifiedToken:
         assert policy.sources is not None and policy.verifier is not None
         token = self._strip(policy, req, ctx)
         if token is None:
@@ -247,6 +249,7 @@ class Authorizer:
                     ctx.evidence = token_digest(token).hex()
                 raise
         ctx.verified = verified
+        return verified
 
     async def _acquire(self, rt: Runtime, policy: CompiledPolicy, ctx: _Ctx) -> None:
         assert policy.limits is not None
@@ -381,7 +384,10 @@ class Authorizer:
 
 def _deny_headers(reason: Reason, retry_after: int | None) -> dict[str, str]:
     headers = {"x-extauth-reason": reason.value}
-    if reason.status == 401:
+    if reason is Reason.CLAIMS_FORBIDDEN:
+        # RFC 6750 §3.1: authentic, but without the privileges (scopes, roles) the resource needs.
+        headers["www-authenticate"] = 'Bearer realm="extauth", error="insufficient_scope"'
+    elif reason.status == 401:
         # RFC 6750 §3.1: no error code when the request carried no credentials.
         headers["www-authenticate"] = (
             'Bearer realm="extauth"'

@@ -35,6 +35,7 @@ class Reason(enum.StrEnum):
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     ORIGIN_MISSING = "origin_missing"
     NO_POLICY = "no_policy"
+    CLAIMS_FORBIDDEN = "claims_forbidden"
     BANNED = "banned"
     UNSUPPORTED_VERSION = "unsupported_version"
     QUOTA_USER = "quota_user"
@@ -82,6 +83,8 @@ _INFO: dict[Reason, ReasonInfo] = {
     Reason.ORIGIN_NOT_ALLOWED: ReasonInfo(403, "this origin may not open a connection here"),
     Reason.ORIGIN_MISSING: ReasonInfo(403, "an Origin header is required"),
     Reason.NO_POLICY: ReasonInfo(403, "no policy covers this route"),
+    # A verified token whose claims a policy's claim_rules refuse: authentic, so never hostile.
+    Reason.CLAIMS_FORBIDDEN: ReasonInfo(403, "the token does not grant access to this resource"),
     Reason.BANNED: ReasonInfo(403, "this client is temporarily banned"),
     Reason.UNSUPPORTED_VERSION: ReasonInfo(426, "only WebSocket version 13 is supported"),
     Reason.QUOTA_USER: ReasonInfo(429, "too many open connections for this user"),

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from extauth.claims import ClaimRules, compile_rules
 from extauth.config import Config, JwtConfig, Match, Policy
 from extauth.memo import AllowMemo
 from extauth.origin import OriginPolicy
@@ -81,6 +82,7 @@ class CompiledPolicy:
     verifier: JwtVerifier | None
     limits: Limits | None  # None: nothing to count, the store is not touched
     header_templates: tuple[tuple[str, Template], ...]
+    claim_rules: ClaimRules
     # Copied out of the pydantic model: read on every check by select_policy.
     name: str
     match: Match | None
@@ -89,6 +91,9 @@ class CompiledPolicy:
     credential_headers: tuple[str, ...] = ()
     reads_query: bool = False
     repeatable: bool = False
+    # The policy's answer depends on the method and path (claim rules scoped by them): a
+    # remembered allow keys on both.
+    keys_target: bool = False
     # Identity headers other policies set and this one does not: removed from every request
     # it allows. An upstream behind several policies trusts them because only extauth sets
     # them; a client must not bring its own through a policy that leaves them alone.
@@ -158,6 +163,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                                        cache_size=cfg.token_cache_size, source=source)
             verifiers[key] = verifier
         sources = TokenSources(p.jwt.token_sources) if p.jwt else None
+        rules = compile_rules([r.spec() for r in p.claim_rules])
         credential_headers, reads_query = sources.inputs() if sources else ((), False)
         compiled.append(
             CompiledPolicy(
@@ -167,6 +173,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 verifier=verifier,
                 limits=_limits(p, cfg),
                 header_templates=tuple((k, Template(v)) for k, v in p.upstream_headers.items()),
+                claim_rules=rules,
                 name=p.name,
                 match=p.match,
                 credential_headers=credential_headers,
@@ -174,6 +181,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 # A WebSocket-only policy denies plain HTTP, and a shadow policy's allows
                 # may stand for denials: neither is worth remembering.
                 repeatable=not p.websocket_only and not p.shadow,
+                keys_target=rules.scoped,
                 foreign_identity_headers=tuple(sorted(identity - p.upstream_headers.keys())),
             )
         )

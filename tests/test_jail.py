@@ -69,6 +69,7 @@ EXPECTED_HOSTILE: dict[Reason, bool] = {
     Reason.ORIGIN_NOT_ALLOWED: False,  # a partner page we did not list
     Reason.ORIGIN_MISSING: False,
     Reason.NO_POLICY: False,
+    Reason.CLAIMS_FORBIDDEN: False,  # an authentic token without the role: an honest user
     Reason.BANNED: False,  # counting it would extend bans forever
     Reason.UNSUPPORTED_VERSION: False,
     Reason.QUOTA_USER: False,

@@ -1,0 +1,193 @@
+"""Claim rules: which verified tokens a policy admits, by the values of their claims.
+
+Compiled once per runtime from a policy's ``claim_rules``; evaluating them is a pure function
+of the claims, the method and the path, so a verified-token cache hit or a remembered allow
+never outlives a rule's answer. Anything not of the expected shape (a wrong type, a list or a
+string over the bounds below, an object where a value is expected) fails the check: a denial,
+never an error.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+__all__ = ["MAX_CLAIM_ITEMS", "MAX_CLAIM_TEXT", "ClaimRules", "claim_at", "compile_rules", "split_path"]
+
+# Bounds on what a check reads from one claim; beyond them the check fails. A token is at
+# most max_token_bytes, so these bound the work per check well below it.
+MAX_CLAIM_ITEMS = 1024
+MAX_CLAIM_TEXT = 16384
+# Claim paths are at most this deep (config-checked): the walk is bounded whatever the token.
+MAX_PATH_DEPTH = 8
+
+Scalar = str | int | bool
+Check = Callable[[Mapping[str, Any]], bool]
+_MISSING = object()
+
+
+def split_path(claim: str | Sequence[str]) -> tuple[str, ...]:
+    """``"realm_access.roles"`` -> ("realm_access", "roles"); a list gives the segments as
+    they are (for claim names with dots, such as ``https://example.com/roles``)."""
+    return tuple(claim.split(".")) if isinstance(claim, str) else tuple(claim)
+
+
+def claim_at(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path``, or ``_MISSING``; walks objects only."""
+    value: Any = claims
+    for key in path:
+        if not isinstance(value, Mapping):
+            return _MISSING
+        value = value.get(key, _MISSING)
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
+def _same(a: Any, b: Scalar) -> bool:
+    # Type-exact: "1" is not 1, and true is not 1 (bool is an int in Python).
+    return type(a) is type(b) and a == b
+
+
+def _items(value: Any) -> Sequence[str] | None:
+    """The strings a claim holds: a space-delimited string (OAuth ``scope``, RFC 6749 §3.3)
+    or an array of strings (``roles``, ``groups``); None for anything else or over bounds."""
+    if isinstance(value, str):
+        if len(value) > MAX_CLAIM_TEXT:
+            return None
+        return value.split()
+    if isinstance(value, list):
+        if len(value) > MAX_CLAIM_ITEMS:
+            return None
+        for item in value:
+            if not isinstance(item, str) or len(item) > MAX_CLAIM_TEXT:
+                return None
+        return value
+    return None
+
+
+def _equals(path: tuple[str, ...], expected: Scalar) -> Check:
+    def check(claims: Mapping[str, Any]) -> bool:
+        return _same(claim_at(claims, path), expected)
+    return check
+
+
+def _one_of(path: tuple[str, ...], allowed: Sequence[Scalar]) -> Check:
+    typed = frozenset((type(v), v) for v in allowed)
+
+    def check(claims: Mapping[str, Any]) -> bool:
+        value = claim_at(claims, path)
+        if not isinstance(value, str | int) or (isinstance(value, str) and len(value) > MAX_CLAIM_TEXT):
+            return False
+        return (type(value), value) in typed
+    return check
+
+
+def _contains(path: tuple[str, ...], wanted: Sequence[str], *, every: bool) -> Check:
+    required = tuple(dict.fromkeys(wanted))
+
+    def check(claims: Mapping[str, Any]) -> bool:
+        items = _items(claim_at(claims, path))
+        if items is None:
+            return False
+        held = frozenset(items) if len(items) > 8 else items
+        if every:
+            return all(r in held for r in required)
+        return any(r in held for r in required)
+    return check
+
+
+def compile_check(spec: Mapping[str, Any]) -> Check:
+    """One check from its config form: ``claim`` and exactly one of ``equals``, ``one_of``,
+    ``contains_all``, ``contains_any`` (the config schema guarantees the shape)."""
+    path = split_path(spec["claim"])
+    if "equals" in spec:
+        return _equals(path, spec["equals"])
+    if "one_of" in spec:
+        return _one_of(path, spec["one_of"])
+    if "contains_all" in spec:
+        return _contains(path, spec["contains_all"], every=True)
+    return _contains(path, spec["contains_any"], every=False)
+
+
+def normalized_path(path: str) -> str:
+    """The path as an upstream that decodes and resolves it would see it, for scoping rules:
+    ``/%61dmin/../admin//x`` is ``/admin/x``."""
+    decoded = unquote(path, errors="replace").replace("\\", "/")
+    resolved = posixpath.normpath(decoded) if decoded else "/"
+    if resolved.startswith("//"):  # normpath keeps a leading "//"
+        resolved = "/" + resolved.lstrip("/")
+    return resolved + ("/" if decoded.endswith("/") and resolved != "/" else "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    path_prefix: str | None
+    methods: frozenset[str]
+    all_of: tuple[Check, ...]
+    any_of: tuple[Check, ...]
+
+    def applies(self, method: str, path: str, normalized: Callable[[], str]) -> bool:
+        if self.methods and method.upper() not in self.methods:
+            return False
+        prefix = self.path_prefix
+        # A rule only adds requirements: scoped by the raw path or the normalized one,
+        # whichever matches, so an encoded or dotted spelling cannot step around it.
+        return prefix is None or path.startswith(prefix) or normalized().startswith(prefix)
+
+    def holds(self, claims: Mapping[str, Any]) -> bool:
+        for check in self.all_of:
+            if not check(claims):
+                return False
+        if not self.any_of:
+            return True
+        return any(check(claims) for check in self.any_of)
+
+
+class ClaimRules:
+    """A policy's compiled claim rules: ``allows`` is True when every rule that applies to the
+    request holds for the claims."""
+
+    __slots__ = ("_rules", "_scoped")
+
+    def __init__(self, rules: tuple[_Rule, ...]) -> None:
+        self._rules = rules
+        self._scoped = any(r.path_prefix is not None or r.methods for r in rules)
+
+    @property
+    def scoped(self) -> bool:
+        """Whether the answer depends on the method or the path (then a remembered allow must
+        key on them too)."""
+        return self._scoped
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def allows(self, claims: Mapping[str, Any], method: str, path: str) -> bool:
+        memo: list[str] = []
+
+        def normalized() -> str:
+            if not memo:
+                memo.append(normalized_path(path))
+            return memo[0]
+
+        for rule in self._rules:
+            if rule.applies(method, path, normalized) and not rule.holds(claims):
+                return False
+        return True
+
+
+def compile_rules(specs: Sequence[Mapping[str, Any]]) -> ClaimRules:
+    """Rules from their config form (``Policy.claim_rules`` dumped to plain data)."""
+    rules = []
+    for spec in specs:
+        rules.append(_Rule(
+            path_prefix=spec.get("path_prefix"),
+            methods=frozenset(m.upper() for m in spec.get("methods") or ()),
+            all_of=tuple(compile_check(c) for c in spec.get("all_of") or ()),
+            any_of=tuple(compile_check(c) for c in spec.get("any_of") or ()),
+        ))
+    return ClaimRules(tuple(rules))
