@@ -1,30 +1,21 @@
-"""``extauth envoy-config``: a complete Envoy bootstrap for an extauth config, built from typed
-messages (``envoy-data-plane``), never from string templates.
+"""``extauth envoy-config``: the options, their checks and the CLI for a complete Envoy
+bootstrap, built from typed ``envoy-data-plane`` messages (:mod:`extauth.envoy_bootstrap`).
 
-Every message is a pydantic-validated dataclass that forbids unknown fields, so a misspelt
-field name or a wrong enum fails here, in Python, instead of producing YAML that Envoy
-rejects (or, worse, silently ignores). The annotated reference in ``envoy/envoy.yaml``
-explains each setting; this module produces the same shape for any set of policies,
-upstreams and extauth replicas::
-
-    extauth envoy-config -c extauth.yaml --listen 0.0.0.0:8080 \\
-        --upstream chat=127.0.0.1:8081 --route /ws=chat:chat > envoy.yaml
-    envoy -c envoy.yaml
-
-``envoy-data-plane`` takes a couple of seconds to import: it is imported inside
-:func:`build_bootstrap`, never at module import time.
+Typed messages forbid unknown fields, so a misspelt field fails here instead of producing YAML
+that Envoy rejects or ignores. ``envoy/envoy.yaml`` is the annotated reference of the same shape.
+To add an option: a field on ``EnvoyOptions``, a flag in ``add_arguments`` (same name), and its
+use in the one ``envoy_bootstrap`` function that builds the message it belongs to.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import ipaddress
 import math
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +117,8 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class EnvoyOptions:
+    """Everything the bootstrap takes besides the extauth config (seconds for durations)."""
+
     listen: HostPort
     upstreams: Sequence[Upstream]
     routes: Sequence[RouteSpec] = ()
@@ -142,16 +135,11 @@ class EnvoyOptions:
     max_connections: int = 50_000
 
 
-def _td(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
-
-
 def default_routes(cfg: Config, upstream: str) -> list[RouteSpec]:
-    """One route per path_prefix a policy matches, all to ``upstream``, naming no policy:
-    extauth's own matching decides (the first policy in config order whose ``hosts`` and
-    prefix fit, else ``no_policy``). Naming each prefix's policy on its route would lose
-    ``hosts`` and config order, which Envoy's one virtual host and longest-prefix routes
-    cannot express: a request could get another policy's rules, or a policy for no host."""
+    """One route per policy path_prefix, all to ``upstream``, naming no policy.
+
+    extauth's own matching then decides: Envoy's longest-prefix routes cannot express
+    ``hosts`` and config order, so a named policy could be another policy's rules."""
     prefixes = dict.fromkeys(p.match.path_prefix for p in cfg.policies if p.match is not None)
     return [RouteSpec(prefix, upstream, None) for prefix in prefixes]
 
@@ -230,279 +218,15 @@ def build_bootstrap(cfg: Config, opts: EnvoyOptions) -> Any:
     with warnings.catch_warnings():
         # envoy-data-plane's generated validators trip pydantic deprecation warnings.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _build_bootstrap(cfg, opts)
+        from extauth import envoy_bootstrap
 
-
-def _build_bootstrap(cfg: Config, opts: EnvoyOptions) -> Any:
-    from envoy_data_plane.envoy.config.accesslog.v3 import (
-        AccessLog,
-        AccessLogFilter,
-        LogTypeFilter,
-        MetadataFilter,
-    )
-    from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
-    from envoy_data_plane.envoy.config.cluster.v3 import (
-        CircuitBreakers,
-        CircuitBreakersThresholds,
-        Cluster,
-        ClusterDiscoveryType,
-        ClusterLbPolicy,
-    )
-    from envoy_data_plane.envoy.config.core.v3 import (
-        Address,
-        ApiVersion,
-        GrpcService,
-        GrpcServiceEnvoyGrpc,
-        HealthCheck,
-        HealthCheckGrpcHealthCheck,
-        Http2ProtocolOptions,
-        HttpProtocolOptionsHeadersWithUnderscoresAction,
-        SocketAddress,
-        SubstitutionFormatString,
-        TypedExtensionConfig,
-    )
-    from envoy_data_plane.envoy.config.endpoint.v3 import (
-        ClusterLoadAssignment,
-        Endpoint,
-        LbEndpoint,
-        LocalityLbEndpoints,
-    )
-    from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-    from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
-    from envoy_data_plane.envoy.config.route.v3 import (
-        Route,
-        RouteAction,
-        RouteActionMaxStreamDuration,
-        RouteConfiguration,
-        RouteMatch,
-        VirtualHost,
-    )
-    from envoy_data_plane.envoy.data.accesslog.v3 import AccessLogType
-    from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
-        CommonGrpcAccessLogConfig,
-        HttpGrpcAccessLogConfig,
-    )
-    from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
-    from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
-        CheckSettings,
-        ExtAuthz,
-        ExtAuthzPerRoute,
-    )
-    from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
-    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
-        HttpConnectionManager,
-        HttpConnectionManagerCodecType,
-        HttpConnectionManagerHcmAccessLogOptions,
-        HttpConnectionManagerPathWithEscapedSlashesAction,
-        HttpConnectionManagerUpgradeConfig,
-        HttpFilter,
-    )
-    from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
-    from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
-        DownstreamConnectionsConfig,
-    )
-    from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
-        HttpProtocolOptions,
-        HttpProtocolOptionsExplicitHttpConfig,
-    )
-    from envoy_data_plane.envoy.type.matcher.v3 import (
-        MetadataMatcher,
-        MetadataMatcherPathSegment,
-        ValueMatcher,
-    )
-    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
-    from envoy_data_plane.google.protobuf import Any as PbAny
-    from envoy_data_plane.google.protobuf import Struct
-
-    check_options(cfg, opts)
-    upstream_names = [u.name for u in opts.upstreams]
-    routes = list(opts.routes or default_routes(cfg, upstream_names[0]))
-    # Longest prefix first: /ws/admin must win over /ws.
-    routes.sort(key=lambda r: len(r.prefix), reverse=True)
-    extauth = list(opts.extauth) or [_extauth_from_config(cfg)]
-    flush = flush_interval_for(cfg, opts.flush_interval)
-
-    def address(hp: HostPort) -> Address:
-        return Address(socket_address=SocketAddress(address=hp.host, port_value=hp.port))
-
-    def cluster(name: str, endpoints: Sequence[HostPort], *, http2: bool = False) -> Cluster:
-        c = Cluster(
-            name=name,
-            connect_timeout=_td(1.0),
-            # IP literals need no resolver; names are re-resolved (containers, DNS).
-            type=(ClusterDiscoveryType.STATIC if all(e.is_ip for e in endpoints)
-                  else ClusterDiscoveryType.STRICT_DNS),
-            lb_policy=ClusterLbPolicy.ROUND_ROBIN,
-            load_assignment=ClusterLoadAssignment(
-                cluster_name=name,
-                endpoints=[LocalityLbEndpoints(lb_endpoints=[
-                    LbEndpoint(endpoint=Endpoint(address=address(e))) for e in endpoints
-                ])],
-            ),
-            # Every open WebSocket holds one upstream connection and one active request
-            # for hours: Envoy's default of 1,024 per cluster would cap concurrent sockets
-            # per upstream far below the listener's limit, and the surplus would wait in
-            # the pending queue forever (WebSocket routes have no request timeout).
-            # The global downstream limit is the real bound.
-            circuit_breakers=CircuitBreakers(thresholds=[CircuitBreakersThresholds(
-                max_connections=opts.max_connections,
-                max_pending_requests=opts.max_connections,
-                max_requests=opts.max_connections,
-            )]),
-        )
-        if http2:
-            c.typed_extension_protocol_options = {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": PbAny.pack(HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()),
-                )),
-            }
-        return c
-
-    ext_cluster = cluster(EXTAUTH_CLUSTER, extauth, http2=True)
-    # The access-log stream's buffer. Envoy discards a whole batch of entries when the stream
-    # is above this (the default 1 MiB) instead of waiting: when thousands of WebSockets close
-    # at once (an Envoy drain, a client network blip) their end entries outrun extauth, and
-    # every lost one holds its slot until the lease TTL. Measured in the bench: 6,000 sockets
-    # closed at once lost 5,018 entries at 1 MiB and none at 32 MiB (about 1 KiB an entry;
-    # memory is only taken while extauth is behind).
-    ext_cluster.per_connection_buffer_limit_bytes = ALS_BUFFER_LIMIT_BYTES
-    # gRPC health checks take a replica that stops (or drains: it reports NOT_SERVING
-    # first) out of rotation; with every replica down Envoy's panic mode still tries them,
-    # so checks fail with status_on_error, and recover as soon as one is back.
-    ext_cluster.health_checks = [HealthCheck(
-        timeout=_td(0.5), interval=_td(1.0), unhealthy_threshold=1, healthy_threshold=1,
-        grpc_health_check=HealthCheckGrpcHealthCheck(),
-    )]
-    clusters = [ext_cluster] + [cluster(u.name, [u.endpoint]) for u in opts.upstreams]
-
-    def per_route(policy: str | None) -> dict[str, PbAny]:
-        if policy is None:
-            return {}
-        return {EXT_AUTHZ_FILTER: PbAny.pack(ExtAuthzPerRoute(
-            check_settings=CheckSettings(context_extensions={"policy": policy})))}
-
-    def route(r: RouteSpec) -> Route:
-        return Route(
-            name=f"{r.policy}:{r.prefix}" if r.policy else r.prefix,
-            match=RouteMatch(prefix=r.prefix),
-            route=RouteAction(
-                cluster=r.upstream,
-                # A WebSocket's response never "completes": no whole-request timeout, but a
-                # hard cap so a long-lived connection is closed and must re-authenticate
-                # (a revoked or expired token lives at most this long), and an idle cap.
-                timeout=_td(0),
-                idle_timeout=_td(opts.stream_idle_timeout),
-                max_stream_duration=RouteActionMaxStreamDuration(
-                    max_stream_duration=_td(opts.max_stream_duration)),
-            ),
-            typed_per_filter_config=per_route(r.policy),
-        )
-
-    ext_authz = ExtAuthz(
-        grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTAUTH_CLUSTER),
-            timeout=_td(opts.ext_authz_timeout),
-        ),
-        transport_api_version=ApiVersion.V3,
-        failure_mode_allow=False,
-        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
-        # Refuse header mutations that are not valid HTTP instead of forwarding them.
-        validate_mutations=True,
-    )
-
-    lease_filter = AccessLogFilter(metadata_filter=MetadataFilter(
-        matcher=MetadataMatcher(
-            filter=EXT_AUTHZ_FILTER,
-            path=[MetadataMatcherPathSegment(key="lease_id")],
-            value=ValueMatcher(present_match=True),
-        ),
-        match_if_key_not_found=False,
-    ))
-    als = AccessLog(
-        name="envoy.access_loggers.http_grpc",
-        filter=lease_filter,
-        typed_config=PbAny.pack(HttpGrpcAccessLogConfig(common_config=CommonGrpcAccessLogConfig(
-            log_name=ALS_LOG_NAME,
-            grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTAUTH_CLUSTER)),
-            transport_api_version=ApiVersion.V3,
-            buffer_flush_interval=_td(opts.als_buffer_flush),
-        ))),
-    )
-    stdout_log = AccessLog(
-        name="envoy.access_loggers.stdout",
-        # Final entries only: the periodic/tunnel entries exist for the lease stream.
-        filter=AccessLogFilter(log_type_filter=LogTypeFilter(types=[AccessLogType.DownstreamEnd])),
-        typed_config=PbAny.pack(StdoutAccessLog(log_format=SubstitutionFormatString(
-            json_format=Struct.from_dict(ACCESS_LOG_FORMAT),
-            # %REQ_WITHOUT_QUERY(...)% is an extension formatter: it must be named here.
-            formatters=[TypedExtensionConfig(
-                name="envoy.formatter.req_without_query",
-                typed_config=PbAny.pack(ReqWithoutQuery()))],
-        ))),
-    )
-
-    hcm = HttpConnectionManager(
-        stat_prefix="ingress",
-        codec_type=HttpConnectionManagerCodecType.AUTO,
-        upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="websocket")],
-        # Edge proxy: the client address is the TCP peer, X-Forwarded-For is ours.
-        use_remote_address=True,
-        # Policies are chosen by path: normalize it so /ws/../api and //ws cannot
-        # reach a route with another policy's rules.
-        normalize_path=True,
-        merge_slashes=True,
-        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT,
-        common_http_protocol_options=_http_protocol_options(
-            HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST, opts),
-        stream_idle_timeout=_td(opts.stream_idle_timeout),
-        request_headers_timeout=_td(10),
-        # The default 1 s delayed close held every client-initiated WebSocket close
-        # (and so the lease release) for a second; 100 ms still lets a client read a
-        # local reply (a 403) before the connection goes away.
-        delayed_close_timeout=_td(0.1),
-        route_config=RouteConfiguration(
-            name="ingress",
-            virtual_hosts=[VirtualHost(name="ingress", domains=["*"], routes=[route(r) for r in routes])],
-        ),
-        http_filters=[
-            HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=PbAny.pack(ext_authz)),
-            HttpFilter(name="envoy.filters.http.router", typed_config=PbAny.pack(Router())),
-        ],
-        access_log=[stdout_log, als],
-        access_log_options=HttpConnectionManagerHcmAccessLogOptions(
-            access_log_flush_interval=_td(flush),
-            flush_log_on_tunnel_successfully_established=True,
-        ),
-    )
-    listener = Listener(
-        name="ingress",
-        address=address(opts.listen),
-        filter_chains=[FilterChain(filters=[Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(hcm))])],
-    )
-    overload = OverloadManager(
-        refresh_interval=_td(0.25),
-        resource_monitors=[ResourceMonitor(
-            name="envoy.resource_monitors.global_downstream_max_connections",
-            typed_config=PbAny.pack(DownstreamConnectionsConfig(
-                max_active_downstream_connections=opts.max_connections)),
-        )],
-    )
-    return Bootstrap(
-        admin=Admin(address=address(opts.admin)),
-        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
-        overload_manager=overload,
-    )
-
-
-def _http_protocol_options(action: Any, opts: EnvoyOptions) -> Any:
-    from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CoreHttpProtocolOptions
-
-    # Underscored header names are refused: some upstreams treat x_user_id as x-user-id,
-    # which would let a client smuggle an identity header past the ext_authz rewrite.
-    return CoreHttpProtocolOptions(headers_with_underscores_action=action,
-                                   idle_timeout=_td(opts.stream_idle_timeout))
+        check_options(cfg, opts)
+        routes = list(opts.routes or default_routes(cfg, opts.upstreams[0].name))
+        # Longest prefix first: /ws/admin must win over /ws.
+        routes.sort(key=lambda r: len(r.prefix), reverse=True)
+        return envoy_bootstrap.bootstrap(
+            opts, routes=routes, extauth=list(opts.extauth) or [_extauth_from_config(cfg)],
+            flush_interval=flush_interval_for(cfg, opts.flush_interval))
 
 
 def _extauth_from_config(cfg: Config) -> HostPort:
@@ -530,18 +254,22 @@ def generate(cfg: Config, opts: EnvoyOptions) -> str:
     return render_yaml(build_bootstrap(cfg, opts), header=header)
 
 
+# The options parsed from their flags' text; every other field is taken as is from the flag
+# of the same name (a field without a flag keeps its default).
+_PARSED_OPTIONS = ("listen", "upstreams", "routes", "extauth", "admin")
+
+
 def options_from_args(args: argparse.Namespace) -> EnvoyOptions:
+    """``EnvoyOptions`` from ``add_arguments``' flags; raises EnvoyConfigError on bad text."""
+    plain = {f.name: getattr(args, f.name) for f in fields(EnvoyOptions)
+             if f.name not in _PARSED_OPTIONS and hasattr(args, f.name)}
     return EnvoyOptions(
         listen=HostPort.parse(args.listen, "--listen"),
         upstreams=[Upstream.parse(u) for u in args.upstream],
         routes=[RouteSpec.parse(r) for r in args.route],
         extauth=[HostPort.parse(e, "--extauth") for e in args.extauth],
         admin=HostPort(args.admin_address, args.admin_port),
-        flush_interval=args.flush_interval,
-        ext_authz_timeout=args.ext_authz_timeout,
-        max_stream_duration=args.max_stream_duration,
-        stream_idle_timeout=args.stream_idle_timeout,
-        max_connections=args.max_connections,
+        **plain,
     )
 
 
