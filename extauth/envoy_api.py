@@ -51,6 +51,7 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
         context=attrs.context_extensions,
         request_id=http.id,
         scheme=http.scheme,
+        protocol=http.protocol,
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extauth.addresses import canonical_ip, client_subject, forwarded_ip
-from extauth.handshake import is_upgrade_attempt, validate_handshake
+from extauth.handshake import is_extended_connect, is_upgrade_attempt, new_key, validate_handshake
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
 from extauth.memo import Repeat
@@ -81,6 +81,7 @@ class _Ctx:
     own_address: bool = True
     evidence: str | None = None  # a hostile denial's token, digested: what the jail counts
     websocket: bool = False
+    extended_connect: bool = False  # a WebSocket over HTTP/2 or HTTP/3 (RFC 8441, RFC 9220)
     policy: CompiledPolicy | None = None
     verified: VerifiedToken | None = None
     headers_to_set: dict[str, str] = field(default_factory=dict)
@@ -185,6 +186,7 @@ class Authorizer:
         ctx.client_address, ctx.own_address = _client_address(req, rt.config.xff_hops)
         ctx.client_ip = client_subject(ctx.client_address, rt.config.ipv6_prefix_length)
         ctx.websocket = is_upgrade_attempt(req.headers)
+        ctx.extended_connect = ctx.websocket and is_extended_connect(req.protocol)
         policy = select_policy(rt.policies, rt.by_name, req.context, req.host, req.path)
         if policy is None:
             raise DenyError(Reason.NO_POLICY, "no policy for route")
@@ -192,7 +194,7 @@ class Authorizer:
         if self.jail is not None and self.jail.is_banned(ctx.client_ip):
             raise DenyError(Reason.BANNED)
         if ctx.websocket:
-            validate_handshake(req.method, req.headers)
+            validate_handshake(req.method, req.headers, req.protocol)
             self._check_origin(policy, req.headers)
         elif policy.policy.websocket_only:
             raise DenyError(Reason.BAD_HANDSHAKE, "plain HTTP request on a WebSocket-only policy")
@@ -292,6 +294,10 @@ class Authorizer:
             else:
                 # Never let a client-supplied identity header through unreplaced.
                 remove.append(name)
+        if ctx.extended_connect:
+            # The stream has no key: an HTTP/1.1 upstream needs one to accept the upgrade
+            # Envoy translates it to (an HTTP/2 one ignores it, RFC 8441 §5).
+            headers["sec-websocket-key"] = new_key()
         valid_until = None
         if not ctx.websocket and ctx.lease is None:
             valid_until = ctx.verified.expires_at if ctx.verified else math.inf

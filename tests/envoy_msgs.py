@@ -28,6 +28,16 @@ def ws_headers(origin: str | None = "https://app.example.com", **extra: str) -> 
     return h
 
 
+def h2_ws_headers(origin: str | None = "https://app.example.com", **extra: str) -> dict[str, str]:
+    """An HTTP/2 or HTTP/3 WebSocket (extended CONNECT) as Envoy 1.40 presents it to ext_authz:
+    ``:protocol`` as ``upgrade``, its own ``connection: upgrade``, and no key."""
+    h = {"upgrade": "websocket", "connection": "upgrade", "sec-websocket-version": "13"}
+    if origin is not None:
+        h["origin"] = origin
+    h.update({k.replace("_", "-"): v for k, v in extra.items()})
+    return h
+
+
 def check_request(
     path: str = "/ws",
     headers: Mapping[str, str] | None = None,
@@ -36,8 +46,9 @@ def check_request(
     host: str = "ws.example.com",
     source_ip: str = "203.0.113.7",
     context: Mapping[str, str] | None = None,
+    protocol: str = "HTTP/1.1",
 ) -> external_auth_pb2.CheckRequest:
-    http = AC.HttpRequest(method=method, path=path, host=host, scheme="http", protocol="HTTP/1.1",
+    http = AC.HttpRequest(method=method, path=path, host=host, scheme="http", protocol=protocol,
                           id="req-1", headers=dict(headers or {}))
     source = AC.Peer(address=address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=source_ip, port_value=40000)))

@@ -21,7 +21,7 @@ from extauth.runtime import build_runtime
 from extauth.store import open_store
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
-from tests.envoy_msgs import ws_headers
+from tests.envoy_msgs import h2_ws_headers, ws_headers
 from tests.keys import jwks_for, shared_rsa_key, sign
 
 ISS = "https://issuer.example.com"
@@ -57,6 +57,11 @@ def cfg(jwks_file: str, *, shadow: bool = False, origins: list[str] | None = Non
 def req(query: str = "", **headers: str) -> CheckInput:
     h = ws_headers(**headers)
     return CheckInput(method="GET", host="h", path="/ws", query=query, headers=h, source_ip="198.51.100.9")
+
+
+def h2_req(query: str = "", protocol: str = "HTTP/2", **headers: str) -> CheckInput:
+    return CheckInput(method="GET", host="h", path="/ws", query=query, headers=h2_ws_headers(**headers),
+                      source_ip="198.51.100.9", protocol=protocol)
 
 
 def _peer(source_ip: str, xff: str | None = None) -> CheckInput:
@@ -288,3 +293,39 @@ async def test_a_policy_without_identity_headers_strips_the_ones_other_policies_
     d = await authz.check(req(f"token={token()}"))
     assert d.allowed and d.headers_to_set == {"x-user-id": "alice"} and "x-tenant" in d.headers_to_remove
     assert "x-user-id" not in d.headers_to_remove
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/3"])
+async def test_an_extended_connect_goes_through_every_step_and_gets_a_key(jwks_file: str,
+                                                                          protocol: str) -> None:
+    authz = Authorizer(build_runtime(cfg(jwks_file)), MemoryStore())
+    allowed = [await authz.check(h2_req(f"token={token()}", protocol)) for _ in range(3)]
+    assert all(d.allowed and d.websocket and d.lease is not None for d in allowed)
+    assert allowed[0].query_params_to_remove == ("token",)
+    assert allowed[0].headers_to_set["x-user-id"] == "alice"
+    keys = {d.headers_to_set["sec-websocket-key"] for d in allowed}
+    assert len(keys) == 3  # fresh for every upgrade
+    over = await authz.check(h2_req(f"token={token()}", protocol))
+    assert not over.allowed and over.reason is Reason.QUOTA_USER  # the same quota as HTTP/1.1
+    other = await authz.check(h2_req(f"token={token('bob')}", protocol, origin="https://evil.com"))
+    assert not other.allowed and other.reason is Reason.ORIGIN_NOT_ALLOWED
+    keyed = await authz.check(h2_req(f"token={token('bob')}", protocol,
+                                     sec_websocket_key="dGhlIHNhbXBsZSBub25jZQ=="))
+    assert not keyed.allowed and keyed.reason is Reason.BAD_HANDSHAKE
+
+
+async def test_an_http1_upgrade_keeps_its_own_key(jwks_file: str) -> None:
+    authz = Authorizer(build_runtime(cfg(jwks_file)), MemoryStore())
+    d = await authz.check(req(f"token={token()}"))
+    assert d.allowed and "sec-websocket-key" not in d.headers_to_set
+    # Without the key an HTTP/1.1 upgrade is still refused: only HTTP/2 and HTTP/3 need none.
+    no_key = CheckInput(method="GET", host="h", path="/ws", query=f"token={token()}",
+                        headers=h2_ws_headers(), source_ip="198.51.100.9", protocol="HTTP/1.1")
+    assert (await authz.check(no_key)).reason is Reason.BAD_HANDSHAKE
+
+
+async def test_a_shadow_allow_of_an_extended_connect_gets_a_key(jwks_file: str) -> None:
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    d = await authz.check(h2_req(f"token={token()}", sec_websocket_version="8"))
+    assert d.allowed and d.shadow_reason is Reason.UNSUPPORTED_VERSION
+    assert len(d.headers_to_set["sec-websocket-key"]) == 24

@@ -22,7 +22,15 @@ from extauth.config import load_config, parse_config
 from extauth.server import ExtAuthServer
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
-from tests.envoy_msgs import als_message, check_request, headers_of, log_entry, metadata_of, ws_headers
+from tests.envoy_msgs import (
+    als_message,
+    check_request,
+    h2_ws_headers,
+    headers_of,
+    log_entry,
+    metadata_of,
+    ws_headers,
+)
 from tests.keys import (
     JwksServer,
     jwks_for,
@@ -136,6 +144,17 @@ async def test_allow_strips_query_token_and_adds_identity(client: Client) -> Non
     assert md["policy"] == "chat" and md["user"] == "alice" and len(md["lease_id"]) >= 16
     assert md["client_ip"] == "203.0.113.7"
     assert "token" not in json.dumps(md)
+
+
+async def test_the_request_protocol_reaches_the_pipeline(client: Client) -> None:
+    # An HTTP/2 WebSocket as Envoy sends it: allowed, with a key for an HTTP/1.1 upstream ...
+    resp = await client.check(f"/ws?token={token()}", h2_ws_headers(), protocol="HTTP/2")
+    assert resp.status.code == 0, reason_of(resp)
+    assert len(headers_of(resp)["sec-websocket-key"]) == 24
+    assert metadata_of(resp)["lease_id"]
+    # ... and the same headers claiming HTTP/1.1 lack the key RFC 6455 requires.
+    resp = await client.check(f"/ws?token={token()}", h2_ws_headers(), protocol="HTTP/1.1")
+    assert reason_of(resp) == "bad_handshake"
 
 
 async def test_missing_claim_header_is_removed_not_left_spoofable(client: Client) -> None:
