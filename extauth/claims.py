@@ -9,13 +9,15 @@ never an error.
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["MAX_CLAIM_ITEMS", "MAX_CLAIM_TEXT", "ClaimRules", "claim_at", "compile_rules", "split_path"]
+__all__ = ["MAX_CLAIM_ITEMS", "MAX_CLAIM_TEXT", "MAX_METADATA_BYTES", "ClaimRules", "ClaimSelector",
+           "claim_at", "compile_rules", "split_path"]
 
 # Bounds on what a check reads from one claim; beyond them the check fails. A token is at
 # most max_token_bytes, so these bound the work per check well below it.
@@ -191,3 +193,52 @@ def compile_rules(specs: Sequence[Mapping[str, Any]]) -> ClaimRules:
             any_of=tuple(compile_check(c) for c in spec.get("any_of") or ()),
         ))
     return ClaimRules(tuple(rules))
+
+
+# What the claims in one allow's metadata may add up to (their JSON form), and per value.
+MAX_METADATA_BYTES = 4096
+_MAX_METADATA_ITEMS = 64
+_MAX_METADATA_TEXT = 1024
+
+
+def _metadata_value(value: Any) -> Any:
+    """A claim as a metadata value: a string, a finite number, a boolean, or a list of those;
+    None for anything else (objects, over the bounds)."""
+    if isinstance(value, bool) or (isinstance(value, int) and -2**53 <= value <= 2**53):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_METADATA_TEXT else None
+    if isinstance(value, list) and len(value) <= _MAX_METADATA_ITEMS:
+        items = [_metadata_value(v) for v in value]
+        if all(i is not None and not isinstance(i, list) for i in items):
+            return items
+    return None
+
+
+class ClaimSelector:
+    """The claims a policy hands to Envoy in its allow's dynamic metadata, bounded in size:
+    a claim that is missing, of another shape or past the budget is left out."""
+
+    __slots__ = ("_paths",)
+
+    def __init__(self, claims: Sequence[str | Sequence[str]]) -> None:
+        self._paths = tuple((c if isinstance(c, str) else ".".join(c), split_path(c)) for c in claims)
+
+    def __bool__(self) -> bool:
+        return bool(self._paths)
+
+    def select(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        budget = MAX_METADATA_BYTES
+        for name, path in self._paths:
+            value = _metadata_value(claim_at(claims, path))
+            if value is None:
+                continue
+            size = len(name) + len(json.dumps(value, ensure_ascii=False).encode())
+            if size > budget:
+                continue
+            budget -= size
+            out[name] = value
+        return out

@@ -240,6 +240,15 @@ _MAX_CHECKS = 32
 _MAX_VALUES = 256
 
 
+def _claim_path(v: str | list[str]) -> str | list[str]:
+    segments = v.split(".") if isinstance(v, str) else v
+    if not segments or len(segments) > MAX_PATH_DEPTH or not all(segments):
+        raise ValueError(f"a claim path of 1 to {MAX_PATH_DEPTH} non-empty names")
+    if any(len(s) > 256 for s in segments):
+        raise ValueError("claim names are at most 256 characters")
+    return v
+
+
 class ClaimCheck(_Model):
     """One requirement on one claim: ``claim`` (a dotted path, or its segments as a list for
     names with dots) and exactly one of ``equals``, ``one_of``, ``contains_all``, ``contains_any``."""
@@ -260,12 +269,7 @@ class ClaimCheck(_Model):
     @field_validator("claim")
     @classmethod
     def _claim(cls, v: str | list[str]) -> str | list[str]:
-        segments = v.split(".") if isinstance(v, str) else v
-        if not segments or len(segments) > MAX_PATH_DEPTH or not all(segments):
-            raise ValueError(f"a claim path of 1 to {MAX_PATH_DEPTH} non-empty names")
-        if any(len(s) > 256 for s in segments):
-            raise ValueError("claim names are at most 256 characters")
-        return v
+        return _claim_path(v)
 
     @model_validator(mode="after")
     def _one_test(self) -> ClaimCheck:
@@ -338,6 +342,14 @@ class Policy(_Model):
         default_factory=list, max_length=_MAX_CLAIM_RULES,
         description="Required claims, roles and scopes (docs/authorization.md); a verified token that "
         "fails one is 403 `claims_forbidden`.")
+    metadata_claims: list[str | list[str]] = Field(
+        default_factory=list, max_length=16,
+        description="Claims (paths as in `claim_rules`) put in the allow's dynamic metadata under `claims`, "
+        "for Envoy RBAC, rate limits and access logs; at most 4 KiB together, objects left out.")
+    origins_claim: str | list[str] | None = Field(
+        default=None,
+        description="A claim listing more allowed origins (Keycloak's `allowed-origins`): an upgrade's "
+        "origin passes when it is on `origins` or, in canonical form, on the token's list.")
     shadow: bool = Field(
         default=False, description="Allow everything, but log, count and tag what would have been denied.")
 
@@ -380,6 +392,12 @@ class Policy(_Model):
             raise ValueError("claim placeholders in upstream_headers need a jwt section")
         if self.jwt is None and self.claim_rules:
             raise ValueError("claim_rules need a jwt section (there are no claims without one)")
+        if self.jwt is None and (self.metadata_claims or self.origins_claim is not None):
+            raise ValueError("metadata_claims and origins_claim need a jwt section")
+        for path in self.metadata_claims:
+            _claim_path(path)
+        if self.origins_claim is not None:
+            _claim_path(self.origins_claim)
         return self
 
 

@@ -188,6 +188,8 @@ def _fill_metadata(fields: Any, d: Decision) -> None:
         fields["reason"].string_value = d.reason.value
     if d.shadow_reason is not None:
         fields["shadow_reason"].string_value = d.shadow_reason.value
+    if d.claims:
+        fields["claims"].struct_value.update(d.claims)
     if d.lease is not None:
         fields["lease_id"].string_value = d.lease.lease_id
         # Even when empty (a listener whose peer has no IP, e.g. a Unix socket): the access

@@ -159,3 +159,37 @@ class OriginPolicy:
             ):
                 return True
         return False
+
+
+# A token's own list of allowed origins (``origins_claim``, Keycloak's ``allowed-origins``) is
+# read up to this many entries; a longer list, or anything but a list, allows none.
+MAX_CLAIM_ORIGINS = 256
+_ENTRY_MEMO: dict[str, str | None] = {}
+
+
+def _claim_entry(entry: str) -> str | None:
+    """A claim entry's canonical form when it is exactly one origin: no wildcard, no ``null``,
+    no path; None for junk (refused, never matched)."""
+    canonical = _ENTRY_MEMO.get(entry, "")
+    if canonical == "":
+        parsed = parse_origin(entry) if len(entry) <= _MAX_ORIGIN_CHARS else None
+        canonical = parsed.serialize() if parsed is not None else None
+        if len(entry) <= _MAX_ORIGIN_CHARS:
+            if len(_ENTRY_MEMO) >= _MEMO_MAX:
+                _ENTRY_MEMO.clear()
+            _ENTRY_MEMO[entry] = canonical
+    return canonical
+
+
+def claim_allows(header_value: str, entries: object) -> bool:
+    """True when ``header_value`` is one well-formed origin equal, in canonical form, to a
+    valid entry of a token's origins claim (a list of strings; junk entries never match)."""
+    if not isinstance(entries, list) or len(entries) > MAX_CLAIM_ORIGINS:
+        return False
+    if len(header_value) > _MAX_ORIGIN_CHARS:
+        return False
+    origin = parse_origin(header_value)
+    if origin is None:
+        return False
+    wanted = origin.serialize()
+    return any(isinstance(e, str) and _claim_entry(e) == wanted for e in entries)

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extauth.addresses import canonical_ip, client_subject, forwarded_ip
+from extauth.claims import claim_at
 from extauth.handshake import is_extended_connect, is_upgrade_attempt, new_key, validate_handshake
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
 from extauth.memo import Repeat
 from extauth.metrics import Metrics
+from extauth.origin import claim_allows
 from extauth.policy import select_policy
 from extauth.reasons import DenyError, Reason
 from extauth.request import CheckInput
@@ -67,6 +69,8 @@ class Decision:
     # Until when (unix seconds) the same request would be allowed the same way: set only on
     # plain-HTTP allows that took no lease, for the allow memo (extauth/memo.py).
     valid_until: float | None = None
+    # The policy's metadata_claims of the verified token (extauth.claims.ClaimSelector).
+    claims: Mapping[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -193,15 +197,17 @@ class Authorizer:
         ctx.policy = policy
         if self.jail is not None and self.jail.is_banned(ctx.client_ip):
             raise DenyError(Reason.BANNED)
+        pending_origin = None
         if ctx.websocket:
             validate_handshake(req.method, req.headers, req.protocol)
-            self._check_origin(policy, req.headers)
+            pending_origin = self._check_origin(policy, req.headers)
         elif policy.policy.websocket_only:
             raise DenyError(Reason.BAD_HANDSHAKE, "plain HTTP request on a WebSocket-only policy")
         if policy.verifier is not None and policy.sources is not None:
             verified = await self._verify(policy, req, ctx)
-            if policy.claim_rules and not policy.claim_rules.allows(verified.claims, req.method, req.path):
-                raise DenyError(Reason.CLAIMS_FORBIDDEN, "a claim rule does not hold")
+            self._authorize(policy, req, verified, pending_origin)
+        elif pending_origin is not None:
+            raise DenyError(Reason.ORIGIN_NOT_ALLOWED)
         if ctx.websocket and policy.limits is not None:
             await self._acquire(rt, policy, ctx)
         return self._allow(ctx)
@@ -215,14 +221,31 @@ class Authorizer:
             self.store.release_later(lease)
 
     @staticmethod
-    def _check_origin(policy: CompiledPolicy, headers: Mapping[str, str]) -> None:
+    def _check_origin(policy: CompiledPolicy, headers: Mapping[str, str]) -> str | None:
+        """None when the origin passes; the origin itself when only the token's origins claim
+        (checked once the token is verified) can still admit it."""
         origin = headers.get("origin")
         if origin is None:
             if not policy.policy.allow_missing_origin:
                 raise DenyError(Reason.ORIGIN_MISSING)
-            return
-        if not policy.origins.allows(origin):
+            return None
+        if policy.origins.allows(origin):
+            return None
+        if policy.origins_claim is None or policy.verifier is None:
             raise DenyError(Reason.ORIGIN_NOT_ALLOWED)
+        return origin
+
+    @staticmethod
+    def _authorize(policy: CompiledPolicy, req: CheckInput, verified: VerifiedToken,
+                   pending_origin: str | None) -> None:
+        """What the verified claims decide: an origin only the token's own list can admit,
+        then the claim rules."""
+        if pending_origin is not None and not (
+                policy.origins_claim is not None
+                and claim_allows(pending_origin, claim_at(verified.claims, policy.origins_claim))):
+            raise DenyError(Reason.ORIGIN_NOT_ALLOWED, "origin neither listed nor in the token's claim")
+        if policy.claim_rules and not policy.claim_rules.allows(verified.claims, req.method, req.path):
+            raise DenyError(Reason.CLAIMS_FORBIDDEN, "a claim rule does not hold")
 
     @staticmethod
     def _strip(policy: CompiledPolicy, req: CheckInput, ctx: _Ctx) -> str | None:
@@ -315,6 +338,8 @@ class Authorizer:
             lease=ctx.lease,
             lease_tag=ctx.lease_tag,
             valid_until=valid_until,
+            claims=policy.metadata_claims.select(ctx.verified.claims)
+            if ctx.verified is not None and policy.metadata_claims else None,
         )
 
     def _deny(self, rt: Runtime, req: CheckInput, ctx: _Ctx, err: DenyError) -> Decision:

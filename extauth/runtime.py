@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extauth.claims import ClaimRules, compile_rules
+from extauth.claims import ClaimRules, ClaimSelector, compile_rules, split_path
 from extauth.config import Config, JwtConfig, Match, Policy
 from extauth.memo import AllowMemo
 from extauth.origin import OriginPolicy
@@ -83,6 +83,8 @@ class CompiledPolicy:
     limits: Limits | None  # None: nothing to count, the store is not touched
     header_templates: tuple[tuple[str, Template], ...]
     claim_rules: ClaimRules
+    metadata_claims: ClaimSelector
+    origins_claim: tuple[str, ...] | None  # the claim path of a token's own allowed origins
     # Copied out of the pydantic model: read on every check by select_policy.
     name: str
     match: Match | None
@@ -174,6 +176,8 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 limits=_limits(p, cfg),
                 header_templates=tuple((k, Template(v)) for k, v in p.upstream_headers.items()),
                 claim_rules=rules,
+                metadata_claims=ClaimSelector(p.metadata_claims),
+                origins_claim=split_path(p.origins_claim) if p.origins_claim is not None else None,
                 name=p.name,
                 match=p.match,
                 credential_headers=credential_headers,

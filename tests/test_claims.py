@@ -248,3 +248,88 @@ def test_the_allow_memo_keys_on_method_and_path_when_rules_are_scoped(jwks_file:
     same = {repeat_key(check_request("/api/a?x=1", bearer, context={"policy": "api"}), rt),
             repeat_key(check_request("/api/a?x=2", bearer, context={"policy": "api"}), rt)}
     assert len(same) == 1
+
+
+# -- claims to Envoy -----------------------------------------------------------------------------
+
+def test_selected_claims_are_bounded_and_of_metadata_shape() -> None:
+    from extauth.claims import MAX_METADATA_BYTES, ClaimSelector
+    claims = {**KEYCLOAK, "obj": {"a": 1}, "big": "x" * 5000, "nums": [1, 2.5, True], "mixed": [1, {"a": 1}],
+              "huge": 2**80}
+    sel = ClaimSelector(["plan", "realm_access.roles", ["https://example.com/tenant"], "obj", "big", "nums",
+                         "mixed", "huge", "missing", "level"])
+    assert sel.select(claims) == {"plan": "pro", "realm_access.roles": ["chat-user", "offline_access"],
+                                  "https://example.com/tenant": "acme", "nums": [1, 2.5, True], "level": 3}
+    many = ClaimSelector([f"c{i}" for i in range(16)])
+    out = many.select({f"c{i}": "v" * 1000 for i in range(16)})
+    assert 0 < len(out) < 16 and len(json.dumps(out)) <= MAX_METADATA_BYTES + 16 * 8
+
+
+async def test_selected_claims_reach_the_allow_metadata(jwks_file: str) -> None:
+    from extauth.envoy_api import check_response
+    cfg = parse_config({"policies": [{
+        "name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"],
+        "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_file": jwks_file, "token_sources": ["query:token"]},
+        "metadata_claims": ["plan", "realm_access.roles", "absent"]}]})
+    authz = Authorizer(build_runtime(cfg), None)
+    d = await authz.check(ws(token(plan="pro", **ROLE)))
+    assert d.allowed and d.claims == {"plan": "pro", "realm_access.roles": ["chat-user"]}
+    fields = check_response(d).dynamic_metadata.fields
+    claims = fields["claims"].struct_value.fields
+    assert claims["plan"].string_value == "pro"
+    assert [v.string_value for v in claims["realm_access.roles"].list_value.values] == ["chat-user"]
+    denied = await authz.check(ws("not-a-token"))
+    assert denied.claims is None and "claims" not in check_response(denied).dynamic_metadata.fields
+
+
+# -- per-tenant origins --------------------------------------------------------------------------
+
+def test_claim_origins_are_compared_canonically_and_junk_never_matches() -> None:
+    from extauth.origin import MAX_CLAIM_ORIGINS, claim_allows
+    tenant = ["https://Acme.Example:443", "https://*.example.com", "*", "null", "https://x.example/path",
+              7, None, "https://acme.example.com.", "HTTPS://chat.acme.test:8443"]
+    assert claim_allows("https://acme.example", tenant)
+    assert claim_allows("https://chat.acme.test:8443", tenant)
+    for refused in ("https://a.example.com", "null", "https://x.example", "https://acme.example.com",
+                    "https://acme.example.evil", "https://acme.example, https://evil.test"):
+        assert not claim_allows(refused, tenant), refused
+    assert not claim_allows("https://acme.example", "https://acme.example")  # not a list
+    assert not claim_allows("https://acme.example", {"https://acme.example": True})
+    assert not claim_allows("https://acme.example", ["https://x.test"] * MAX_CLAIM_ORIGINS + ["https://acme.example"])
+
+
+def _origin_config(jwks_file: str) -> Any:
+    return parse_config({"policies": [{
+        "name": "chat", "match": {"path_prefix": "/ws"}, "origins": ["https://app.example.com"],
+        "jwt": {"issuer": ISS, "audiences": ["ws"], "jwks_file": jwks_file, "token_sources": ["query:token"]},
+        "origins_claim": "allowed-origins"}]})
+
+
+async def test_the_static_list_and_the_token_claim_combine_as_a_union(jwks_file: str) -> None:
+    authz = Authorizer(build_runtime(_origin_config(jwks_file)), None)
+    acme = token(**{"allowed-origins": ["https://acme.example", "junk"]})
+    plain = token()
+
+    async def reason(tok: str, origin: str | None) -> Reason | None:
+        r = CheckInput(method="GET", host="h", path="/ws", query=f"token={tok}",
+                       headers=ws_headers(origin=origin), source_ip="198.51.100.9")
+        return (await authz.check(r)).reason
+
+    assert await reason(acme, "https://acme.example") is None  # from the token's claim
+    assert await reason(acme, "HTTPS://ACME.EXAMPLE:443") is None  # in canonical form
+    assert await reason(acme, "https://app.example.com") is None  # from the static list
+    assert await reason(plain, "https://app.example.com") is None
+    assert await reason(plain, "https://acme.example") is Reason.ORIGIN_NOT_ALLOWED  # another tenant's
+    assert await reason(acme, "https://other.example") is Reason.ORIGIN_NOT_ALLOWED
+    assert await reason(acme, "junk") is Reason.ORIGIN_NOT_ALLOWED
+    assert await reason(acme, None) is Reason.ORIGIN_MISSING
+    # An origin only a token could admit needs a verified token first.
+    assert await reason("garbage", "https://acme.example") is Reason.TOKEN_MALFORMED
+
+
+def test_origins_claim_and_metadata_claims_need_jwt() -> None:
+    for key, value in (("origins_claim", "allowed-origins"), ("metadata_claims", ["plan"])):
+        with pytest.raises(ConfigError, match="need a jwt section"):
+            parse_config({"policies": [{"name": "p", key: value}]})
+    with pytest.raises(ConfigError, match="claim path"):
+        parse_config(_policy(origins_claim="a..b"))
