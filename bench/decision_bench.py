@@ -32,6 +32,7 @@ from extauth.pipeline import Authorizer
 from extauth.request import CheckInput
 from extauth.runtime import build_runtime
 from extauth.server import AuthorizationService
+from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
 from tests.keys import jwks_for, make_rsa_key, sign
 
@@ -135,7 +136,7 @@ def _run_to_end(coro: Any) -> Any:
 def handler(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
     config = parse_config(_config(jwks_path, 10_000))
     # With the jail, as extauth serves (abuse.enabled by default): a memo hit checks the ban.
-    store = MemoryStore()
+    store = GuardedStore(MemoryStore())
     authz = Authorizer(build_runtime(config), store, jail=Jail(config.abuse, store))
     service = AuthorizationService(authz)
     request = _check_request(tok)

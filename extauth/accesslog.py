@@ -35,7 +35,7 @@ from extauth.lease_tag import METADATA_FIELD as LEASE_TAG_FIELD
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import log_event
 from extauth.metrics import Metrics
-from extauth.store.base import LeaseRef, Store
+from extauth.store.base import LeaseLog, LeaseRef
 
 log = logging.getLogger("extauth.accesslog")
 
@@ -105,7 +105,7 @@ def _leases_in(entries: Any, counts: Counts) -> list[tuple[str, str, LeaseRef, s
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, store_of: Callable[[], Store | None], ttl_of: Callable[[], float],
+    def __init__(self, store_of: Callable[[], LeaseLog | None], ttl_of: Callable[[], float],
                  metrics: Metrics, tagger: LeaseTagger | None = None) -> None:
         # Callables, so a config reload or store swap is seen by open streams.
         self._store_of = store_of
@@ -178,7 +178,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
     async def _sort(
         self, entries: Any, counts: Counts
-    ) -> tuple[Store | None, list[LeaseRef], list[LeaseRef]]:
+    ) -> tuple[LeaseLog | None, list[LeaseRef], list[LeaseRef]]:
         """The batch's leases to refresh and to release, tags checked, and the store."""
         ours = _leases_in(entries, counts)
         store = self._store_of()
@@ -186,7 +186,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             return None, [], []
         try:
             # Off the request path: wait for the load attempt's own end, not a check's bound.
-            await self._tagger.load(store, bounded=False)
+            await self._tagger.load(store)
         except Exception as e:
             log_event(log, logging.WARNING, "lease key unavailable; the leases will expire by TTL",
                       entries=len(ours), error=type(e).__name__)
@@ -206,7 +206,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             refresh = [r for r in refresh if r.lease_id not in gone]
         return store, refresh, release
 
-    async def _apply(self, store: Store, refresh: list[LeaseRef], release: list[LeaseRef]) -> None:
+    async def _apply(self, store: LeaseLog, refresh: list[LeaseRef], release: list[LeaseRef]) -> None:
         # Separately, releases first: a failed refresh must not keep ended connections'
         # slots counted (that is a user refused for a whole TTL), nor the reverse.
         if release:

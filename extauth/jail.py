@@ -46,14 +46,11 @@ from extauth.config import Abuse
 from extauth.logs import log_event
 from extauth.metrics import Metrics
 from extauth.reasons import Reason
-from extauth.store.base import Store, StoreError
+from extauth.store.base import Bans, StoreError
 
 log = logging.getLogger("extauth.jail")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# Store failures the jail absorbs (fail open). Anything else is a bug and is logged with a traceback.
-_STORE_FAILURES = (StoreError, TimeoutError, OSError)
 
 
 def parse_networks(cidrs: list[str]) -> tuple[IpNetwork, ...]:
@@ -91,7 +88,7 @@ class Jail:
     def __init__(
         self,
         cfg: Abuse,
-        store: Store,
+        store: Bans,
         metrics: Metrics | None = None,
         *,
         refresh_seconds: float = 1.0,
@@ -116,10 +113,7 @@ class Jail:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._store_ok = True
-        # Counters for tests and debugging.
         self.dropped = 0  # hostile signals not recorded because too many writes were in flight
-        self.store_failures = 0  # store calls that failed (the jail failed open)
-        self.refreshes = 0  # successful ban-list refreshes
 
     @property
     def store_ok(self) -> bool:
@@ -184,16 +178,12 @@ class Jail:
         self._change_no += 1
         self._changes[ip] = (expires_at, self._change_no)
 
-    def banned_ips(self) -> dict[str, float]:
-        now = self._clock()
-        return {ip: exp for ip, exp in self._bans.items() if exp > now}
-
     async def refresh(self) -> bool:
         """Replace the local ban list with the store's. False (and the old list kept) on failure."""
         started = self._change_no
         try:
             bans = await self.store.list_bans()
-        except _STORE_FAILURES as e:
+        except StoreError as e:
             self._store_failed("list_bans", e)
             return False
         self._store_recovered()
@@ -207,7 +197,6 @@ class Jail:
             else:
                 fresh[ip] = expires_at
         self._bans = fresh
-        self.refreshes += 1
         return True
 
     # -- lifecycle -----------------------------------------------------------------
@@ -228,9 +217,8 @@ class Jail:
         """Stop the refresher; let in-flight writes finish briefly, then cancel them."""
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
-            # Defensive: on Python 3.11 an asyncio.wait_for anywhere below a store call can
-            # swallow a cancellation that races with completion (GuardedStore no longer
-            # uses it, a custom Store might): insist until the task is really done.
+            # An asyncio.wait_for below a store call can swallow a cancellation that races
+            # with completion (Python 3.11): insist until the task is really done.
             while not refresher.done():
                 refresher.cancel()
                 await asyncio.wait({refresher}, timeout=0.1)
@@ -258,7 +246,7 @@ class Jail:
             reached = await self.store.record_hostile(
                 ip, threshold=cfg.threshold, window=float(cfg.window_seconds),
                 ban_seconds=float(cfg.ban_seconds), dry_run=cfg.dry_run, signal=signal)
-        except _STORE_FAILURES as e:
+        except StoreError as e:
             self._store_failed("record_hostile", e)
             return
         except Exception:
@@ -275,7 +263,6 @@ class Jail:
                   ban_seconds=cfg.ban_seconds, dry_run=cfg.dry_run, last_reason=reason.value)
 
     def _store_failed(self, op: str, err: BaseException) -> None:
-        self.store_failures += 1
         if self._store_ok:
             self._store_ok = False
             log_event(log, logging.WARNING, "store unavailable; jail failing open",

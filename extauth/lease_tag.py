@@ -23,15 +23,14 @@ import time
 
 from extauth.aio import retrieve
 from extauth.logs import log_event
-from extauth.store.base import LeaseKeys, LeaseRef, Store, StoreError
-from extauth.store.guard import GuardedStore
+from extauth.store.base import KeyStore, LeaseKeys, LeaseRef, StoreError, StoreTimeoutError
 
 log = logging.getLogger("extauth.lease_tag")
 
 # How often each replica checks the store still holds its key (one small script call).
 REFRESH_SECONDS = 5.0
-# After a failed first load, how long loads fail at once before the store is tried again, for
-# a store without a circuit breaker (a GuardedStore's reset_seconds otherwise).
+# After a failed first load, how long loads fail at once before the store is tried again,
+# unless the caller says (the guarded store's reset_seconds).
 RETRY_SECONDS = 2.0
 
 METADATA_FIELD = "lease_tag"
@@ -62,19 +61,19 @@ class LeaseTagger:
         """Seconds until a load may try the store again after a failed one (0: now)."""
         return max(0.0, self._failed_until - time.monotonic())
 
-    async def load(self, store: Store, *, bounded: bool = True) -> None:
-        """Read the shared key, once per process (raises StoreError or TimeoutError while the
-        store is unreachable or slow).
+    async def load(self, store: KeyStore, *, wait: float | None = None,
+                   retry: float = RETRY_SECONDS) -> None:
+        """Read the shared key, once per process (raises StoreError while the store is
+        unreachable or slow).
 
         Every check that issues a lease waits on this until it has succeeded once, so it must
         cost a check no more than a store call does, even when the store hangs:
         - concurrent callers share one attempt (never one after the other);
-        - ``bounded``: a caller waits at most the store's per-call timeout (a GuardedStore's
-          ``timeout``), then raises TimeoutError; the attempt goes on without it, within the
-          store's own bound, so a slow first connect still loads the key for later checks;
-        - a failed attempt is remembered for about the breaker's reset time (a GuardedStore's
-          ``reset_seconds``): meanwhile loads raise StoreError at once instead of each trying.
-        ``bounded=False`` waits for the attempt's own end, for callers off the request path."""
+        - ``wait``: a caller waits at most this long (the request path's per-call timeout);
+          the attempt goes on without it, within the store's own bound, so a slow first
+          connect still loads the key for later checks; None waits for the attempt's end;
+        - a failed attempt is remembered for ``retry`` seconds: meanwhile loads raise
+          StoreError at once instead of each trying."""
         if self._key is not None:
             return
         attempt = self._loading
@@ -82,26 +81,27 @@ class LeaseTagger:
             if time.monotonic() < self._failed_until:
                 raise StoreError(f"lease key unavailable ({self._failure}); "
                                  f"next attempt in {self.retry_in:.1f} s")
-            attempt = self._loading = asyncio.ensure_future(self._attempt(store))
+            attempt = self._loading = asyncio.ensure_future(self._attempt(store, retry))
             attempt.add_done_callback(retrieve)  # when every caller gave up before its end
-        wait = store.timeout if bounded and isinstance(store, GuardedStore) else None
-        async with asyncio.timeout(wait):
-            # Shielded: a caller giving up (its timeout, its cancellation) leaves the attempt
-            # to the others and to the next checks.
-            await asyncio.shield(attempt)
+        try:
+            async with asyncio.timeout(wait):
+                # Shielded: a caller giving up (its timeout, its cancellation) leaves the attempt
+                # to the others and to the next checks.
+                await asyncio.shield(attempt)
+        except TimeoutError:
+            raise StoreTimeoutError(f"lease key not loaded within {wait} s") from None
 
-    async def _attempt(self, store: Store) -> None:
+    async def _attempt(self, store: KeyStore, retry: float) -> None:
         try:
             self._use(await store.lease_key(secrets.token_hex(32)))
         except Exception as e:
-            retry = store.reset_seconds if isinstance(store, GuardedStore) else RETRY_SECONDS
             self._failed_until = time.monotonic() + retry
             self._failure = type(e).__name__
             raise
         finally:
             self._loading = None
 
-    async def refresh(self, store: Store) -> None:
+    async def refresh(self, store: KeyStore) -> None:
         """Check the store still holds the key this replica tags with: put it back if the
         store lost it, adopt the store's if another replica's won, and accept the keys it
         replaced (raises StoreError while the store is unreachable)."""
@@ -145,26 +145,15 @@ def _message(ref: LeaseRef) -> bytes:
 
 
 class _Hmac:
-    """HMAC-SHA256 (RFC 2104) under one key, cut to 128 bits, base64url without padding.
+    """HMAC-SHA256 under one key, cut to 128 bits, base64url without padding."""
 
-    The key's two padded blocks are hashed once here and each tag copies those states:
-    half the cost of ``hmac.new`` per tag, and every check and access-log entry makes one
-    or two. The result is the same bytes as ``hmac.new(key, message, sha256)``, so replicas
-    of any version agree on tags."""
-
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_keyed",)
 
     def __init__(self, key: bytes) -> None:
-        block = hashlib.sha256().block_size
-        if len(key) > block:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(block, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        # Keyed once; each tag copies it rather than hashing the key's pads again.
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def tag(self, message: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return base64.urlsafe_b64encode(outer.digest()[:16]).rstrip(b"=").decode()
+        mac = self._keyed.copy()
+        mac.update(message)
+        return base64.urlsafe_b64encode(mac.digest()[:16]).rstrip(b"=").decode()

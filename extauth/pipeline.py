@@ -31,8 +31,7 @@ from extauth.reasons import DenyError, Reason
 from extauth.request import CheckInput
 from extauth.runtime import CompiledPolicy, Runtime
 from extauth.store import new_lease_id
-from extauth.store.base import LeaseRef, Store, StoreError
-from extauth.store.guard import GuardedStore
+from extauth.store.base import LeaseRef, RequestStore, StoreError
 from extauth.tokens import VerifiedToken
 from extauth.tokens.cache import token_digest
 
@@ -134,7 +133,7 @@ class Authorizer:
     def __init__(
         self,
         runtime: Runtime,
-        store: Store | None,
+        store: RequestStore | None,
         *,
         metrics: Metrics | None = None,
         jail: JailLike | None = None,
@@ -213,11 +212,9 @@ class Authorizer:
         return self._allow(ctx)
 
     def take_back(self, lease: LeaseRef | None) -> None:
-        """Release, in the background, a granted lease whose allow never reaches Envoy (a bug
-        after the acquire), rather than hold its slot for a whole TTL: the guard's bounded
-        background release, as for an acquire that timed out. (The server always wraps its
-        store in the guard; with a bare store the lease TTL is the backstop.)"""
-        if lease is not None and isinstance(self.store, GuardedStore):
+        """Release, in the background, a granted lease whose allow never reaches Envoy, rather
+        than hold its slot for a whole TTL."""
+        if lease is not None and self.store is not None:
             self.store.release_later(lease)
 
     @staticmethod
@@ -282,17 +279,18 @@ class Authorizer:
             raise DenyError(Reason.STORE_UNAVAILABLE, "no store configured")
         user = ctx.verified.user if ctx.verified else None
         ref = LeaseRef(new_lease_id(), policy.policy.name, user, ctx.client_ip)
+        store = self.store
         try:
-            if not self.tagger.ready:
-                await self.tagger.load(self.store)  # once per process
-            result = await self.store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds)
+            if not self.tagger.ready:  # once per process
+                await self.tagger.load(store, wait=store.timeout, retry=store.reset_seconds)
+            result = await store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds)
             if result.denied is Reason.BANNED and self.jail is not None and self.jail.exempt(ctx.client_ip):
                 # never_ban outranks a ban the store already holds (made before the address was
                 # listed there): the jail no longer enforces it, so the store must not either.
                 # The ban check records nothing, so asking again counts the attempt once.
                 unbanned = dataclasses.replace(policy.limits, enforce_bans=False)
-                result = await self.store.acquire(ref, unbanned, rt.config.lease_ttl_seconds)
-        except (TimeoutError, StoreError) as e:
+                result = await store.acquire(ref, unbanned, rt.config.lease_ttl_seconds)
+        except StoreError as e:
             if rt.config.store_on_error == "allow":
                 log_event(log, logging.WARNING, "store unavailable; allowing without a lease",
                           decision_id=ctx.decision_id, policy=policy.policy.name, error=type(e).__name__)

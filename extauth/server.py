@@ -42,7 +42,6 @@ from extauth.pipeline import Authorizer, Decision, new_decision_id
 from extauth.reasons import Reason
 from extauth.runtime import Runtime, build_runtime
 from extauth.store import open_store
-from extauth.store.base import Store
 from extauth.store.guard import GuardedStore
 
 log = logging.getLogger("extauth.server")
@@ -114,14 +113,21 @@ def _past_deadline(context: Any) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def build_store(cfg: Config, metrics: Metrics | None = None) -> Store:
+def guard_settings(cfg: Config) -> dict[str, Any]:
+    """The guard's bounds from the config (``GuardedStore.configure``)."""
+    return {"timeout": cfg.store_timeout_ms / 1000,
+            "failure_threshold": cfg.store_breaker.failure_threshold,
+            "reset_seconds": cfg.store_breaker.reset_seconds}
+
+
+def build_store(cfg: Config, metrics: Metrics | None = None) -> GuardedStore:
     """The configured store behind a per-call timeout and a circuit breaker."""
-    return GuardedStore.from_config(open_store(cfg.store), cfg, metrics)
+    return GuardedStore(open_store(cfg.store), metrics=metrics, **guard_settings(cfg))
 
 
 class ExtAuthServer:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
-                 metrics: Metrics | None = None, store: Store | None = None,
+                 metrics: Metrics | None = None, store: GuardedStore | None = None,
                  overrides: Mapping[str, Any] | None = None) -> None:
         # ``overrides`` (from command-line flags) are applied to every reloaded file too.
         self.overrides = dict(overrides or {})
@@ -212,7 +218,7 @@ class ExtAuthServer:
                     await self.tagger.refresh(self.store)
                 else:
                     # The attempt the checks share: waited for to its own end, off the request path.
-                    await self.tagger.load(self.store, bounded=False)
+                    await self.tagger.load(self.store, retry=self.store.reset_seconds)
             except Exception as e:  # the store's own metrics tell an outage; try again later
                 log_event(log, logging.DEBUG, "lease key check failed", error=type(e).__name__)
                 if not self.tagger.ready:
@@ -261,8 +267,7 @@ class ExtAuthServer:
             if cfg.log_level != self.config.log_level:
                 logging.getLogger().setLevel(cfg.log_level.upper())
             self.config = cfg
-            if isinstance(self.store, GuardedStore):
-                self.store.configure(cfg)  # store_timeout_ms and store_breaker apply live
+            self.store.configure(**guard_settings(cfg))  # store_timeout_ms and store_breaker apply live
             await self._reload_jail(cfg)
             await old.close_unused(runtime)
             self.metrics.reloads.labels("ok").inc()

@@ -19,6 +19,7 @@ from extauth.pipeline import Authorizer
 from extauth.reasons import HOSTILE_REASONS, Reason
 from extauth.request import CheckInput
 from extauth.runtime import build_runtime
+from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
 from tests.keys import HMAC_SECRET, sign
 
@@ -116,7 +117,7 @@ async def test_filter_against_real_pipeline_lines(monkeypatch: pytest.MonkeyPatc
                       "jwt": {"issuer": "iss", "audiences": ["ws"], "algorithms": ["HS256"],
                               "hmac_secret_env": SECRET_ENV}}],
     })
-    auth = Authorizer(build_runtime(cfg), MemoryStore())
+    auth = Authorizer(build_runtime(cfg), GuardedStore(MemoryStore()))
     now = int(time.time())
 
     def tok(secret: str = HMAC_SECRET, exp: int = now + 600) -> str:

@@ -202,10 +202,6 @@ class FlakyStore(Store):
         self._check()
         return await self.inner.count_all()
 
-    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
-        self._check()
-        return await self.inner.hit_rate(key, limit, window)
-
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
                              dry_run: bool, signal: str | None = None) -> bool:
         self._check()
@@ -351,8 +347,11 @@ async def run_simulation(rig: Rig, outage: Callable[[bool], Awaitable[None]]) ->
     during = await honest_round(rig)
     assert during["store_unavailable"] > 0, during
     # The jail's refresher notices within its interval, and fails open.
-    await eventually(lambda: asyncio.sleep(0.05), lambda _: rig.jail.store_failures > 0)
-    assert rig.jail.store_failures > 0
+    def list_bans_failed() -> bool:
+        return rig.metrics.store_errors.labels("list_bans")._value.get() > 0
+
+    await eventually(lambda: asyncio.sleep(0.05), lambda _: list_bans_failed())
+    assert list_bans_failed() and not rig.jail.store_ok
     assert not rig.jail.is_banned(NAT_IP)
 
     # Phase 3: the store is back; honest traffic flows again.

@@ -21,6 +21,7 @@ import pytest
 
 from extauth.config import parse_config
 from extauth.lease_tag import LeaseTagger
+from extauth.metrics import Metrics
 from extauth.pipeline import Authorizer, Decision
 from extauth.reasons import Reason
 from extauth.request import CheckInput
@@ -138,9 +139,21 @@ async def gate(redis_server: RedisServer) -> AsyncIterator[Gate]:
         await g.close()
 
 
+def tried(store: GuardedStore) -> float:
+    """Lease-key calls that reached the store (the latency histogram's count)."""
+    assert store.metrics is not None
+    return store.metrics.registry.get_sample_value(
+        "extauth_store_call_duration_seconds_count", {"op": "lease_key"}) or 0.0
+
+
+def failed(store: GuardedStore) -> float:
+    assert store.metrics is not None
+    return store.metrics.registry.get_sample_value("extauth_store_errors_total", {"op": "lease_key"}) or 0.0
+
+
 @contextlib.asynccontextmanager
 async def guarded_store(url: str, key_prefix: str = "extauth", **kw: Any) -> AsyncIterator[GuardedStore]:
-    kw = {"timeout": TIMEOUT, "failure_threshold": 3, "reset_seconds": 30.0, **kw}
+    kw = {"timeout": TIMEOUT, "failure_threshold": 3, "reset_seconds": 30.0, "metrics": Metrics(), **kw}
     store = GuardedStore(RedisStore.from_url(url, key_prefix=key_prefix), **kw)
     try:
         yield store
@@ -170,16 +183,16 @@ async def test_checks_never_queue_on_a_store_that_hangs_at_start(silent_port: in
         assert_all_answered_in_time(await burst(authz), store_on_error)
         # One attempt for all of them, under the store's own (background) bound; its failure
         # counts in the breaker like any request-path call's.
-        assert store.calls == 1
         with pytest.raises(StoreError):
-            await authz.tagger.load(store, bounded=False)  # waits for that attempt's end
+            await authz.tagger.load(store)  # waits for that attempt's end
+        assert tried(store) == 1 and store.rejected == 0
         assert store.timeouts == 1 and store.breaker_state == "open"
         # The next burst fails at once: the failure is remembered, nothing new is tried. The
         # store's call count says so; a time bound of one per-call timeout (50 ms) said it
         # too, but a CI host can stall the loop that long.
         results = await burst(authz)
         assert_all_answered_in_time(results, store_on_error)
-        assert store.calls == 1
+        assert tried(store) == 1 and store.rejected == 0
 
 
 async def test_a_burst_on_a_closed_port_makes_one_attempt() -> None:
@@ -188,7 +201,7 @@ async def test_a_burst_on_a_closed_port_makes_one_attempt() -> None:
         assert_all_answered_in_time(await burst(authz), "deny")
         for i in range(5):  # one after the other, too: the failure is remembered
             assert_all_answered_in_time([await timed(authz.check(upgrade(i)))], "deny")
-        assert store.calls == 1 and store.errors == 1
+        assert tried(store) == 1 and failed(store) == 1 and store.rejected == 0
         assert not authz.tagger.ready and authz.tagger.retry_in > 0
 
 

@@ -108,7 +108,7 @@ def test_ipv4_clients_behind_a_nat64_translator_are_each_their_own_client() -> N
 
 
 async def test_shadow_mode_allows_and_tags(jwks_file: str) -> None:
-    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), GuardedStore(MemoryStore()))
     d = await authz.check(req(origin="https://evil.com"))
     assert d.allowed and d.shadow_reason is Reason.ORIGIN_NOT_ALLOWED and d.reason is None
     count = authz.metrics.shadow.labels("chat", "origin_not_allowed")._value.get()
@@ -121,7 +121,7 @@ async def test_shadow_mode_allows_and_tags(jwks_file: str) -> None:
 
 async def test_shadow_allow_strips_the_token_when_denied_before_the_token_step(jwks_file: str) -> None:
     # The origin is checked before the token is read: the shadow allow must still strip it.
-    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), GuardedStore(MemoryStore()))
     d = await authz.check(req(f"token={token()}", origin="https://evil.com"))
     assert d.allowed and d.shadow_reason is Reason.ORIGIN_NOT_ALLOWED
     assert d.query_params_to_remove == ("token",)
@@ -130,7 +130,7 @@ async def test_shadow_allow_strips_the_token_when_denied_before_the_token_step(j
 
 async def test_shadow_denies_for_real_when_the_token_cannot_be_stripped(jwks_file: str) -> None:
     # Two different tokens in one transport: the edits are ambiguous, so no shadow allow.
-    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), GuardedStore(MemoryStore()))
     d = await authz.check(req(f"token={token()}&token={token('bob')}", origin="https://evil.com"))
     assert not d.allowed and d.reason is Reason.ORIGIN_NOT_ALLOWED and d.shadow_reason is None
     d = await authz.check(req(f"token={token()}&token={token('bob')}"))
@@ -182,7 +182,7 @@ async def test_reconnect_storm_verifies_once(jwks_file: str) -> None:
 
 
 async def test_exactly_n_concurrent_upgrades(jwks_file: str) -> None:
-    authz = Authorizer(build_runtime(cfg(jwks_file)), MemoryStore())
+    authz = Authorizer(build_runtime(cfg(jwks_file)), GuardedStore(MemoryStore()))
     tok = token("carol")
     results = await asyncio.gather(*(authz.check(req(f"token={tok}")) for _ in range(30)))
     assert sum(d.allowed for d in results) == 3
@@ -200,7 +200,8 @@ def _quota_ip_cfg(jwks_file: str, **top: Any) -> Any:
 async def test_ipv6_addresses_of_one_64_share_the_per_ip_quota(
         jwks_file: str, prefix: int, allowed: int, caplog: pytest.LogCaptureFixture) -> None:
     # One IPv6 client holds a /64: by default its addresses are one client for per-IP quotas.
-    authz = Authorizer(build_runtime(_quota_ip_cfg(jwks_file, ipv6_prefix_length=prefix)), MemoryStore())
+    store = GuardedStore(MemoryStore())
+    authz = Authorizer(build_runtime(_quota_ip_cfg(jwks_file, ipv6_prefix_length=prefix)), store)
     decisions = []
     for i, user in enumerate(["u1", "u2", "u3", "u4"]):
         r = req(f"token={token(user)}")
@@ -283,7 +284,7 @@ async def test_a_policy_without_identity_headers_strips_the_ones_other_policies_
         {"name": "public", "match": {"path_prefix": "/public"}, "websocket_only": False,
          "origins": ["https://app.example.com"], "upstream_headers": {"x-tenant": "public"}},
     ]})
-    authz = Authorizer(build_runtime(config), MemoryStore())
+    authz = Authorizer(build_runtime(config), GuardedStore(MemoryStore()))
     public = CheckInput(method="GET", host="h", path="/public/x", query="", source_ip="198.51.100.9",
                         headers={"x-user-id": "admin", "x-tenant": "acme"})
     d = await authz.check(public)

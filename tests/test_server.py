@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from extauth.config import load_config, parse_config
-from extauth.server import ExtAuthServer
+from extauth.server import ExtAuthServer, guard_settings
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
 from tests.envoy_msgs import (
@@ -410,10 +410,8 @@ async def file_server(jwks: JwksServer, tmp_path: Any) -> AsyncIterator[FileServ
 
 
 async def test_reload_applies_store_timeout_and_breaker_settings(file_server: FileServer) -> None:
-    from extauth.store.guard import GuardedStore
-
     srv = file_server.srv
-    assert isinstance(srv.store, GuardedStore) and srv.store.timeout == 0.05
+    assert srv.store.timeout == 0.05
     file_server.write(store_timeout_ms=120, store_breaker={"failure_threshold": 7, "reset_seconds": 9})
     assert await srv.reload()
     assert srv.store.timeout == 0.12
@@ -546,7 +544,7 @@ class _LateStore(MemoryStore):
 async def test_a_lease_whose_allow_never_reaches_envoy_is_given_back(jwks: JwksServer, stall: bool) -> None:
     cfg = parse_config(config(jwks.url, store_timeout_ms=5000))
     inner = _LateStore()
-    srv = ExtAuthServer(cfg, store=GuardedStore.from_config(inner, cfg))
+    srv = ExtAuthServer(cfg, store=GuardedStore(inner, **guard_settings(cfg)))
     await srv.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:

@@ -321,22 +321,6 @@ async def test_denial_order(store: Store) -> None:
     assert (await store.acquire(ref("mia", "10.10.0.1"), tight, 30)).denied == Reason.BANNED
 
 
-# -- hit_rate -------------------------------------------------------------------------
-
-
-async def test_hit_rate_sliding_window(store: Store) -> None:
-    assert await store.hit_rate("login:1.2.3.4", 2, 1.0) is None
-    assert await store.hit_rate("login:1.2.3.4", 2, 1.0) is None
-    wait = await store.hit_rate("login:1.2.3.4", 2, 1.0)
-    assert wait == 1  # at least one whole second
-    assert await store.hit_rate("login:other", 2, 1.0) is None
-
-    async def admitted() -> bool:
-        return await store.hit_rate("login:1.2.3.4", 2, 1.0) is None
-
-    await eventually(admitted)
-
-
 # -- bans and the abuse jail -------------------------------------------------------------
 
 
@@ -548,7 +532,6 @@ async def test_scripts_survive_script_flush(backend: str, request: pytest.Fixtur
         await store.client.script_flush()
         assert await store.refresh([r1, r2], 30) == 2  # pipelined EVALSHA path reloads too
         await store.client.script_flush()
-        assert await store.hit_rate("k", 1, 1) is None
         assert await store.record_hostile("10.0.0.9", threshold=1, window=10, ban_seconds=5, dry_run=False)
     finally:
         await store.close()

@@ -16,6 +16,7 @@ import pytest
 from extauth.config import parse_config
 from extauth.metrics import Metrics
 from extauth.reasons import Reason
+from extauth.server import build_store
 from extauth.store import GuardedStore, LeaseRef, Limits, MemoryStore, StoreError, new_lease_id
 from extauth.store.base import AcquireResult, BanInfo, LeaseInfo, LeaseKeys, Store
 from extauth.store.redis import RedisStore
@@ -30,6 +31,15 @@ def ref(user: str = "alice", ip: str = "10.0.0.1") -> LeaseRef:
 
 def state(g: GuardedStore) -> str:
     return g.breaker_state
+
+
+def tried(metrics: Metrics, op: str) -> float:
+    """Calls of ``op`` that reached the store (the latency histogram's count)."""
+    return metrics.registry.get_sample_value("extauth_store_call_duration_seconds_count", {"op": op}) or 0.0
+
+
+def failed(metrics: Metrics, op: str) -> float:
+    return metrics.registry.get_sample_value("extauth_store_errors_total", {"op": op}) or 0.0
 
 
 async def _fails_fast(store: GuardedStore, bound: float) -> None:
@@ -56,14 +66,14 @@ async def test_killed_redis_opens_the_breaker_and_recovery_closes_it(
         assert state(guarded) == "open"
         assert metrics.breaker_open._value.get() == 1
 
-        errors, rejected = guarded.errors, guarded.rejected
+        errors, rejected = failed(metrics, "acquire"), guarded.rejected
         started = time.monotonic()
         for _ in range(100):
             with pytest.raises(StoreError):
                 await guarded.acquire(ref(), Limits(), 30)
         assert time.monotonic() - started < 2  # no network wait while open (20 s if each timed out)
         assert guarded.rejected - rejected == 100
-        assert guarded.errors - errors == 100
+        assert failed(metrics, "acquire") - errors == 100
 
         private_redis.start()  # same port
 
@@ -81,7 +91,7 @@ async def test_killed_redis_opens_the_breaker_and_recovery_closes_it(
         assert "half_open" in states and states[-1] == "closed"
         assert metrics.breaker_open._value.get() == 0
         assert (await guarded.acquire(ref(), Limits(connections_per_user=5), 30)).granted
-        assert guarded.calls > 100 and guarded.opened >= 1
+        assert tried(metrics, "acquire") >= 5 and guarded.opened >= 1
     finally:
         await guarded.close()
 
@@ -186,7 +196,7 @@ class Scripted(Store):
         if self.mode == "hang":
             await asyncio.Event().wait()  # never answers; only cancellation ends it
         if self.mode == "bug":
-            raise ValueError("bad argument")
+            raise AttributeError("'NoneType' object has no attribute 'send_packed_command'")
 
     async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
         await self._go()
@@ -212,10 +222,6 @@ class Scripted(Store):
     async def count_all(self) -> int:
         await self._go()
         return 0
-
-    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
-        await self._go()
-        return None
 
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
                              dry_run: bool) -> bool:
@@ -298,16 +304,21 @@ async def test_breaker_state_machine() -> None:
     assert g.timeouts == 1
 
 
-async def test_bugs_and_cancellation_do_not_trip_the_breaker() -> None:
+async def test_any_failure_is_a_store_error_and_cancellation_does_not_trip_the_breaker() -> None:
     inner, clock = Scripted(), Clock()
-    g = GuardedStore(inner, timeout=5, failure_threshold=1, reset_seconds=1.0, clock=clock)
+    metrics = Metrics()
+    g = GuardedStore(inner, timeout=5, failure_threshold=2, reset_seconds=1.0, clock=clock, metrics=metrics)
+    # A client library failing in an unexpected way (redis-py has raised AttributeError on a
+    # connection torn down under it) is a store failure like any other: one type, counted.
     inner.mode = "bug"
-    with pytest.raises(ValueError):
+    with pytest.raises(StoreError, match="AttributeError") as raised:
         await g.ping()
-    assert state(g) == "closed" and g.errors == 0
+    assert isinstance(raised.value.__cause__, AttributeError)
+    assert state(g) == "closed" and failed(metrics, "ping") == 1
     inner.mode = "fail"
     with pytest.raises(StoreError):
         await g.ping()
+    assert state(g) == "open"
     clock.now += 1.0
     inner.mode = "hang"
     inner.called.clear()
@@ -321,12 +332,13 @@ async def test_bugs_and_cancellation_do_not_trip_the_breaker() -> None:
     assert state(g) == "closed"
 
 
-async def test_every_method_is_guarded_and_from_config() -> None:
+async def test_every_method_is_guarded_and_the_bounds_come_from_the_config() -> None:
     cfg = parse_config({
         "store_timeout_ms": 20, "store_breaker": {"failure_threshold": 4, "reset_seconds": 7},
         "policies": [{"name": "p"}],
     })
-    g = GuardedStore.from_config(MemoryStore(), cfg)
+    metrics = Metrics()
+    g = build_store(cfg, metrics)
     assert (g.timeout, g.failure_threshold, g.reset_seconds) == (0.02, 4, 7)
     r = ref()
     assert (await g.acquire(r, Limits(connections_per_user=1), 30)).granted
@@ -335,14 +347,15 @@ async def test_every_method_is_guarded_and_from_config() -> None:
     assert await g.count("chat", user="alice") == 1
     assert len(await g.list_leases("chat", ip="10.0.0.1")) == 1
     assert await g.count_all() == 1
-    assert await g.hit_rate("k", 1, 1) is None
     assert await g.record_hostile("10.0.0.2", threshold=1, window=1, ban_seconds=1, dry_run=True)
     await g.ban("10.0.0.3", 5, "x")
     assert [b.ip for b in await g.list_bans()] == ["10.0.0.3"]
     assert await g.unban("10.0.0.3")
     assert await g.release([r]) == 1
     await g.ping()
-    assert g.calls == 13 and g.errors == 0
+    ops = ("acquire", "refresh", "count", "list_leases", "count_all", "record_hostile", "ban",
+           "list_bans", "unban", "release", "ping")
+    assert sum(tried(metrics, op) for op in ops) == 12 and sum(failed(metrics, op) for op in ops) == 0
     await g.close()
     with pytest.raises(StoreError):  # a closed MemoryStore refuses
         await g.ping()

@@ -14,12 +14,19 @@ import secrets
 from extauth.store.base import (
     AcquireResult,
     BanInfo,
+    Bans,
+    BreakerOpenError,
+    KeyStore,
     LeaseInfo,
     LeaseKeys,
+    LeaseLog,
     LeaseRef,
+    Leases,
     Limits,
+    RequestStore,
     Store,
     StoreError,
+    StoreTimeoutError,
 )
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
@@ -46,14 +53,21 @@ def open_store(url: str, *, key_prefix: str = "extauth") -> Store:
 __all__ = [
     "AcquireResult",
     "BanInfo",
+    "Bans",
+    "BreakerOpenError",
     "GuardedStore",
+    "KeyStore",
     "LeaseInfo",
     "LeaseKeys",
+    "LeaseLog",
     "LeaseRef",
+    "Leases",
     "Limits",
     "MemoryStore",
+    "RequestStore",
     "Store",
     "StoreError",
+    "StoreTimeoutError",
     "new_lease_id",
     "open_store",
 ]

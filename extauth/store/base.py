@@ -7,19 +7,41 @@ one replica) and ``RedisStore`` (standalone, TLS, Cluster).
 A *lease* is one counted WebSocket. It is listed under its user and its client
 IP with an expiry; a slot is counted only while its lease is live, so a crashed
 Envoy or a lost access-log entry can never hold a slot longer than the TTL.
+
+Callers type against the narrow protocol they need (``LeaseLog`` for the access log,
+``Bans`` for the jail, ``RequestStore`` for the pipeline); ``Store`` composes them for
+the implementations.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from extauth.reasons import Reason
 
+# The attempt-rate window (``Limits.attempts_per_*_per_minute``), seconds.
+RATE_WINDOW = 60.0
+
 
 class StoreError(Exception):
-    """The store could not answer (down, timeout, breaker open)."""
+    """The store could not answer: the one error type out of the guarded store."""
+
+
+class StoreTimeoutError(StoreError):
+    """A store call ran past its bound."""
+
+
+class BreakerOpenError(StoreError):
+    """The circuit breaker refused the call without trying the store."""
+
+
+def retry_seconds(wait: float) -> float:
+    """An honest Retry-After: whole seconds, rounded up, at least 1."""
+    return float(max(1, math.ceil(wait - 1e-9)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,19 +104,26 @@ class LeaseKeys:
     previous: tuple[str, ...] = ()
 
 
-class Store(abc.ABC):
-    """All methods are coroutines and may raise StoreError; none may hang (callers add timeouts)."""
+
+# Every method below is a coroutine that may raise StoreError and never hangs (the guard
+# bounds each call). The protocols are what callers need; ``Store`` is what a backend implements.
+
+
+class KeyStore(Protocol):
+    """The lease-tag key (``extauth/lease_tag.py``)."""
 
     @abc.abstractmethod
-    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
-        """Atomically: refuse a banned IP; check and count the attempt-rate windows
-        (sliding, 60 s; only admitted attempts are recorded, so Retry-After is exact);
-        drop expired leases; check the user's and the IP's live leases against the
-        limits; then add the lease under both with expiry now+ttl.
-        One round trip on a standalone Redis. The user part is skipped when ref.user is None.
-        Idempotent per lease id: a retried call that finds its own live lease is admitted
-        again without counting against itself.
-        """
+    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
+        """The key of the lease tags: a secret (hex) every replica on this store shares.
+        ``candidate`` becomes it when the store has none: the first replica to ask, or a store
+        that lost its data, where the replicas still running put back the key they tag with
+        (``LeaseTagger.refresh``). ``replaces``: the candidate has tagged leases, so when
+        another key is current it is kept among ``previous`` (bounded, and for a day) and tags
+        made under it still verify on every replica."""
+
+
+class LeaseLog(KeyStore, Protocol):
+    """What Envoy's access-log stream does to leases: keep open ones alive, end closed ones."""
 
     @abc.abstractmethod
     async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
@@ -104,6 +133,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def release(self, refs: Sequence[LeaseRef]) -> int:
         """Remove leases; idempotent. Returns how many were present."""
+
+
+class Leases(LeaseLog, Protocol):
+    """Counted connections: take a slot, and read what is held."""
+
+    @abc.abstractmethod
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+        """Atomically: refuse a banned IP; check and count the attempt-rate windows
+        (sliding, ``RATE_WINDOW``; only admitted attempts are recorded, so Retry-After is
+        exact); drop expired leases; check the user's and the IP's live leases against the
+        limits; then add the lease under both with expiry now+ttl.
+        One round trip on a standalone Redis. The user part is skipped when ref.user is None.
+        Idempotent per lease id: a retried call that finds its own live lease is admitted
+        again without counting against itself.
+        """
 
     @abc.abstractmethod
     async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
@@ -119,9 +163,9 @@ class Store(abc.ABC):
     async def count_all(self) -> int:
         """Every live lease in the store (for metrics and stats; may scan)."""
 
-    @abc.abstractmethod
-    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
-        """Sliding-window rate limit on an arbitrary key. None when admitted, else seconds to wait."""
+
+class Bans(Protocol):
+    """Banned IPs and the hostile signals that lead to them (the jail, the admin API)."""
 
     @abc.abstractmethod
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
@@ -142,17 +186,26 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_bans(self) -> list[BanInfo]: ...
 
+
+class Store(Leases, Bans):
+    """A complete backend (memory, Redis) and the guard around one."""
+
     @abc.abstractmethod
     async def ping(self) -> None: ...
 
     @abc.abstractmethod
-    async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
-        """The key of the lease tags (``extauth/lease_tag.py``): a secret (hex) every replica
-        on this store shares. ``candidate`` becomes it when the store has none: the first
-        replica to ask, or a store that lost its data, where the replicas still running put
-        back the key they tag with (``LeaseTagger.refresh``). ``replaces``: the candidate
-        has tagged leases, so when another key is current it is kept among ``previous``
-        (bounded, and for a day) and tags made under it still verify on every replica."""
+    async def close(self) -> None: ...
+
+
+class RequestStore(Leases, Protocol):
+    """The store as the request path holds it (``GuardedStore``): bounded calls, and a way to
+    give back a lease whose allow never reached Envoy."""
+
+    # The per-call bound a caller on the request path waits at most, seconds.
+    timeout: float
+    # How long a failure stands before the store is tried again, seconds.
+    reset_seconds: float
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
+    def release_later(self, ref: LeaseRef) -> None:
+        """Release a lease in the background (bounded; the lease TTL is the backstop)."""

@@ -1,18 +1,15 @@
 """GuardedStore: a per-call timeout and a circuit breaker around any Store.
 
-Every call runs under ``asyncio.timeout`` (config ``store_timeout_ms``), so a
-store that hangs can never hang a request (the first ``lease_key`` call, which
-checks share, gets the long bound while each check waits on it at most this long:
-see ``lease_key``). After ``failure_threshold``
-consecutive failures the breaker *opens*: every call raises StoreError at once,
-with no network wait, so an outage costs nothing per request. After
-``reset_seconds`` one call is let through as a probe (*half open*; concurrent
-calls are still refused); its success closes the breaker, its failure opens it
+Every call runs under ``asyncio.timeout`` (``timeout``), so a store that hangs can never
+hang a request. After ``failure_threshold`` consecutive failures the breaker *opens*:
+every call raises StoreError at once, with no network wait, so an outage costs nothing
+per request. After ``reset_seconds`` one call is let through as a probe (*half open*;
+concurrent calls are still refused); its success closes the breaker, its failure opens it
 for another ``reset_seconds``. Recovery is automatic when the store returns.
 
-Failures are StoreError, timeouts and socket errors. Programming errors
-(ValueError and friends) and cancellation by the caller pass through without
-counting.
+Every failure of the wrapped store (its StoreError, a timeout, a socket error, anything a
+client library raises) leaves as StoreError and counts; only the caller's cancellation
+passes through, uncounted.
 """
 
 from __future__ import annotations
@@ -25,16 +22,17 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from extauth.store.base import (
     AcquireResult,
     BanInfo,
+    BreakerOpenError,
     LeaseInfo,
     LeaseKeys,
     LeaseRef,
     Limits,
     Store,
     StoreError,
+    StoreTimeoutError,
 )
 
 if TYPE_CHECKING:
-    from extauth.config import Config
     from extauth.metrics import Metrics
 
 T = TypeVar("T")
@@ -44,6 +42,12 @@ BreakerState = Literal["closed", "open", "half_open"]
 
 
 class GuardedStore(Store):
+    """The store the server holds (a ``RequestStore``): every call bounded, failures as StoreError."""
+
+    timeout: float
+    failure_threshold: int
+    reset_seconds: float
+
     def __init__(
         self,
         inner: Store,
@@ -56,23 +60,17 @@ class GuardedStore(Store):
         on_state_change: Callable[[BreakerState], None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        if timeout <= 0 or failure_threshold < 1 or reset_seconds <= 0:
-            raise ValueError("timeout and reset_seconds must be > 0, failure_threshold >= 1")
         self.inner = inner
-        self.timeout = timeout
-        self.scan_timeout = max(scan_timeout, timeout)  # count_all may SCAN: metrics only
-        self.failure_threshold = failure_threshold
-        self.reset_seconds = reset_seconds
+        self.scan_timeout = scan_timeout  # off the request path (count_all may SCAN)
+        self.configure(timeout=timeout, failure_threshold=failure_threshold, reset_seconds=reset_seconds)
         self._clock = clock
         self._on_state_change = on_state_change
-        self._metrics = metrics
+        self.metrics = metrics
         self._state: BreakerState = "closed"
         self._consecutive = 0
         self._opened_at = 0.0
         self._probing = False
-        # Counters for metrics (monotonic, never reset).
-        self.calls = 0  # every guarded call
-        self.errors = 0  # calls that raised StoreError, for any reason (includes timeouts and rejections)
+        # Monotonic, never reset; calls, errors and latency are in the Prometheus metrics.
         self.timeouts = 0  # calls cut off by the per-call timeout
         self.rejected = 0  # calls refused at once because the breaker was open
         self.opened = 0  # times the breaker opened
@@ -81,20 +79,14 @@ class GuardedStore(Store):
         # lookup that every store call would otherwise pay.
         self._latency: dict[str, Any] = {}
 
-    @classmethod
-    def from_config(cls, inner: Store, cfg: Config, metrics: Metrics | None = None) -> GuardedStore:
-        """From the config: store_timeout_ms and store_breaker."""
-        guarded = cls(inner, metrics=metrics)
-        guarded.configure(cfg)
-        return guarded
-
-    def configure(self, cfg: Config) -> None:
-        """Apply store_timeout_ms and store_breaker (at start and on a config reload);
-        the breaker's current state is kept."""
-        self.timeout = cfg.store_timeout_ms / 1000
-        self.scan_timeout = max(self.scan_timeout, self.timeout)
-        self.failure_threshold = cfg.store_breaker.failure_threshold
-        self.reset_seconds = cfg.store_breaker.reset_seconds
+    def configure(self, *, timeout: float, failure_threshold: int, reset_seconds: float) -> None:
+        """Set the bounds (at start and on a config reload); the breaker's current state is kept."""
+        if timeout <= 0 or failure_threshold < 1 or reset_seconds <= 0:
+            raise ValueError("timeout and reset_seconds must be > 0, failure_threshold >= 1")
+        self.timeout = timeout
+        self.scan_timeout = max(self.scan_timeout, timeout)
+        self.failure_threshold = failure_threshold
+        self.reset_seconds = reset_seconds
 
     # -- breaker -------------------------------------------------------------
 
@@ -108,8 +100,8 @@ class GuardedStore(Store):
     def _set_state(self, state: BreakerState) -> None:
         if state != self._state:
             self._state = state
-            if self._metrics is not None:
-                self._metrics.breaker_open.set(0 if state == "closed" else 1)
+            if self.metrics is not None:
+                self.metrics.breaker_open.set(0 if state == "closed" else 1)
             if self._on_state_change is not None:
                 self._on_state_change(state)
 
@@ -123,7 +115,7 @@ class GuardedStore(Store):
             self._probing = True
             return True
         self.rejected += 1
-        raise StoreError(f"store circuit breaker is {self._state}")
+        raise BreakerOpenError(f"store circuit breaker is {self._state}")
 
     def _failure(self, probe: bool, op: str, started: float) -> None:
         self._observe(op, started)
@@ -143,7 +135,6 @@ class GuardedStore(Store):
         self._set_state("closed")
 
     async def _guard(self, op: str, call: Callable[[], Awaitable[T]], limit: float | None = None) -> T:
-        self.calls += 1
         try:
             probe = self._admit()
         except StoreError:
@@ -160,16 +151,15 @@ class GuardedStore(Store):
         except TimeoutError:
             self.timeouts += 1
             self._failure(probe, op, started)
-            raise StoreError(f"store call {op} timed out after {limit * 1000:.0f} ms") from None
+            raise StoreTimeoutError(f"store call {op} timed out after {limit * 1000:.0f} ms") from None
         except StoreError:
             self._failure(probe, op, started)
             raise
-        except OSError as e:
+        except Exception as e:
             self._failure(probe, op, started)
-            raise StoreError(f"store unreachable: {e}") from e
+            raise _store_error(e) from e
         except BaseException:
-            # Not the store's fault (a bug, or the caller cancelled us): count nothing,
-            # but never leave the probe slot taken.
+            # The caller cancelled us: count nothing, but never leave the probe slot taken.
             if probe:
                 self._probing = False
             raise
@@ -178,16 +168,15 @@ class GuardedStore(Store):
         return result
 
     def _observe(self, op: str, started: float) -> None:
-        if self._metrics is not None:
+        if self.metrics is not None:
             child = self._latency.get(op)
             if child is None:
-                child = self._latency[op] = self._metrics.store_seconds.labels(op)
+                child = self._latency[op] = self.metrics.store_seconds.labels(op)
             child.observe(time.perf_counter() - started)
 
     def _count_error(self, op: str) -> None:
-        self.errors += 1
-        if self._metrics is not None:
-            self._metrics.store_errors.labels(op).inc()
+        if self.metrics is not None:
+            self.metrics.store_errors.labels(op).inc()
 
     # -- Store -----------------------------------------------------------------
 
@@ -235,7 +224,6 @@ class GuardedStore(Store):
         return await self._background("release", lambda: self.inner.release(refs))
 
     async def _background(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        self.calls += 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.scan_timeout):
@@ -243,13 +231,14 @@ class GuardedStore(Store):
         except TimeoutError:
             self.timeouts += 1
             self._count_error(op)
-            raise StoreError(f"store call {op} timed out after {self.scan_timeout * 1000:.0f} ms") from None
+            raise StoreTimeoutError(
+                f"store call {op} timed out after {self.scan_timeout * 1000:.0f} ms") from None
         except StoreError:
             self._count_error(op)
             raise
-        except OSError as e:
+        except Exception as e:
             self._count_error(op)
-            raise StoreError(f"store unreachable: {e}") from e
+            raise _store_error(e) from e
         self._observe(op, started)
         return result
 
@@ -265,9 +254,6 @@ class GuardedStore(Store):
 
     async def count_all(self) -> int:
         return await self._background("count_all", self.inner.count_all)
-
-    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
-        return await self._guard("hit_rate", lambda: self.inner.hit_rate(key, limit, window))
 
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
                              dry_run: bool, signal: str | None = None) -> bool:
@@ -314,3 +300,12 @@ class GuardedStore(Store):
         """Wait (bounded) for background releases of timed-out acquires."""
         if self._compensations:
             await asyncio.wait(set(self._compensations), timeout=self.scan_timeout)
+
+
+def _store_error(e: Exception) -> StoreError:
+    """A failure of the wrapped store as the one error type callers catch."""
+    if isinstance(e, OSError):
+        return StoreError(f"store unreachable: {e}")
+    # Anything else a client library raises mid-call (redis-py has raised AttributeError on
+    # a connection torn down under it) is the store failing too, not the caller's bug.
+    return StoreError(f"store call failed: {type(e).__name__}")

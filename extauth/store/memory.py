@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 from extauth.reasons import Reason
 from extauth.store.base import (
     PREVIOUS_LEASE_KEYS,
+    RATE_WINDOW,
     AcquireResult,
     BanInfo,
     LeaseInfo,
@@ -29,16 +29,10 @@ from extauth.store.base import (
     Limits,
     Store,
     StoreError,
+    retry_seconds,
 )
 
-RATE_WINDOW = 60.0
-
 _SubjectKey = tuple[str, str, str]  # (kind "u"|"ip", subject, policy)
-
-
-def retry_seconds(wait: float) -> float:
-    """An honest Retry-After: whole seconds, rounded up, at least 1."""
-    return float(max(1, math.ceil(wait - 1e-9)))
 
 
 class _Log:
@@ -127,7 +121,6 @@ class MemoryStore(Store):
         # (kind, subject, policy) -> {lease_id: (expires_at, ref)}
         self._leases: dict[_SubjectKey, _Leases] = {}
         self._rates: dict[_SubjectKey, _Log] = {}
-        self._hits: dict[str, _Log] = {}
         self._hostile: dict[str, _Signals] = {}
         self._signal_ids = itertools.count()  # for signals that name no evidence
         self._bans: dict[str, tuple[float, str]] = {}
@@ -190,10 +183,6 @@ class MemoryStore(Store):
             self._live(key, now)
         for rk in list(self._rates):
             self._rate_log(rk, now)
-        for k in list(self._hits):
-            self._hits[k].prune(now)
-            if not self._hits[k].times:
-                del self._hits[k]
         for ip in list(self._hostile):
             self._hostile[ip].prune(now)
             if not self._hostile[ip].seen:
@@ -298,18 +287,6 @@ class MemoryStore(Store):
         return sum(len(self._live(key, now)) for key in list(self._leases) if key[0] == "ip")
 
     # -- rates, abuse, bans ------------------------------------------------
-
-    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
-        self._check_open()
-        now = self._clock()
-        self._sweep(now)
-        log = self._hits.setdefault(key, _Log(window))
-        log.prune(now, window)
-        if len(log.times) >= limit:
-            wait = log.times[0] + window - now if log.times else window
-            return retry_seconds(wait)
-        log.times.append(now)
-        return None
 
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
                              dry_run: bool, signal: str | None = None) -> bool:

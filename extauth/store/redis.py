@@ -16,7 +16,6 @@ key                                   type     content
 ``P:{ip:<ip>}:ban``                   STRING   ban reason, PX expiry
 ``P:{ip:<ip>}:hostile``               ZSET     signal id -> signal ms (sliding window)
 ``P:{bans}``                          ZSET     ip -> expiry ms: index for list_bans (bans are rare)
-``P:{k:<key>}:hits``                  ZSET     hit id -> hit ms (``hit_rate``)
 ====================================  =======  ======================================================
 
 Every key has a PX expiry, so idle subjects vanish. Writes use the Redis
@@ -58,8 +57,8 @@ from extauth.store.base import (
     Limits,
     Store,
     StoreError,
+    retry_seconds,
 )
-from extauth.store.memory import RATE_WINDOW, retry_seconds
 from extauth.store.resp import RespLane
 from extauth.store.url import parse_redis_url
 
@@ -69,7 +68,7 @@ _FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException,
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@:-")
 _SAFE_RE = re.compile(r"[A-Za-z0-9._@:-]*")
-_SCRIPTS = ("acquire", "refresh", "hit", "hostile", "lease_key")
+_SCRIPTS = ("acquire", "refresh", "hostile", "lease_key")
 # Slack before the ban index forgets an entry by its score (the ban key itself is authoritative).
 _BAN_INDEX_SLACK_MS = 300_000
 
@@ -144,9 +143,6 @@ class Keys:
 
     def bans_index(self) -> str:
         return f"{self.prefix}:{{bans}}"
-
-    def hits(self, key: str) -> str:
-        return f"{self.prefix}:{{k:{escape(key)}}}:hits"
 
     def ip_leases_pattern(self) -> str:
         # Every lease is listed under its IP exactly once, so counting IP keys counts each lease once.
@@ -484,13 +480,6 @@ class RedisStore(Store):
 
     # -- rates, abuse, bans ----------------------------------------------------
 
-    async def hit_rate(self, key: str, limit: int, window: float) -> float | None:
-        with _errors():
-            await self._ready()
-            ms = int(await self._script("hit", [self.keys.hits(key)],
-                                        [int(limit), max(1, round(window * 1000)), secrets.token_urlsafe(9)]))
-        return None if ms < 0 else retry_seconds(ms / 1000)
-
     async def record_hostile(self, ip: str, *, threshold: int, window: float, ban_seconds: float,
                              dry_run: bool, signal: str | None = None) -> bool:
         k = self.keys
@@ -579,4 +568,4 @@ class RedisStore(Store):
             await self._client.aclose()
 
 
-__all__ = ["RATE_WINDOW", "Keys", "RedisClient", "RedisStore", "client_from_url", "escape"]
+__all__ = ["Keys", "RedisClient", "RedisStore", "client_from_url", "escape"]
