@@ -17,6 +17,7 @@ from extauth.pipeline import Authorizer
 from extauth.reasons import Reason
 from extauth.request import CheckInput
 from extauth.runtime import build_runtime
+from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
 from tests.envoy_msgs import check_request, ws_headers
 from tests.keys import jwks_for, shared_rsa_key, sign
@@ -215,7 +216,7 @@ async def test_a_verified_token_failing_a_rule_is_403_insufficient_scope(jwks_fi
 
 
 async def test_shadow_policy_tags_a_claims_denial(jwks_file: str) -> None:
-    authz = Authorizer(build_runtime(config(jwks_file, shadow=True)), MemoryStore())
+    authz = Authorizer(build_runtime(config(jwks_file, shadow=True)), GuardedStore(MemoryStore()))
     d = await authz.check(ws(token()))
     assert d.allowed and d.shadow_reason is Reason.CLAIMS_FORBIDDEN and d.query_params_to_remove == ("token",)
 

@@ -299,7 +299,7 @@ async def test_a_policy_without_identity_headers_strips_the_ones_other_policies_
 @pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/3"])
 async def test_an_extended_connect_goes_through_every_step_and_gets_a_key(jwks_file: str,
                                                                           protocol: str) -> None:
-    authz = Authorizer(build_runtime(cfg(jwks_file)), MemoryStore())
+    authz = Authorizer(build_runtime(cfg(jwks_file)), GuardedStore(MemoryStore()))
     allowed = [await authz.check(h2_req(f"token={token()}", protocol)) for _ in range(3)]
     assert all(d.allowed and d.websocket and d.lease is not None for d in allowed)
     assert allowed[0].query_params_to_remove == ("token",)
@@ -316,7 +316,7 @@ async def test_an_extended_connect_goes_through_every_step_and_gets_a_key(jwks_f
 
 
 async def test_an_http1_upgrade_keeps_its_own_key(jwks_file: str) -> None:
-    authz = Authorizer(build_runtime(cfg(jwks_file)), MemoryStore())
+    authz = Authorizer(build_runtime(cfg(jwks_file)), GuardedStore(MemoryStore()))
     d = await authz.check(req(f"token={token()}"))
     assert d.allowed and "sec-websocket-key" not in d.headers_to_set
     # Without the key an HTTP/1.1 upgrade is still refused: only HTTP/2 and HTTP/3 need none.
@@ -326,7 +326,7 @@ async def test_an_http1_upgrade_keeps_its_own_key(jwks_file: str) -> None:
 
 
 async def test_a_shadow_allow_of_an_extended_connect_gets_a_key(jwks_file: str) -> None:
-    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), MemoryStore())
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), GuardedStore(MemoryStore()))
     d = await authz.check(h2_req(f"token={token()}", sec_websocket_version="8"))
     assert d.allowed and d.shadow_reason is Reason.UNSUPPORTED_VERSION
     assert len(d.headers_to_set["sec-websocket-key"]) == 24
