@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep the generated files and Envoy's log here (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
 
-    from extauth.admin import add_admin_parser  # `extauth admin ...`: a thin shell over AdminClient
+    from extauth.admin.cli import add_admin_parser  # `extauth admin ...`: a thin shell over AdminClient
 
     add_admin_parser(sub)
     return parser

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from extauth.accesslog import AccessLogService
-from extauth.admin import AdminServer
+from extauth.admin.server import AdminServer
 from extauth.config import Config, ConfigError, load_config, with_overrides
 from extauth.envoy_api import check_input, decision_id_field, repeat_key, response_bytes
 from extauth.eventloop import loop_name

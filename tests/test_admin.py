@@ -3,6 +3,7 @@ as a subprocess against the same kind of server."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -20,7 +21,9 @@ import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from extauth._generated.extauth.admin.v1 import admin_pb2, admin_pb2_grpc
-from extauth.admin import format_table, is_loopback, parse_duration
+from extauth.admin import cli as admin_cli
+from extauth.admin.render import format_table
+from extauth.admin.server import is_loopback
 from extauth.config import ConfigError, parse_config
 from extauth.server import ExtAuthServer
 from extauth.store.base import LeaseRef, Limits
@@ -332,13 +335,31 @@ def test_helpers() -> None:
     assert is_loopback("127.0.0.1:9002") and is_loopback("[::1]:9002") and is_loopback("localhost:1")
     assert not is_loopback("0.0.0.0:9002") and not is_loopback("10.0.0.1:9002")
     assert not is_loopback("admin.internal:9002")
-    assert [parse_duration(s) for s in ("30s", "15m", "2h", "1d", "1h30m", "90")] == \
+    assert [admin_cli.parse_duration(s) for s in ("30s", "15m", "2h", "1d", "1h30m", "90")] == \
         [30, 900, 7200, 86400, 5400, 90]
     for bad in ("", "15x", "m", "-5s", "0s", "1h 30m"):
         with pytest.raises(ValueError):
-            parse_duration(bad)
+            admin_cli.parse_duration(bad)
     assert format_table(("A", "NUM"), [("x", 5), ("long", 100)]).splitlines() == [
         "A     NUM", "x       5", "long  100"]
+
+
+def test_a_two_word_command_is_a_subcommand_of_its_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--limit", type=int, required=True)
+
+    def run(client: Any, args: argparse.Namespace, as_json: bool) -> str:
+        return f"limit {args.limit} json {as_json}"
+
+    extra = admin_cli.Command("quota set", "set a quota", run, arguments)
+    monkeypatch.setattr(admin_cli, "COMMANDS", (*admin_cli.COMMANDS, extra))
+    parser = argparse.ArgumentParser()
+    admin_cli.add_admin_parser(parser.add_subparsers())
+    args = parser.parse_args(["admin", "quota", "set", "--limit", "3", "--json"])
+    assert args.admin_run(None, args, bool(args.json)) == "limit 3 json True"
+    assert parser.parse_args(["admin", "bans"]).admin_run is admin_cli.COMMANDS[2].run
+    with pytest.raises(SystemExit):
+        parser.parse_args(["admin", "quota"])  # the group alone is not a command
 
 
 # -- TLS ------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""``extauth admin ...``: one ``Command`` per subcommand, run through ``AdminClient``.
+
+A new command is one entry in ``COMMANDS``: its words (``"quota set"`` makes a group), its
+help, a function adding its arguments and one returning what it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from extauth.addresses import split_host_port
+from extauth.admin.client import AdminClient, AdminError
+from extauth.admin.render import (
+    ban_dict,
+    lease_dict,
+    render_bans,
+    render_leases,
+    render_stats,
+    time_left,
+    when,
+)
+from extauth.admin.tls import ClientTls
+from extauth.config import Config
+
+DEFAULT_ADMIN = str(Config.model_fields["admin_listen"].default)
+DEFAULT_TOKEN_ENV = str(Config.model_fields["admin_token_env"].default)
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``15m``, ``2h``, ``1d``, ``1h30m`` or plain seconds (``90``) -> seconds."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        value = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", s)
+        if not parts or "".join(n + u for n, u in parts) != s:
+            raise ValueError(f"bad duration {text!r}: use e.g. 30s, 15m, 2h, 1d")
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        value = sum(float(n) * scale[u] for n, u in parts)
+    if value <= 0:
+        raise ValueError(f"bad duration {text!r}: must be positive")
+    return value
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``run(client, args, as_json)`` returns the text to print."""
+
+    name: str
+    help: str
+    run: Callable[[AdminClient, argparse.Namespace, bool], str]
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+
+
+def _subject_args(p: argparse.ArgumentParser, user_help: str | None = None,
+                  ip_help: str | None = None) -> None:
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help=user_help)
+    who.add_argument("--ip", help=ip_help)
+
+
+def _connections_args(p: argparse.ArgumentParser) -> None:
+    _subject_args(p)
+    p.add_argument("--policy", default="", help="one policy (default: every policy)")
+
+
+def _connections(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    return render_leases(client.list_leases(user=args.user, ip=args.ip, policy=args.policy),
+                         as_json=as_json)
+
+
+def _release_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lease_id", metavar="LEASE")
+    _subject_args(p, "the lease's user (as listed by `connections`)",
+                  "the lease's client IP (as listed by `connections`)")
+    p.add_argument("--policy", default="", help="the lease's policy (default: search every policy)")
+
+
+def _release(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    resp = client.release(args.lease_id, user=args.user, ip=args.ip, policy=args.policy)
+    if as_json:
+        return json.dumps({"released": resp.released, "lease": lease_dict(resp.lease)}, indent=2)
+    return f"released {resp.lease.lease_id} ({resp.lease.policy}, {resp.lease.ip})"
+
+
+def _bans(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    return render_bans(client.list_bans(), as_json=as_json)
+
+
+def _ban_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ip", metavar="IP")
+    p.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                   help="how long: 30s, 15m, 2h, 1d")
+    p.add_argument("--reason", default="manual")
+
+
+def _ban(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    ban = client.ban(args.ip, parse_duration(args.duration), args.reason)
+    if as_json:
+        return json.dumps(ban_dict(ban), indent=2)
+    return f"banned {ban.ip} until {when(ban.expires_at)} ({time_left(ban.expires_at, time.time())})"
+
+
+def _unban_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ip", metavar="IP")
+
+
+def _unban(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    unbanned = client.unban(args.ip)
+    if as_json:
+        return json.dumps({"ip": args.ip, "unbanned": unbanned})
+    return f"unbanned {args.ip}" if unbanned else f"{args.ip} was not banned"
+
+
+def _stats(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    return render_stats(client.stats(), as_json=as_json)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("connections", "live leases of a user or an IP", _connections, _connections_args),
+    Command("release", "release one lease (frees its slot)", _release, _release_args),
+    Command("bans", "active bans", _bans),
+    Command("ban", "ban an IP on every replica", _ban, _ban_args),
+    Command("unban", "lift a ban", _unban, _unban_args),
+    Command("stats", "active leases, bans and decisions by reason", _stats),
+)
+
+
+# -- the parser and the run ------------------------------------------------------------------
+
+def _common_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The connection options, before the subcommand and (``late``) after it."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--admin", metavar="ADDR",
+        help=f"admin API address (default: admin_listen from -c CONFIG, else {DEFAULT_ADMIN})")
+    common.add_argument("-c", "--config", help="read admin_listen and admin_token_env from this config")
+    common.add_argument("--token-env", metavar="NAME",
+                        help=f"environment variable holding the admin token (default: admin_token_env "
+                             f"from -c CONFIG, else {DEFAULT_TOKEN_ENV})")
+    common.add_argument("--tls", action="store_true",
+                        help="speak TLS (implied by --tls-ca, and by admin_tls in -c CONFIG)")
+    common.add_argument("--tls-ca", metavar="PEM", help="CA to trust for the server (default: the system's)")
+    common.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    common.add_argument("--tls-key", metavar="PEM", help="client key, for mutual TLS")
+    common.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name the server's certificate must carry (default: the address's host)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    common.add_argument("--timeout", type=float, default=5.0, metavar="S", help="per-call deadline")
+    # SUPPRESS keeps an option absent after the subcommand from clobbering one given before it.
+    late = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in common._actions:
+        kwargs: dict[str, Any] = {"help": argparse.SUPPRESS, "dest": action.dest}
+        if action.nargs == 0:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = action.metavar
+            if action.type is not None:
+                kwargs["type"] = action.type
+        late.add_argument(*action.option_strings, **kwargs)
+    return common, late
+
+
+def add_admin_parser(sub: Any) -> None:
+    """Add the ``admin`` command group to the ``extauth`` subparsers."""
+    common, late = _common_options()
+    p = sub.add_parser("admin", parents=[common], help="query and manage a running extauth (admin API)")
+    top = p.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
+    groups: dict[str, Any] = {}
+    for cmd in COMMANDS:
+        *group, word = cmd.name.split()
+        parent = top
+        if group:
+            if group[0] not in groups:
+                g = top.add_parser(group[0], help=f"{group[0]} commands")
+                groups[group[0]] = g.add_subparsers(dest=f"{group[0]}_command", required=True,
+                                                    metavar="COMMAND")
+            parent = groups[group[0]]
+        c = parent.add_parser(word, parents=[late], help=cmd.help)
+        cmd.arguments(c)
+        c.set_defaults(admin_run=cmd.run)
+    p.set_defaults(func=run_admin)
+
+
+def _client_settings(args: Any) -> tuple[str, str | None, ClientTls | None]:
+    address = args.admin
+    token_env = args.token_env
+    config_tls = False
+    if args.config:
+        from extauth.config import load_config
+
+        cfg = load_config(args.config)  # ConfigError: the CLI prints it
+        address = address or cfg.admin_listen
+        token_env = token_env or cfg.admin_token_env
+        config_tls = cfg.admin_tls is not None
+    address = address or DEFAULT_ADMIN
+    if address.startswith(":"):  # ":PORT" binds every interface, like 0.0.0.0
+        address = "0.0.0.0" + address
+    host, port = split_host_port(address)
+    if host in ("0.0.0.0", "::"):  # a wildcard bind: talk to it over loopback
+        address = f"127.0.0.1:{port}" if host != "::" else f"[::1]:{port}"
+    token = os.environ.get(token_env or DEFAULT_TOKEN_ENV) or None
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name or config_tls:
+        tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return address, token, tls
+
+
+def run_admin(args: Any) -> int:
+    """Run one ``extauth admin`` command. Errors print one line on stderr and return 1."""
+    try:
+        address, token, tls = _client_settings(args)
+        with AdminClient(address, token, timeout=args.timeout, tls=tls) as client:
+            out = args.admin_run(client, args, bool(args.json))
+    except (AdminError, ValueError) as e:
+        print(f"extauth admin: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
