@@ -28,14 +28,20 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
+    Http3ProtocolOptions,
     HttpProtocolOptionsHeadersWithUnderscoresAction,
     SocketAddress,
+    SocketAddressProtocol,
     SubstitutionFormatString,
+    TransportSocket,
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CoreHttpProtocolOptions
@@ -45,7 +51,13 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
     LbEndpoint,
     LocalityLbEndpoints,
 )
-from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.listener.v3 import (
+    Filter,
+    FilterChain,
+    Listener,
+    QuicProtocolOptions,
+    UdpListenerConfig,
+)
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.route.v3 import (
     Route,
@@ -79,6 +91,12 @@ from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import Req
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
 )
+from envoy_data_plane.envoy.extensions.transport_sockets.quic.v3 import QuicDownstreamTransport
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CommonTlsContext,
+    DownstreamTlsContext,
+    TlsCertificate,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
@@ -110,7 +128,7 @@ def bootstrap(opts: EnvoyOptions, *, routes: Sequence[RouteSpec], extauth: Seque
     return Bootstrap(
         admin=Admin(address=_address(opts.admin)),
         static_resources=BootstrapStaticResources(
-            listeners=[listener(opts, routes, flush_interval)],
+            listeners=listeners(opts, routes, flush_interval),
             clusters=[extauth_cluster(opts, extauth)]
                      + [cluster(opts, u.name, [u.endpoint]) for u in opts.upstreams],
         ),
@@ -183,24 +201,92 @@ def extauth_cluster(opts: EnvoyOptions, replicas: Sequence[HostPort]) -> Cluster
 
 # --- listener, HTTP connection manager, routes ------------------------------------------------
 
+def listeners(opts: EnvoyOptions, routes: Sequence[RouteSpec], flush_interval: float) -> list[Listener]:
+    """The public listeners: cleartext, TLS and QUIC, each as its option asks."""
+    out = []
+    if opts.listen is not None:
+        out.append(listener(opts, routes, flush_interval))
+    if opts.tls_listen is not None:
+        out.append(tls_listener(opts, routes, flush_interval))
+        if opts.http3:
+            out.append(quic_listener(opts, routes, flush_interval))
+    return out
+
+
+def _hcm_filter(hcm: HttpConnectionManager) -> Filter:
+    return Filter(name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(hcm))
+
+
 def listener(opts: EnvoyOptions, routes: Sequence[RouteSpec], flush_interval: float) -> Listener:
-    """The public listener: one HTTP connection manager."""
+    """The cleartext listener: HTTP/1.1, and h2c (prior knowledge) for clients that speak it."""
+    assert opts.listen is not None
     return Listener(
         name="ingress",
         address=_address(opts.listen),
-        filter_chains=[FilterChain(filters=[Filter(
-            name="envoy.filters.network.http_connection_manager",
-            typed_config=PbAny.pack(http_connection_manager(opts, routes, flush_interval)))])],
+        filter_chains=[FilterChain(filters=[_hcm_filter(
+            http_connection_manager(opts, routes, flush_interval))])],
     )
 
 
-def http_connection_manager(opts: EnvoyOptions, routes: Sequence[RouteSpec],
-                            flush_interval: float) -> HttpConnectionManager:
-    """WebSocket upgrades through ext_authz then the router, with both access logs."""
+def _tls_context(opts: EnvoyOptions, alpn: Sequence[str]) -> DownstreamTlsContext:
+    assert opts.tls_cert is not None and opts.tls_key is not None
+    return DownstreamTlsContext(common_tls_context=CommonTlsContext(
+        tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=opts.tls_cert),
+                                         private_key=DataSource(filename=opts.tls_key))],
+        alpn_protocols=list(alpn),
+    ))
+
+
+def tls_listener(opts: EnvoyOptions, routes: Sequence[RouteSpec], flush_interval: float) -> Listener:
+    """The TLS listener: ALPN h2 first, so a browser's WebSockets share its HTTP/2 connection."""
+    assert opts.tls_listen is not None
+    alt_svc = f'h3=":{opts.tls_listen.port}"; ma=86400' if opts.http3 else None
+    return Listener(
+        name="ingress_tls",
+        address=_address(opts.tls_listen),
+        filter_chains=[FilterChain(
+            transport_socket=TransportSocket(
+                name="envoy.transport_sockets.tls",
+                typed_config=PbAny.pack(_tls_context(opts, ["h2", "http/1.1"]))),
+            filters=[_hcm_filter(http_connection_manager(
+                opts, routes, flush_interval, stat_prefix="ingress_tls", alt_svc=alt_svc))],
+        )],
+    )
+
+
+def quic_listener(opts: EnvoyOptions, routes: Sequence[RouteSpec], flush_interval: float) -> Listener:
+    """HTTP/3 over QUIC on the TLS listener's address and port (UDP), same certificate."""
+    assert opts.tls_listen is not None
+    return Listener(
+        name="ingress_quic",
+        address=Address(socket_address=SocketAddress(
+            protocol=SocketAddressProtocol.UDP, address=opts.tls_listen.host,
+            port_value=opts.tls_listen.port)),
+        udp_listener_config=UdpListenerConfig(quic_options=QuicProtocolOptions()),
+        filter_chains=[FilterChain(
+            transport_socket=TransportSocket(
+                name="envoy.transport_sockets.quic",
+                typed_config=PbAny.pack(QuicDownstreamTransport(
+                    downstream_tls_context=_tls_context(opts, [])))),
+            filters=[_hcm_filter(http_connection_manager(
+                opts, routes, flush_interval, stat_prefix="ingress_quic", http3=True))],
+        )],
+    )
+
+
+def http_connection_manager(opts: EnvoyOptions, routes: Sequence[RouteSpec], flush_interval: float,
+                            *, stat_prefix: str = "ingress", http3: bool = False,
+                            alt_svc: str | None = None) -> HttpConnectionManager:
+    """WebSocket upgrades through ext_authz then the router, with both access logs; over
+    HTTP/2 and HTTP/3 as extended CONNECT too (extauth applies RFC 8441 to those)."""
     return HttpConnectionManager(
-        stat_prefix="ingress",
-        codec_type=HttpConnectionManagerCodecType.AUTO,
+        stat_prefix=stat_prefix,
+        codec_type=HttpConnectionManagerCodecType.HTTP3 if http3 else HttpConnectionManagerCodecType.AUTO,
         upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="websocket")],
+        # Envoy hands an extended CONNECT to ext_authz and the upstream as an HTTP/1.1
+        # upgrade (GET, upgrade: websocket); extauth adds the key an HTTP/1.1 upstream needs.
+        http2_protocol_options=None if http3 else Http2ProtocolOptions(allow_connect=True),
+        http3_protocol_options=Http3ProtocolOptions(allow_extended_connect=True) if http3 else None,
         # Edge proxy: the client address is the TCP peer, X-Forwarded-For is ours.
         use_remote_address=True,
         # Policies are chosen by path: normalize it so /ws/../api and //ws cannot reach a
@@ -223,6 +309,9 @@ def http_connection_manager(opts: EnvoyOptions, routes: Sequence[RouteSpec],
             name="ingress",
             virtual_hosts=[VirtualHost(name="ingress", domains=["*"],
                                        routes=[route(opts, r) for r in routes])],
+            # Tells browsers HTTP/3 is on the same port (they never start with it).
+            response_headers_to_add=[] if alt_svc is None else [HeaderValueOption(
+                header=HeaderValue(key="alt-svc", value=alt_svc))],
         ),
         http_filters=[
             HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=PbAny.pack(ext_authz_filter(opts))),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     "log_type": "%ACCESS_LOG_TYPE%",
     "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
     "method": "%REQ(:METHOD)%",
+    # HTTP/1.1, HTTP/2 or HTTP/3: with ``upgrade`` it tells an RFC 8441 WebSocket from an RFC 6455 one.
+    "protocol": "%PROTOCOL%",
     "authority": "%REQ(:AUTHORITY)%",
     "path": "%REQ_WITHOUT_QUERY(:PATH)%",
     "upgrade": "%REQ(UPGRADE)%",
@@ -119,7 +122,7 @@ class RouteSpec:
 class EnvoyOptions:
     """Everything the bootstrap takes besides the extauth config (seconds for durations)."""
 
-    listen: HostPort
+    listen: HostPort | None  # the cleartext listener (HTTP/1.1 and h2c); None: TLS only
     upstreams: Sequence[Upstream]
     routes: Sequence[RouteSpec] = ()
     extauth: Sequence[HostPort] = ()
@@ -133,6 +136,13 @@ class EnvoyOptions:
     max_stream_duration: float = 3600.0
     stream_idle_timeout: float = 300.0
     max_connections: int = 50_000
+    # A TLS listener (ALPN h2, http/1.1, extended CONNECT on): browsers open WebSockets
+    # over HTTP/2 there (RFC 8441). The certificate chain and key are PEM files Envoy reads.
+    tls_listen: HostPort | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # HTTP/3 (QUIC, RFC 9220 WebSockets) on the TLS listener's address and port, over UDP.
+    http3: bool = False
 
 
 def default_routes(cfg: Config, upstream: str) -> list[RouteSpec]:
@@ -169,17 +179,41 @@ def _check_limits(opts: EnvoyOptions) -> None:
         raise EnvoyConfigError(f"--max-connections: expected 1 to {_MAX_CONNECTIONS:,}, "
                                f"got {opts.max_connections}")
     # Envoy binds listeners and its admin to IP literals only (no name resolution there).
-    for flag, hp in (("--listen", opts.listen), ("--admin-address", opts.admin)):
-        if not hp.is_ip:
+    for flag, hp in (("--listen", opts.listen), ("--tls-listen", opts.tls_listen),
+                     ("--admin-address", opts.admin)):
+        if hp is not None and not hp.is_ip:
             raise EnvoyConfigError(f"{flag}: expected an IP address, got {hp.host!r}")
     if not 0 <= opts.admin.port <= 65535:
         raise EnvoyConfigError(f"--admin-port: expected 0 to 65535, got {opts.admin.port}")
+
+
+def _check_tls(opts: EnvoyOptions) -> list[str]:
+    """The listeners' consistency: at least one, TLS with both its files, HTTP/3 with TLS."""
+    if opts.listen is None and opts.tls_listen is None:
+        raise EnvoyConfigError("give --listen HOST:PORT, --tls-listen HOST:PORT or both")
+    files = {"--tls-cert": opts.tls_cert, "--tls-key": opts.tls_key}
+    if opts.tls_listen is None:
+        given = [flag for flag, f in files.items() if f] + (["--http3"] if opts.http3 else [])
+        if given:
+            raise EnvoyConfigError(f"{', '.join(given)}: only with --tls-listen HOST:PORT")
+        return []
+    missing = [flag for flag, f in files.items() if not f]
+    if missing:
+        raise EnvoyConfigError(f"--tls-listen: give {' and '.join(missing)} (PEM files)")
+    if opts.listen is not None and opts.listen.port == opts.tls_listen.port and (
+            opts.listen.host == opts.tls_listen.host
+            or {opts.listen.host, opts.tls_listen.host} & {"0.0.0.0", "::"}):
+        raise EnvoyConfigError("--listen and --tls-listen: the same TCP port")
+    # The generator may run where Envoy does not: a file missing here is only a warning.
+    return [f"{flag} {f}: not a readable file here (Envoy reads it at start)"
+            for flag, f in files.items() if f and not os.access(f, os.R_OK)]
 
 
 def check_options(cfg: Config, opts: EnvoyOptions) -> list[str]:
     """Raise EnvoyConfigError for inconsistent input; return warnings worth printing."""
     warnings: list[str] = []
     _check_limits(opts)
+    warnings.extend(_check_tls(opts))
     if not opts.upstreams:
         raise EnvoyConfigError("give at least one --upstream NAME=HOST:PORT")
     names = [u.name for u in opts.upstreams]
@@ -256,7 +290,7 @@ def generate(cfg: Config, opts: EnvoyOptions) -> str:
 
 # The options parsed from their flags' text; every other field is taken as is from the flag
 # of the same name (a field without a flag keeps its default).
-_PARSED_OPTIONS = ("listen", "upstreams", "routes", "extauth", "admin")
+_PARSED_OPTIONS = ("listen", "upstreams", "routes", "extauth", "admin", "tls_listen")
 
 
 def options_from_args(args: argparse.Namespace) -> EnvoyOptions:
@@ -264,7 +298,8 @@ def options_from_args(args: argparse.Namespace) -> EnvoyOptions:
     plain = {f.name: getattr(args, f.name) for f in fields(EnvoyOptions)
              if f.name not in _PARSED_OPTIONS and hasattr(args, f.name)}
     return EnvoyOptions(
-        listen=HostPort.parse(args.listen, "--listen"),
+        listen=HostPort.parse(args.listen, "--listen") if args.listen else None,
+        tls_listen=HostPort.parse(args.tls_listen, "--tls-listen") if args.tls_listen else None,
         upstreams=[Upstream.parse(u) for u in args.upstream],
         routes=[RouteSpec.parse(r) for r in args.route],
         extauth=[HostPort.parse(e, "--extauth") for e in args.extauth],
@@ -275,7 +310,15 @@ def options_from_args(args: argparse.Namespace) -> EnvoyOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="the extauth config (policies, lease TTL)")
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="Envoy's public listener")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="Envoy's cleartext listener (HTTP/1.1, and h2c with RFC 8441 WebSockets)")
+    p.add_argument("--tls-listen", metavar="HOST:PORT",
+                   help="a TLS listener, ALPN h2 and http/1.1: browsers' WebSockets over HTTP/2 (RFC 8441)")
+    p.add_argument("--tls-cert", metavar="PEM", help="the TLS listener's certificate chain")
+    p.add_argument("--tls-key", metavar="PEM", help="the TLS listener's private key")
+    p.add_argument("--http3", action="store_true",
+                   help="HTTP/3 (QUIC over UDP) on the TLS listener's address and port, "
+                        "with RFC 9220 WebSockets, announced by Alt-Svc")
     p.add_argument("--upstream", action="append", default=[], metavar="NAME=HOST:PORT",
                    help="an upstream cluster (repeatable); the first one is the default route target")
     p.add_argument("--route", action="append", default=[], metavar="PREFIX=UPSTREAM:POLICY",

@@ -43,6 +43,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from extauth.devcert import DevCert, write_self_signed
 from tests.redis_servers import RedisServer
 from tests.redis_servers import free_port as free_port  # re-exported for tests
 from tests.waiting import wait_until
@@ -397,6 +398,10 @@ class StackConfig:
     connections_per_user: int = 10
     store_on_error: str = "deny"
     origins: list[str] = field(default_factory=lambda: [ALLOWED_ORIGIN])
+    # A TLS listener too (ALPN h2, http/1.1) with a self-signed certificate, and HTTP/3 on
+    # its port: RFC 8441 / RFC 9220 WebSockets (tests/e2e/extended_connect.py).
+    tls: bool = False
+    http3: bool = False
 
 
 class Stack:
@@ -411,6 +416,8 @@ class Stack:
         self.extauth: list[Extauth] = []
         self.envoy: Envoy | None = None
         self.port = free_port()
+        self.tls_port = free_port() if self.cfg.tls else None
+        self.cert: DevCert | None = None
         self.config_path = self.dir / "extauth.yaml"
         self.bootstrap_path = self.dir / "envoy.yaml"
 
@@ -458,6 +465,11 @@ class Stack:
                 "--admin-port", "0", "--flush-interval", str(self.cfg.flush_interval)]
         for e in self.extauth:
             args += ["--extauth", e.address]
+        if self.cfg.tls:
+            if self.cert is None:
+                self.cert = write_self_signed(self.dir / "tls")
+            args += ["--tls-listen", f"127.0.0.1:{self.tls_port}", "--tls-cert", str(self.cert.cert_file),
+                     "--tls-key", str(self.cert.key_file), *(["--http3"] if self.cfg.http3 else [])]
         return args
 
     def write_bootstrap(self) -> None:

@@ -109,6 +109,63 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     assert authz["typed_config"]["status_on_error"] == {"code": "ServiceUnavailable"}
     assert authz["typed_config"]["grpc_service"]["timeout"] == "1.500s"
     assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket"}]
+    # h2c clients may open RFC 8441 WebSockets too: extauth applies its rules to them.
+    assert hcm["http2_protocol_options"] == {"allow_connect": True}
+    assert [listener["name"] for listener in res["listeners"]] == ["ingress"]
+
+
+def test_tls_and_http3_listeners_validate(tmp_path: Path) -> None:
+    """TLS only (no cleartext listener): ALPN h2 first with extended CONNECT, and HTTP/3 on
+    the same port over UDP, announced by Alt-Svc."""
+    from extauth.devcert import write_self_signed
+
+    cert = write_self_signed(tmp_path / "tls")
+    out = tmp_path / "envoy.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "extauth", "envoy-config", "-c", str(REPO / "examples" / "extauth.yaml"),
+         "--tls-listen", "0.0.0.0:18443", "--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file),
+         "--http3", "--upstream", "chat=127.0.0.1:18081", "--admin-port", "0", "-o", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    validate(out)
+    doc = yaml.safe_load(out.read_text())
+    listeners = {item["name"]: item for item in doc["static_resources"]["listeners"]}
+    assert set(listeners) == {"ingress_tls", "ingress_quic"}
+    tls, quic = listeners["ingress_tls"], listeners["ingress_quic"]
+    tls_chain, quic_chain = tls["filter_chains"][0], quic["filter_chains"][0]
+    common = tls_chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2", "http/1.1"]
+    assert common["tls_certificates"] == [{"certificate_chain": {"filename": str(cert.cert_file)},
+                                           "private_key": {"filename": str(cert.key_file)}}]
+    tls_hcm = tls_chain["filters"][0]["typed_config"]
+    assert tls_hcm["http2_protocol_options"] == {"allow_connect": True}
+    assert tls_hcm["route_config"]["response_headers_to_add"] == [
+        {"header": {"key": "alt-svc", "value": 'h3=":18443"; ma=86400'}}]
+    assert quic["address"]["socket_address"] == {"protocol": "UDP", "address": "0.0.0.0", "port_value": 18443}
+    assert quic_chain["transport_socket"]["name"] == "envoy.transport_sockets.quic"
+    quic_hcm = quic_chain["filters"][0]["typed_config"]
+    assert quic_hcm["codec_type"] == "HTTP3"
+    assert quic_hcm["http3_protocol_options"] == {"allow_extended_connect": True}
+    assert "http2_protocol_options" not in quic_hcm
+    # Everything else is the cleartext listener's: ext_authz first, the lease stream, the routes.
+    for hcm in (tls_hcm, quic_hcm):
+        assert hcm["http_filters"][0]["name"] == "envoy.filters.http.ext_authz"
+        assert [a["name"] for a in hcm["access_log"]] == ["envoy.access_loggers.stdout",
+                                                         "envoy.access_loggers.http_grpc"]
+        assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket"}]
+
+
+def test_tls_files_missing_here_warn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from extauth.cli import main
+
+    code = main(["envoy-config", "-c", str(REPO / "examples" / "extauth.yaml"),
+                 "--upstream", "app=127.0.0.1:1", "--tls-listen", "127.0.0.1:8443",
+                 "--tls-cert", str(tmp_path / "nope.pem"),
+                 "--tls-key", str(tmp_path / "nope.key"), "-o", str(tmp_path / "e.yaml")])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "--tls-cert" in err and "--tls-key" in err and "Envoy reads it at start" in err
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -129,6 +186,17 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     (["--upstream", "app=127.0.0.1:1", "--admin-port", "70000"], "--admin-port"),
     (["--upstream", "app=127.0.0.1:1", "--admin-address", "localhost"], "--admin-address"),
     (["--upstream", "app=127.0.0.1:99999"], "HOST:PORT"),
+    (["--upstream", "app=127.0.0.1:1", "--tls-listen", "127.0.0.1:8443"],
+     "--tls-listen: give --tls-cert and --tls-key"),
+    (["--upstream", "app=127.0.0.1:1", "--tls-listen", "127.0.0.1:8443", "--tls-cert", "c.pem"],
+     "--tls-listen: give --tls-key"),
+    (["--upstream", "app=127.0.0.1:1", "--http3"], "--http3: only with --tls-listen"),
+    (["--upstream", "app=127.0.0.1:1", "--tls-cert", "c.pem", "--tls-key", "k.pem"],
+     "--tls-cert, --tls-key: only with --tls-listen"),
+    (["--upstream", "app=127.0.0.1:1", "--tls-listen", "0.0.0.0:8080", "--tls-cert", "c", "--tls-key", "k"],
+     "the same TCP port"),
+    (["--upstream", "app=127.0.0.1:1", "--tls-listen", "localhost:8443", "--tls-cert", "c", "--tls-key", "k"],
+     "--tls-listen: expected an IP address"),
 ])
 def test_envoy_config_refuses_bad_input(args: list[str], message: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,6 +213,8 @@ def test_envoy_config_refuses_a_hostname_to_listen_on_and_an_unwritable_output(
     from extauth.cli import main
 
     base = ["envoy-config", "-c", str(REPO / "examples" / "extauth.yaml"), "--upstream", "app=127.0.0.1:1"]
+    assert main(base) == 2
+    assert "give --listen HOST:PORT, --tls-listen HOST:PORT or both" in capsys.readouterr().err
     assert main([*base, "--listen", "localhost:8080"]) == 2
     assert "--listen: expected an IP address, got 'localhost'" in capsys.readouterr().err
     out = tmp_path / "missing-dir" / "envoy.yaml"
