@@ -54,13 +54,6 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def open_fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
-
-
 def machine_ticks() -> tuple[int, int, int]:
     """(busy, steal, total) jiffies of the whole machine from /proc/stat."""
     with open("/proc/stat", encoding="ascii") as f:
@@ -89,12 +82,10 @@ class CpuMeter:
         self._machine0 = machine_ticks()
         return self
 
-    def stop(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+    def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self._t0
         cores = {n: (cpu_seconds(p) - self._cpu0[n]) / wall for n, p in self.pids.items()}
         cores["load generator"] = (children_cpu() - self._children0) / wall
-        for n, seconds in (extra or {}).items():
-            cores[n] = seconds / wall
         busy, steal, _ = machine_ticks()
         machine_busy = (busy - self._machine0[0]) / _TICK / wall
         # Whatever else ran on the machine meanwhile (other users' jobs, the kernel, this
@@ -149,13 +140,6 @@ class HistogramDelta:
             prev_le, prev_c = le, c
         return (prev_le, math.inf)
 
-    def share_at_or_below(self, bound: float) -> float:
-        """Fraction of observations in buckets whose upper bound is <= ``bound``."""
-        if self.count <= 0:
-            return math.nan
-        under = max((c for le, c in self.buckets if le <= bound), default=0.0)
-        return under / self.count
-
 
 def histogram_delta(before: Samples, after: Samples, name: str, **labels: str) -> HistogramDelta:
     """Bucket counts gained between two scrapes (summed over label sets matching ``labels``)."""
@@ -200,26 +184,25 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def build_c_tool(name: str, out_dir: Path) -> tuple[Path | None, str]:
-    """``bench/<name>.c`` (the churn client ``wschurn``, the echo upstream ``wsecho``) built with
-    the system C compiler, once per version of its source and the shared header; (None, why)
-    when there is no compiler or the build fails (the bench then runs the Python twin)."""
+def build_c_tool(name: str, out_dir: Path) -> Path:
+    """``bench/<name>.c`` (the churn client ``wschurn``, the echo upstream ``wsecho``) built with the
+    system C compiler, once per version of its source and the shared header."""
     source = BENCH / f"{name}.c"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
-        return None, "no C compiler on PATH"
+        raise RuntimeError(f"no C compiler on PATH to build bench/{name}.c (set CC)")
     digest = hashlib.sha256(source.read_bytes() + (BENCH / "rfc6455.h").read_bytes()).hexdigest()[:12]
     binary = out_dir / f"{name}-{digest}"
     if binary.exists():
-        return binary, cc
+        return binary
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = binary.with_suffix(".tmp")
     proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(source)],
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        return None, f"{cc} failed: {proc.stderr.strip()[-500:]}"
+        raise RuntimeError(f"{cc} failed to build bench/{name}.c: {proc.stderr.strip()[-500:]}")
     tmp.rename(binary)
-    return binary, cc
+    return binary
 
 
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}

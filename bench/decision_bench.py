@@ -1,7 +1,6 @@
-"""Microseconds per decision, in-process (no gRPC): origin only, JWT cold (RS256
-verify on every call, cache disabled), JWT cached (verified-token cache warm); then the Check
-handler itself (a parsed CheckRequest in, the answer's bytes out) on a plain-HTTP allow-memo hit,
-its memo key, the credential digest in that key, and a constant handler (scenario 4c's).
+"""Microseconds per decision, in-process (no gRPC): origin only, JWT cold (RS256 verify on every
+call, cache disabled), JWT cached (verified-token cache warm); then the Check handler itself (a
+parsed CheckRequest in, the answer's bytes out) on a plain-HTTP allow-memo hit.
 
     .venv/bin/python bench/decision_bench.py [--n 20000]
 """
@@ -10,23 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import json
 import os
 import platform
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from bench_stack import DEV_JWKS, ISSUER, token
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extauth.config import parse_config
-from extauth.envoy_api import repeat_key
 from extauth.jail import Jail
 from extauth.pipeline import Authorizer
 from extauth.request import CheckInput
@@ -34,9 +26,7 @@ from extauth.runtime import build_runtime
 from extauth.server import AuthorizationService
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
-from tests.keys import jwks_for, make_rsa_key, sign
 
-ISS = "https://issuer.example.com"
 ROUNDS = 5
 WS = {
     "upgrade": "websocket",
@@ -48,7 +38,7 @@ WS = {
 
 
 def _config(jwks_file: str, cache_size: int) -> dict[str, Any]:
-    jwt = {"issuer": ISS, "audiences": ["ws"], "algorithms": ["RS256"], "jwks_file": jwks_file,
+    jwt = {"issuer": ISSUER, "audiences": ["ws"], "algorithms": ["RS256"], "jwks_file": jwks_file,
            "token_sources": ["query:token", "header:authorization"]}
     return {
         "token_cache_size": cache_size,
@@ -73,12 +63,6 @@ async def _time(authz: Authorizer, req: CheckInput, n: int) -> float:
     for _ in range(n):
         await authz.check(req)
     return (time.perf_counter() - start) / n * 1e6
-
-
-def _token(key: Any) -> str:
-    now = int(time.time())
-    claims = {"iss": ISS, "aud": "ws", "sub": "alice", "iat": now, "exp": now + 3600}
-    return sign(key, "RS256", claims, kid="k1")
 
 
 async def run(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
@@ -124,7 +108,7 @@ def _per_call(fn: Any, n: int) -> float:
 
 
 def _run_to_end(coro: Any) -> Any:
-    """A coroutine that never suspends (a memo hit, the constant handler), run without a loop."""
+    """A coroutine that never suspends (a memo hit), run without a loop."""
     try:
         coro.send(None)
     except StopIteration as done:
@@ -143,20 +127,8 @@ def handler(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
     answer = asyncio.run(service.Check(request, None))  # the first check fills the memo
     if not external_auth_pb2.CheckResponse.FromString(answer).HasField("ok_response"):
         raise RuntimeError("the bench request was not allowed")
-    rt = authz.runtime
-    credential = f"Bearer {tok}"
-
-    async def constant(request: Any, context: Any) -> bytes:
-        return answer
-
-    cases = {
-        "Check handler, plain-HTTP allow-memo hit (scenario 4)": lambda: _run_to_end(
-            service.Check(request, None)),
-        "of which the memo key (`repeat_key`)": lambda: repeat_key(request, rt),
-        "of which the key's credential digest (BLAKE2b-128)": lambda: hashlib.blake2b(
-            credential.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
-        "constant handler (scenario 4c's Check)": lambda: _run_to_end(constant(request, None)),
-    }
+    cases = {"Check handler, plain-HTTP allow-memo hit (scenario 4)": lambda: _run_to_end(
+        service.Check(request, None))}
     results: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(ROUNDS):
         for name, fn in cases.items():
@@ -175,13 +147,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10000)
     args = ap.parse_args()
-    key = make_rsa_key()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jwks.json")
-        Path(path).write_text(json.dumps(jwks_for(key, "k1", "RS256")))
-        tok = _token(key)
-        results = asyncio.run(run(args.n, path, tok))
-        handled = handler(args.n * 5, path, tok)
+    tok = token("alice")
+    results = asyncio.run(run(args.n, str(DEV_JWKS), tok))
+    handled = handler(args.n * 5, str(DEV_JWKS), tok)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")
     _table("decision (in-process, full pipeline)", results)

@@ -1,15 +1,11 @@
 """The framework floor: an ext_authz servicer that answers OK at once, on the same stack as the
-product (grpc.aio server with the product's options on the product's event loop, grpc.health.v1
-so Envoy's gRPC health checks pass). It does no translation, no policy and no store call:
+product (grpc.aio server with the product's options on the product's default event loop,
+grpc.health.v1 so Envoy's gRPC health checks pass). No translation, no policy, no store call:
 whatever the product costs above this is extauth's own work.
 
-With ``--response FILE`` (a serialized CheckResponse) it answers that instead of a bare OK: given
-the product's own allow, Envoy then applies the same headers and metadata for both, and the
-product's remaining cost over this floor is its own code alone.
+    .venv/bin/python bench/noop_authz.py --listen 127.0.0.1:PORT
 
-    .venv/bin/python bench/noop_authz.py --listen 127.0.0.1:PORT [--response FILE] [--loop asyncio]
-
-Bench only, never part of the product. SIGTERM/SIGINT stop it.
+SIGTERM/SIGINT stop it.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,17 +28,14 @@ _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)
 
 
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, response: Any = _OK) -> None:
-        self._response = response
-
     async def Check(self, request: Any, context: Any) -> Any:  # gRPC method name
-        return self._response
+        return _OK
 
 
-async def main(listen: str, response: Any = _OK) -> None:
-    # The product's server options (extauth/server.py: ExtAuthServer.start).
+async def main(listen: str) -> None:
+    # The product's server options (extauth/server.py).
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(response), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(listen) == 0:
@@ -61,9 +53,4 @@ async def main(listen: str, response: Any = _OK) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--listen", required=True, metavar="HOST:PORT")
-    ap.add_argument("--response", type=Path, metavar="FILE", help="serialized CheckResponse to answer")
-    ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                    help="event loop, as extauth's event_loop setting (default: the product's default)")
-    args = ap.parse_args()
-    fixed = external_auth_pb2.CheckResponse.FromString(args.response.read_bytes()) if args.response else _OK
-    eventloop.run(main(args.listen, fixed), args.loop)
+    eventloop.run(main(ap.parse_args().listen), "auto")

@@ -1,30 +1,27 @@
 """Store benchmark: acquire+release throughput, latency and client CPU, round trips per acquire,
-Redis memory per lease. The standalone store runs as shipped (its request path on RespLane) and,
-side by side, on redis-py alone.
+Redis memory per lease. The store runs as shipped (its request path on RespLane) and, side by
+side, on redis-py alone.
 
-Starts its own valkey-server / redis-server (and a 3-node cluster) on ephemeral ports with
-persistence off, and prints markdown tables. Runtime well under a minute.
+Starts its own valkey-server on an ephemeral port with persistence off and prints markdown
+tables. Runtime well under a minute.
 
-    .venv/bin/python bench/store_bench.py [--ops 3000] [--no-cluster]
+    .venv/bin/python bench/store_bench.py [--ops 3000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import redis.asyncio as aioredis
+from bench_stack import Valkey
 
 from extauth.store import LeaseRef, Limits, MemoryStore, Store, new_lease_id
 from extauth.store.redis import RedisStore
-from extauth.store.resp import RespConnection, RespLane
-from tests.redis_servers import RedisServer, running_cluster, running_server
 
 LIMITS = Limits(connections_per_user=1_000_000, connections_per_ip=1_000_000,
                 attempts_per_ip_per_minute=1_000_000, attempts_per_user_per_minute=1_000_000)
@@ -35,21 +32,7 @@ class PlainConnection(aioredis.Connection):
     store runs on redis-py alone (the comparison row)."""
 
 
-class CountingConnection(RespConnection):
-    """Counts network writes: one per command, one per pipeline: a round trip each."""
-
-    sends = 0
-
-    def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
-        type(self).sends += 1
-        return super().send(data, count)
-
-
-class CountingLane(RespLane):
-    connection_class = CountingConnection
-
-
-def redis_py_only(server: RedisServer, key_prefix: str) -> RedisStore:
+def redis_py_only(server: Valkey, key_prefix: str) -> RedisStore:
     pool = aioredis.ConnectionPool(host="127.0.0.1", port=server.port, connection_class=PlainConnection,
                                    decode_responses=True)
     store = RedisStore(aioredis.Redis(connection_pool=pool), key_prefix=key_prefix)
@@ -102,31 +85,46 @@ def info_calls(admin: Any, cmd: str) -> int:
     return int(admin.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0))
 
 
-async def round_trips(server: RedisServer, ops: int) -> dict[str, float]:
+class Writes:
+    """Counts the writes of the store's one RespLane connection: a round trip each."""
+
+    def __init__(self, store: RedisStore) -> None:
+        assert store._lane is not None and store._lane._conn is not None, "connect the store first"
+        conn = store._lane._conn
+        self.sends, send = 0, conn.send
+
+        def counted(data: bytes, count: int) -> Any:
+            self.sends += 1
+            return send(data, count)
+
+        conn.send = counted  # type: ignore[method-assign]
+
+
+async def round_trips(server: Valkey, ops: int) -> dict[str, float]:
     store = RedisStore.from_url(server.url, key_prefix="rt")
-    store._lane = CountingLane.from_client(store.client)  # the shipped lane, counted
     admin = server.client()
     try:
         warm = LeaseRef(new_lease_id(), "chat", "warm", "10.9.9.9")
         await store.acquire(warm, LIMITS, 60)
         await store.refresh([warm], 60)
         await store.release([warm])
+        counter = Writes(store)
         refs = [LeaseRef(new_lease_id(), "chat", f"user{i % 100}", f"10.2.{i % 20}.1") for i in range(ops)]
-        sends, evalsha = CountingConnection.sends, info_calls(admin, "evalsha")
+        sends, evalsha = counter.sends, info_calls(admin, "evalsha")
         total = int(admin.info("stats")["total_commands_processed"])
         for ref in refs:
             await store.acquire(ref, LIMITS, 60)
-        acquire_rt = (CountingConnection.sends - sends) / ops
+        acquire_rt = (counter.sends - sends) / ops
         acquire_evalsha = (info_calls(admin, "evalsha") - evalsha) / ops
         # Includes the commands run inside the script (and 2 INFO calls of ours, negligible).
         server_cmds = (int(admin.info("stats")["total_commands_processed"]) - total) / ops
-        sends = CountingConnection.sends
+        sends = counter.sends
         batch = refs[:500]
         await store.refresh(batch, 60)
-        refresh_rt = CountingConnection.sends - sends
-        sends = CountingConnection.sends
+        refresh_rt = counter.sends - sends
+        sends = counter.sends
         await store.release(batch)
-        release_rt = CountingConnection.sends - sends
+        release_rt = counter.sends - sends
         await store.release(refs)
         return {"acquire_rt": acquire_rt, "acquire_evalsha": acquire_evalsha, "server_cmds": server_cmds,
                 "refresh500_rt": refresh_rt, "release500_rt": release_rt}
@@ -135,7 +133,7 @@ async def round_trips(server: RedisServer, ops: int) -> dict[str, float]:
         await store.close()
 
 
-async def memory_per_lease(server: RedisServer, leases: int = 10_000, users: int = 1_000,
+async def memory_per_lease(server: Valkey, leases: int = 10_000, users: int = 1_000,
                            ips: int = 100) -> dict[str, Any]:
     store = RedisStore.from_url(server.url, key_prefix="mem")
     admin = server.client()
@@ -176,7 +174,6 @@ def row(name: str, r: dict[str, float], conc: tuple[float, float]) -> str:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", type=int, default=3000)
-    ap.add_argument("--no-cluster", action="store_true")
     args = ap.parse_args()
     started = time.perf_counter()
     lines = ["| store | seq acquire+release /s | 64-way acquire+release /s | client CPU µs per pair (64-way) "
@@ -186,29 +183,25 @@ async def main() -> None:
     mem = MemoryStore()
     lines.append(row("memory", await latency_run(mem, args.ops), await concurrent_run(mem, args.ops * 4)))
 
-    with running_server() as server:
-        # As shipped, then on redis-py alone, one after the other in the same run.
-        for name, make in (("redis (standalone, as shipped: RespLane)",
-                            lambda: RedisStore.from_url(server.url, key_prefix="bench")),
-                           ("redis (standalone, redis-py alone)", lambda: redis_py_only(server, "bench"))):
-            rs = make()
-            await rs.ping()
-            lines.append(row(name, await latency_run(rs, args.ops), await concurrent_run(rs, args.ops)))
-            await rs.close()
-        rt = await round_trips(server, 1000)
-        mem_stats = await memory_per_lease(server)
-
-    if not args.no_cluster:
-        with running_cluster() as cluster:
-            cs = RedisStore.from_url(cluster.url, key_prefix="bench")
-            await cs.ping()
-            lines.append(row("redis cluster (3 masters)", await latency_run(cs, args.ops // 2),
-                             await concurrent_run(cs, args.ops // 2)))
-            await cs.close()
+    with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
+        server = Valkey(Path(tmp)).start()
+        try:
+            # As shipped, then on redis-py alone, one after the other in the same run.
+            for name, make in (("redis (as shipped: RespLane)",
+                                lambda: RedisStore.from_url(server.url, key_prefix="bench")),
+                               ("redis (redis-py alone)", lambda: redis_py_only(server, "bench"))):
+                rs = make()
+                await rs.ping()
+                lines.append(row(name, await latency_run(rs, args.ops), await concurrent_run(rs, args.ops)))
+                await rs.close()
+            rt = await round_trips(server, 1000)
+            mem_stats = await memory_per_lease(server)
+        finally:
+            server.stop()
 
     print("\n## Throughput and latency (one client process, loopback)\n")
     print("\n".join(lines))
-    print("\n## Round trips (standalone Redis, writes counted at the store's RespLane)\n")
+    print("\n## Round trips (writes counted at the store's RespLane connection)\n")
     print("| operation | round trips | server-side |")
     print("|---|---:|---|")
     print(f"| acquire (user + IP, all four limits) | {rt['acquire_rt']:.2f} per acquire "

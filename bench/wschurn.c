@@ -2,10 +2,9 @@
  * wschurn: the WebSocket churn load generator of `make bench` (scenario 5 and its references).
  *
  * Why C: wrk is C for the same reason. On this 2-core machine the load generator shares the
- * cores with Envoy, extauth, valkey and the upstream, and the lean Python client
- * (bench/ws_clients.py) spends about 0.8 ms of CPU per cycle, a quarter of what the whole
- * machine spends per upgrade. bench/run.py builds this file with the system C compiler and
- * falls back to the Python client when there is none; the report says which one ran.
+ * cores with Envoy, extauth, valkey and the upstream; a Python client spent about 0.8 ms of CPU
+ * per cycle, a quarter of what the whole machine spends per upgrade. bench/run.py builds this
+ * file with the system C compiler.
  *
  * Each of --concurrency lanes loops until --duration has passed: connect, the upgrade
  * (timed from connect() to the 101), one masked text frame "x", its echo read back, a
@@ -16,8 +15,8 @@
  * Usage: wschurn --host H --port P --path /ws --origin O --tokens tokens.json
  *                [--concurrency N] [--duration S] [--offset K]
  * tokens.json is a JSON list of strings (JWTs: no escapes); connection i of lane l uses
- * token (offset + l + i * concurrency) mod len, as bench/ws_clients.py does.
- * Output: one JSON line like ws_clients.py's churn result.
+ * token (offset + l + i * concurrency) mod len.
+ * Output: one JSON line: elapsed, upgrades, cycles, statuses, errors, latencies_us.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

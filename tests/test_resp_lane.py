@@ -204,37 +204,38 @@ class _Custom(aioredis.Connection):
     pass
 
 
-class _CountingConnection(RespConnection):
-    writes = 0
+class _Writes:
+    """Counts every RespConnection write (one per command or pipeline: a round trip each)."""
 
-    def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
-        type(self).writes += 1
-        return super().send(data, count)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        send = RespConnection.send
 
+        def counted(conn: RespConnection, data: bytes, count: int) -> asyncio.Future[list[Any]]:
+            self.count += 1
+            return send(conn, data, count)
 
-class _CountingLane(RespLane):
-    connection_class = _CountingConnection
+        monkeypatch.setattr(RespConnection, "send", counted)
 
 
 async def test_store_request_path_is_one_write_per_acquire_and_per_batch(
-        redis_server: RedisServer, key_prefix: str) -> None:
+        redis_server: RedisServer, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     store = RedisStore.from_url(redis_server.url, key_prefix=key_prefix)
     assert store._lane is not None
-    counting = _CountingLane("127.0.0.1", redis_server.port)
-    store._lane = counting
+    writes = _Writes(monkeypatch)
     try:
         refs = [LeaseRef(new_lease_id(), "chat", f"u{i}", "10.0.0.1") for i in range(20)]
         # Connected and the scripts loaded (a first EVALSHA may meet NOSCRIPT): warm-up writes.
         warm = LeaseRef(new_lease_id(), "chat", "warm", "10.0.0.2")
         await store.acquire(warm, Limits(), 30)
         await store.refresh([warm], 30)
-        before = _CountingConnection.writes
+        before = writes.count
         results = await asyncio.gather(*(store.acquire(r, Limits(connections_per_user=1), 30) for r in refs))
         assert all(r.granted for r in results)
-        assert _CountingConnection.writes - before == 20
+        assert writes.count - before == 20
         assert await store.refresh(refs, 30) == 20
         assert await store.release(refs) == 20
-        assert _CountingConnection.writes - before == 22
+        assert writes.count - before == 22
         assert await store.count("chat", ip="10.0.0.1") == 0
     finally:
         await store.close()

@@ -41,7 +41,7 @@ from extauth.aio import retrieve
 
 Command = Sequence[str | int | bytes]
 
-__all__ = ["Command", "RespConnection", "RespLane"]
+__all__ = ["Command", "RespLane"]
 
 
 def encode(commands: Sequence[Command]) -> bytes:
@@ -147,10 +147,6 @@ class RespLane:
     """Calls and pipelines over one lazily (re)connected connection; safe for any number of
     concurrent callers on one event loop."""
 
-    # Every write goes through its ``send``: the tests and the bench count round trips in a
-    # subclass of their own, at no cost to the lanes that do not.
-    connection_class: type[RespConnection] = RespConnection
-
     def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
                  password: str | None = None, connect_timeout: float = 1.0, reply_timeout: float = 1.0,
                  client_name: str | None = None,
@@ -243,7 +239,7 @@ class RespLane:
             ssl_context = self.ssl_context()
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: self.connection_class(self._reply_timeout), self.host, self.port, ssl=ssl_context)
+                    lambda: RespConnection(self._reply_timeout), self.host, self.port, ssl=ssl_context)
                 try:
                     await self._handshake(conn)
                 except BaseException:

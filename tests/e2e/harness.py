@@ -11,7 +11,7 @@ teardown whatever happened::
         async with stack.connect(user="alice") as ws:
             await ws.send("hi")
 
-Reusable by any test (and the benchmarks): nothing here depends on pytest.
+Reusable by any test: nothing here depends on pytest.
 """
 
 from __future__ import annotations
