@@ -96,8 +96,9 @@ class Match(_Model):
         return v
 
 
-class JwtConfig(_Model):
-    """Token verification; exactly one key source: `jwks_file`, `jwks_uri` or `hmac_secret_env`."""
+class IssuerConfig(_Model):
+    """One issuer: its `iss`, audiences, algorithms and exactly one key source (`jwks_file`,
+    `jwks_uri` or `hmac_secret_env`)."""
 
     issuer: str = Field(min_length=1, description="The `iss` every token must carry.")
     audiences: list[str] = Field(min_length=1, description="Accepted `aud` values; a token must name one.")
@@ -117,18 +118,6 @@ class JwtConfig(_Model):
         default=None,
         description="While rotating: the variable holding the previous secret, still accepted "
         "(tokens it signed stay valid until they expire), so honest users are never taken for forgers.")
-    token_sources: list[str] = Field(
-        default_factory=lambda: ["header:authorization"], min_length=1,
-        description="Where the token may be: `query:NAME`, `header:NAME`, `cookie:NAME`, `subprotocol`; "
-        "every one present is stripped before the upstream sees the request.")
-    leeway_seconds: int = Field(
-        default=30, ge=0, le=600, description="Clock skew allowed on `exp`, `nbf`, `iat`.")
-    max_lifetime_seconds: int = Field(
-        default=86400, ge=1, le=366 * DAY,
-        description="Longest accepted `exp - iat` (`exp - now` without `iat`): bounds how long a token "
-        "revoked at the issuer still passes.")
-    user_claim: str = Field(
-        default="sub", description="The claim that names the user (per-user quotas, logs).")
     jwks_refresh_seconds: float = Field(
         default=300, ge=1, le=DAY, description="A `jwks_uri` is refetched on this timer, busy or not.")
     jwks_refetch_cooldown_seconds: float = Field(
@@ -142,18 +131,6 @@ class JwtConfig(_Model):
         default=2.0, gt=0, le=30, description="One total deadline per JWKS fetch.")
     jwks_max_bytes: int = Field(
         default=256 * 1024, gt=0, le=JWKS_MAX_BYTES_LIMIT, description="Largest JWKS document accepted.")
-
-    @field_validator("token_sources")
-    @classmethod
-    def _sources(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if not _SOURCE_RE.match(s):
-                raise ValueError(
-                    f"bad token source {s!r}: use query:NAME, header:NAME, cookie:NAME or subprotocol"
-                )
-        if len(set(v)) != len(v):
-            raise ValueError("duplicate token source")
-        return v
 
     @field_validator("jwks_uri")
     @classmethod
@@ -179,7 +156,11 @@ class JwtConfig(_Model):
         return v
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> JwtConfig:
+    def _one_key_source(self) -> IssuerConfig:
+        self._check_keys()
+        return self
+
+    def _check_keys(self) -> None:
         given = [k for k in ("jwks_file", "jwks_uri", "hmac_secret_env") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("exactly one of jwks_file, jwks_uri, hmac_secret_env is required")
@@ -200,11 +181,75 @@ class JwtConfig(_Model):
             # Staleness counts from the last fetch: keys would go stale before the timer
             # refetches them, and every uncached check would fetch the key set itself.
             raise ValueError("jwks_max_stale_seconds must be at least jwks_refresh_seconds")
-        return self
 
     @property
     def jwks_backed(self) -> bool:
         return self.jwks_uri is not None
+
+
+# The JwtConfig keys that are the policy's, whichever issuer signed the token.
+_SHARED_JWT_FIELDS = frozenset({"token_sources", "leeway_seconds", "max_lifetime_seconds", "user_claim"})
+MAX_ISSUERS = 16
+
+
+class JwtConfig(IssuerConfig):
+    """Token verification: one issuer given inline (`issuer`, `audiences`, a key source), or several
+    under `issuers`, each with its own; the token's `iss` picks one before any key is read."""
+
+    issuer: str = Field(default="", description="The `iss` every token must carry (inline form).")
+    audiences: list[str] = Field(
+        default_factory=list, description="Accepted `aud` values; a token must name one (inline form).")
+    issuers: list[IssuerConfig] = Field(
+        default_factory=list, max_length=MAX_ISSUERS,
+        description="Several issuers, each with its own `issuer`, `audiences`, `algorithms`, key source and "
+        "JWKS bounds; instead of the inline ones. A token's keys are only ever its own issuer's.")
+    token_sources: list[str] = Field(
+        default_factory=lambda: ["header:authorization"], min_length=1,
+        description="Where the token may be: `query:NAME`, `header:NAME`, `cookie:NAME`, `subprotocol`; "
+        "every one present is stripped before the upstream sees the request.")
+    leeway_seconds: int = Field(
+        default=30, ge=0, le=600, description="Clock skew allowed on `exp`, `nbf`, `iat`.")
+    max_lifetime_seconds: int = Field(
+        default=86400, ge=1, le=366 * DAY,
+        description="Longest accepted `exp - iat` (`exp - now` without `iat`): bounds how long a token "
+        "revoked at the issuer still passes.")
+    user_claim: str = Field(
+        default="sub", description="The claim that names the user (per-user quotas, logs).")
+    @field_validator("token_sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not _SOURCE_RE.match(s):
+                raise ValueError(
+                    f"bad token source {s!r}: use query:NAME, header:NAME, cookie:NAME or subprotocol"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate token source")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtConfig:
+        if not self.issuers:
+            if not self.issuer:
+                raise _at("issuer", "Field required (or issuers)")
+            if not self.audiences:
+                raise _at("audiences", "Field required (or issuers)")
+            self._check_keys()
+            return self
+        inline = sorted(self.model_fields_set - _SHARED_JWT_FIELDS - {"issuers"})
+        if inline:
+            raise ValueError(f"with issuers, give {', '.join(inline)} per issuer")
+        names = [i.issuer for i in self.issuers]
+        if len(set(names)) != len(names):
+            raise ValueError("issuers: each issuer once")
+        return self
+
+    def per_issuer(self) -> tuple[JwtConfig, ...]:
+        """One single-issuer JwtConfig per issuer, with this policy's shared keys."""
+        if not self.issuers:
+            return (self,)
+        shared = self.model_dump(include=set(_SHARED_JWT_FIELDS))
+        return tuple(JwtConfig.model_validate({**i.model_dump(), **shared}) for i in self.issuers)
 
 
 class Quotas(_Model):
@@ -556,6 +601,14 @@ class Config(_Model):
         return None
 
 
+_AT = "\x00"
+
+
+def _at(key: str, message: str) -> ValueError:
+    """A model validator's error about one key: reported at that key's path."""
+    return ValueError(f"{_AT}{key}{_AT}{message}")
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -563,6 +616,9 @@ def _format_errors(err: ValidationError) -> str:
         for part in e["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         msg = e["msg"].removeprefix("Value error, ")
+        if msg.startswith(_AT):  # a model validator's error about one of its keys (_at)
+            key, _, msg = msg[len(_AT):].partition(_AT)
+            path = f"{path}.{key}" if path else key
         lines.append(f"{path or '<root>'}: {msg}")
     return "\n".join(lines)
 
@@ -582,10 +638,16 @@ def parse_config(data: Any, *, base_dir: Path | None = None) -> Config:
 
 def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     """Make jwks_file paths relative to the config file, not the working directory."""
+
+    def resolved(issuer: IssuerConfig) -> IssuerConfig:
+        if issuer.jwks_file and not os.path.isabs(issuer.jwks_file):
+            return issuer.model_copy(update={"jwks_file": str(base_dir / issuer.jwks_file)})
+        return issuer
+
     policies = []
     for p in cfg.policies:
-        if p.jwt and p.jwt.jwks_file and not os.path.isabs(p.jwt.jwks_file):
-            jwt = p.jwt.model_copy(update={"jwks_file": str(base_dir / p.jwt.jwks_file)})
+        if p.jwt:
+            jwt = resolved(p.jwt).model_copy(update={"issuers": [resolved(i) for i in p.jwt.issuers]})
             p = p.model_copy(update={"jwt": jwt})
         policies.append(p)
     return cfg.model_copy(update={"policies": policies})

@@ -153,16 +153,19 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
     for p in cfg.policies:
         verifier = None
         if p.jwt is not None:
-            source_key = key_source_identity(p.jwt)
-            source = key_sources.get(source_key) or old_sources.get(source_key)
-            if source is None:
-                source = make_key_source(p.jwt)  # raises ConfigError
-            key_sources[source_key] = source
+            issuer_sources = []
+            for issuer in p.jwt.per_issuer():  # each issuer its own key source
+                source_key = key_source_identity(issuer)
+                source = key_sources.get(source_key) or old_sources.get(source_key)
+                if source is None:
+                    source = make_key_source(issuer)  # raises ConfigError
+                key_sources[source_key] = source
+                issuer_sources.append(source)
             key = _verifier_key(p.jwt, cfg)
             verifier = verifiers.get(key) or old.get(key)
             if verifier is None:
                 verifier = JwtVerifier(p.jwt, max_token_bytes=cfg.max_token_bytes,
-                                       cache_size=cfg.token_cache_size, source=source)
+                                       cache_size=cfg.token_cache_size, sources=issuer_sources)
             verifiers[key] = verifier
         sources = TokenSources(p.jwt.token_sources) if p.jwt else None
         rules = compile_rules([r.spec() for r in p.claim_rules])

@@ -6,7 +6,10 @@ Order matters and is part of the security contract:
 2. header: a JSON object without ``jku``/``x5u``/``jwk``/``x5c``/``crit``
    (never followed; their presence is an injection attempt), an ``alg`` that is
    not ``none`` in any spelling and is configured;
-3. key selection by ``kid`` from OUR key set (an unknown kid refetches a JWKS
+3. with several issuers, the issuer named by the token's ``iss`` (read unverified from the
+   bounded payload, before any key is touched; unknown is ``token_claims``): its algorithms,
+   audiences and keys are the only ones the token is checked against;
+   key selection by ``kid`` from OUR key set of that issuer (an unknown kid refetches a JWKS
    URL at most once per cooldown), and the token's ``alg`` must equal the one
    algorithm bound to that key;
 4. the signature (PyJWT, with exactly that key and that one algorithm);
@@ -23,7 +26,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -96,8 +101,44 @@ def _is_number(v: Any) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    """What one issuer's tokens are checked against, and nothing of any other issuer's."""
+
+    index: int
+    issuer: str
+    audiences: frozenset[str]
+    algorithms: frozenset[str]
+    source: KeySource
+
+
+def _claims_of(payload: bytes) -> dict[str, Any]:
+    try:
+        claims = _strict_json(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _deny(Reason.TOKEN_MALFORMED, "payload is not valid JSON") from None
+    if not isinstance(claims, dict):
+        raise _deny(Reason.TOKEN_MALFORMED, "payload is not a JSON object")
+    return claims
+
+
+class _IssuerWatcher:
+    """One issuer's key-drop callback, as a bound method a key source can hold weakly."""
+
+    __slots__ = ("__weakref__", "_index", "_verifier")
+
+    def __init__(self, verifier: JwtVerifier, index: int) -> None:
+        self._verifier = weakref.ref(verifier)
+        self._index = index
+
+    def dropped(self, keys: KeySet) -> None:
+        verifier = self._verifier()
+        if verifier is not None:
+            verifier._issuer_keys_dropped(self._index, keys)
+
+
 class JwtVerifier:
-    """Verifies bearer JWTs for one policy; raises DenyError(Reason.X, detail)."""
+    """Verifies bearer JWTs for one policy (one issuer or several); raises DenyError(Reason.X, detail)."""
 
     def __init__(
         self,
@@ -107,22 +148,41 @@ class JwtVerifier:
         cache_size: int,
         clock: Callable[[], float] = time.time,
         source: KeySource | None = None,
+        sources: Sequence[KeySource] | None = None,
     ) -> None:
-        """``source``: a key source for ``cfg`` owned by the caller (shared, or carried over a
-        reload); without one the verifier makes its own and closes it with itself."""
+        """``source`` (one issuer) or ``sources`` (one per ``cfg.per_issuer()``): key sources owned
+        by the caller (shared, or carried over a reload); without them the verifier makes its own
+        and closes them with itself."""
         self.cfg = cfg
         self.max_token_bytes = max_token_bytes
         self._clock = clock
-        self._algorithms = frozenset(cfg.algorithms)
-        self._audiences = frozenset(cfg.audiences)
-        self._owns_source = source is None
-        self._source: KeySource = source or make_key_source(cfg, clock)  # raises ConfigError
+        per_issuer = cfg.per_issuer()
+        given = list(sources) if sources is not None else [source] if source is not None else None
+        if given is not None and len(given) != len(per_issuer):
+            raise ValueError("one key source per issuer")
+        self._owns_source = given is None
+        self._issuers = tuple(
+            _Issuer(i, c.issuer, frozenset(c.audiences), frozenset(c.algorithms),
+                    given[i] if given is not None else make_key_source(c, clock))  # raises ConfigError
+            for i, c in enumerate(per_issuer))
+        self._by_iss = {i.issuer: i for i in self._issuers}
+        self._multi = len(self._issuers) > 1
+        # Single issuer: the old fast path, which reads no claim before the signature.
+        self._only = self._issuers[0]
+        self._source = self._only.source
+        self._algorithms = self._only.algorithms
+        self._audiences = self._only.audiences
         self.cache = TokenCache(cache_size, clock)
         # Counters for metrics/tests: signature verifications actually run.
         self.verifications = 0
         # Called when keys leave the key set (weakly: a replaced runtime's allow memo goes).
         self._on_keys_dropped: WeakCallbacks[[]] = WeakCallbacks()
-        self._source.watch(self._keys_dropped)
+        # Each issuer's key thumbprints as last seen: a cached verification is kept while its
+        # own issuer still holds its key.
+        self._seen: dict[int, frozenset[str]] = {}
+        self._watchers: list[_IssuerWatcher] = []
+        for issuer in self._issuers:
+            issuer.source.watch(self._keys_dropped if not self._multi else self._dropped_watcher(issuer))
 
     def on_keys_dropped(self, callback: Callable[[], None]) -> None:
         """Call the bound method ``callback`` whenever a key leaves the key set; held weakly."""
@@ -131,41 +191,63 @@ class JwtVerifier:
     def _keys_dropped(self, keys: KeySet) -> None:
         """Keys were removed, changed or went stale: what they verified is verified again, or denied."""
         forgotten = self.cache.forget_keys_not_in(keys.thumbprints)
+        self._announce_dropped(forgotten)
+
+    def _announce_dropped(self, forgotten: int) -> None:
         log.info("jwt: keys withdrawn (removed, changed, or too stale to use); "
                  "%d cached verification(s) forgotten", forgotten)
         self._on_keys_dropped()
+
+    def _dropped_watcher(self, issuer: _Issuer) -> Callable[[KeySet], None]:
+        # Held weakly by the source: a bound method of an object the verifier keeps.
+        watcher = _IssuerWatcher(self, issuer.index)
+        self._watchers.append(watcher)
+        return watcher.dropped
+
+    def _issuer_keys_dropped(self, index: int, keys: KeySet) -> None:
+        self._seen[index] = keys.thumbprints
+        kept = frozenset(f"{i}:{t}" for i, thumbs in self._seen.items() for t in thumbs)
+        self._announce_dropped(self.cache.forget_keys_not_in(kept))
 
     # -- metrics ---------------------------------------------------------------
 
     @property
     def key_source(self) -> KeySource:
+        """The (first) issuer's key source."""
         return self._source
 
     @property
+    def key_sources(self) -> tuple[KeySource, ...]:
+        return tuple(i.source for i in self._issuers)
+
+    @property
     def jwks_fetches(self) -> int:
-        return self._source.fetches if isinstance(self._source, UrlKeySource) else 0
+        return sum(s.fetches for s in self.key_sources if isinstance(s, UrlKeySource))
 
     @property
     def jwks_fetch_failures(self) -> int:
-        return self._source.fetch_failures if isinstance(self._source, UrlKeySource) else 0
+        return sum(s.fetch_failures for s in self.key_sources if isinstance(s, UrlKeySource))
 
     @property
     def key_age_seconds(self) -> float | None:
-        """Age of the key set in use; None if never loaded (or an HMAC secret)."""
-        return self._source.key_age_seconds()
+        """Age of the oldest key set in use; None if none was loaded (or HMAC secrets only)."""
+        ages = [a for a in (s.key_age_seconds() for s in self.key_sources) if a is not None]
+        return max(ages) if ages else None
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
         """Warm URL keys; never raises (a failure is logged and retried lazily)."""
-        try:
-            await self._source.start()
-        except Exception:
-            log.warning("jwt: key warm-up failed", exc_info=True)
+        for source in self.key_sources:
+            try:
+                await source.start()
+            except Exception:
+                log.warning("jwt: key warm-up failed", exc_info=True)
 
     async def close(self) -> None:
         if self._owns_source:
-            await self._source.close()
+            for source in self.key_sources:
+                await source.close()
 
     # -- verification ----------------------------------------------------------
 
@@ -194,21 +276,37 @@ class JwtVerifier:
         return verified
 
     async def _verify(self, token: str) -> VerifiedToken:
+        if self._multi:
+            return await self._verify_multi(token)
         header = self._parse_header(token)
         entries = await self._select_keys(header.get("kid"))
         alg = header["alg"]
         if alg != entries[0].alg:  # a key set's entries for one token share their algorithm
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, f"alg {alg} is not the algorithm bound to the key")
         entry, payload = self._check_signature(token, entries)
-        try:
-            claims = _strict_json(payload)
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise _deny(Reason.TOKEN_MALFORMED, "payload is not valid JSON") from None
-        if not isinstance(claims, dict):
-            raise _deny(Reason.TOKEN_MALFORMED, "payload is not a JSON object")
-        return self._check_claims(claims, entry.thumbprint)
+        return self._check_claims(_claims_of(payload), entry.thumbprint)
 
-    def _parse_header(self, token: str) -> dict[str, Any]:
+    async def _verify_multi(self, token: str) -> VerifiedToken:
+        """Several issuers: the unverified ``iss`` picks one, and only its keys are consulted."""
+        header = self._parse_header(token, check_alg=False)
+        try:
+            unverified = _claims_of(_b64url(token.split(".")[1]))
+        except (binascii.Error, ValueError):
+            raise _deny(Reason.TOKEN_MALFORMED, "payload is not base64url") from None
+        iss = unverified.get("iss")
+        issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise _deny(Reason.TOKEN_CLAIMS, "issuer not accepted")
+        self._check_alg(header["alg"], issuer.algorithms)
+        entries = await self._select_keys(header.get("kid"), issuer)
+        alg = header["alg"]
+        if alg != entries[0].alg:
+            raise _deny(Reason.TOKEN_BAD_SIGNATURE, f"alg {alg} is not the algorithm bound to the key")
+        entry, _ = self._check_signature(token, entries)
+        # The payload the signature covers is the one read above: parsed once.
+        return self._check_claims(unverified, f"{issuer.index}:{entry.thumbprint}", issuer)
+
+    def _parse_header(self, token: str, *, check_alg: bool = True) -> dict[str, Any]:
         if not token.isascii():
             raise _deny(Reason.TOKEN_MALFORMED, "token is not ASCII")
         parts = token.split(".")
@@ -241,21 +339,30 @@ class JwtVerifier:
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, "alg missing")
         if alg.strip().lower() == "none":
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, "alg none")
-        if alg not in self._algorithms:
-            if alg.upper().startswith("HS"):
-                # HMAC where the policy holds only public keys: the key-confusion attack.
-                raise _deny(Reason.TOKEN_BAD_SIGNATURE, "HMAC alg on a policy without HMAC keys")
-            # Another issuer's algorithm (a misconfigured client), not evidence of forgery.
-            raise _deny(Reason.TOKEN_UNKNOWN_KEY, "alg not allowed by the policy")
+        if check_alg:
+            self._check_alg(alg, self._algorithms)
         if not s64:
             raise _deny(Reason.TOKEN_BAD_SIGNATURE, "empty signature")
         return header
 
-    async def _select_keys(self, kid: str | None) -> tuple[KeyEntry, ...]:
-        keys = await self._source.keys()  # may raise jwks_unavailable
+    @staticmethod
+    def _check_alg(alg: str, algorithms: frozenset[str]) -> None:
+        if alg not in algorithms:
+            if alg.upper().startswith("HS"):
+                # HMAC where the issuer has only public keys: the key-confusion attack.
+                raise _deny(Reason.TOKEN_BAD_SIGNATURE, "HMAC alg on an issuer without HMAC keys")
+            # Another issuer's algorithm (a misconfigured client), not evidence of forgery.
+            raise _deny(Reason.TOKEN_UNKNOWN_KEY, "alg not allowed by the policy")
+
+    async def _select_keys(self, kid: str | None, issuer: _Issuer | None = None) -> tuple[KeyEntry, ...]:
+        source = issuer.source if issuer is not None else self._source
+        keys = await source.keys()  # may raise jwks_unavailable
         entries = keys.select(kid)
-        if not entries and kid is not None and await self._source.refetch_for_unknown_kid():
-            entries = (await self._source.keys()).select(kid)
+        if not entries and kid is not None and await source.refetch_for_unknown_kid():
+            keys = await source.keys()
+            entries = keys.select(kid)
+        if issuer is not None:
+            self._seen[issuer.index] = keys.thumbprints
         if not entries:
             if kid is None:
                 raise _deny(Reason.TOKEN_UNKNOWN_KEY, "no kid and the key set has several keys")
@@ -288,8 +395,9 @@ class JwtVerifier:
                 pass  # e.g. a signature of the wrong length for the curve
         raise _deny(Reason.TOKEN_BAD_SIGNATURE, "signature does not verify")
 
-    def _check_claims(self, claims: dict[str, Any], key: str) -> VerifiedToken:
+    def _check_claims(self, claims: dict[str, Any], key: str, issuer: _Issuer | None = None) -> VerifiedToken:
         cfg = self.cfg
+        issuer = issuer or self._only
         now = self._clock()
         leeway = cfg.leeway_seconds
         for name in ("exp", "nbf", "iat"):
@@ -302,7 +410,7 @@ class JwtVerifier:
         nbf = float(claims["nbf"]) if "nbf" in claims else None
 
         iss = claims.get("iss")
-        if not isinstance(iss, str) or iss != cfg.issuer:
+        if not isinstance(iss, str) or iss != issuer.issuer:
             raise _deny(Reason.TOKEN_CLAIMS, "issuer not accepted")
         aud = claims.get("aud")
         if isinstance(aud, str):
@@ -311,7 +419,7 @@ class JwtVerifier:
             auds = aud
         else:
             raise _deny(Reason.TOKEN_CLAIMS, "aud missing or not a string/list of strings")
-        if self._audiences.isdisjoint(auds):
+        if issuer.audiences.isdisjoint(auds):
             raise _deny(Reason.TOKEN_CLAIMS, "audience not accepted")
 
         if now >= exp + leeway:
