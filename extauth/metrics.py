@@ -70,6 +70,16 @@ class Metrics:
             "Leases given back at once because their check ended after Envoy's deadline (Envoy had "
             "answered the client itself): the event loop stalled past ext_authz's timeout", registry=r,
         )
+        self.revocations = Gauge(
+            "extauth_revocations", "Revocations in force, by kind (jti, sid, before), as this replica's "
+            "copy holds them", ["kind"], registry=r,
+        )
+        self.sessions_ended = Counter(
+            "extauth_sessions_ended_total",
+            "WebSockets ended, by policy and cause: bound (Envoy closed it at its session bound, "
+            "max_stream_duration) or other (the client, the upstream or an error closed it)",
+            ["policy", "cause"], registry=r,
+        )
         self.bans = Counter("extauth_bans_total", "Bans by kind (enforced, dry_run, manual)", ["kind"],
                             registry=r)
         self.hostile = Counter("extauth_hostile_signals_total", "Hostile signals counted by the jail",

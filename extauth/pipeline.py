@@ -29,6 +29,7 @@ from extauth.origin import claim_allows
 from extauth.policy import select_policy
 from extauth.reasons import DenyError, Reason
 from extauth.request import CheckInput
+from extauth.revocation import RevocationList, token_ids
 from extauth.runtime import CompiledPolicy, Runtime
 from extauth.store import new_lease_id
 from extauth.store.base import LeaseRef, RequestStore, StoreError
@@ -139,8 +140,10 @@ class Authorizer:
         jail: JailLike | None = None,
         clock: Callable[[], float] = time.time,
         tagger: LeaseTagger | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         self._runtime = runtime
+        self.revocations = revocations
         self.store = store
         self.tagger = tagger or LeaseTagger()
         self.metrics = metrics or Metrics()
@@ -152,6 +155,11 @@ class Authorizer:
     @property
     def runtime(self) -> Runtime:
         return self._runtime
+
+    @property
+    def revocation_generation(self) -> int:
+        """Changes whenever this replica's copy of the revocations does."""
+        return self.revocations.generation if self.revocations is not None else 0
 
     def swap(self, runtime: Runtime) -> Runtime:
         """Install a new runtime; checks already running finish on the old one."""
@@ -204,6 +212,7 @@ class Authorizer:
             raise DenyError(Reason.BAD_HANDSHAKE, "plain HTTP request on a WebSocket-only policy")
         if policy.verifier is not None and policy.sources is not None:
             verified = await self._verify(policy, req, ctx)
+            self._check_revoked(ctx)
             self._authorize(policy, req, verified, pending_origin)
         elif pending_origin is not None:
             raise DenyError(Reason.ORIGIN_NOT_ALLOWED)
@@ -273,6 +282,14 @@ class Authorizer:
         ctx.verified = verified
         return verified
 
+    def _check_revoked(self, ctx: _Ctx) -> None:
+        """This replica's copy of the revocations (extauth/revocation.py): the whole check for
+        plain HTTP, and a shortcut for upgrades, whose acquire checks the store itself."""
+        verified = ctx.verified
+        if self.revocations is not None and verified is not None and self.revocations.revoked(
+                verified.user, token_ids(verified)):
+            raise DenyError(Reason.TOKEN_REVOKED)
+
     async def _acquire(self, rt: Runtime, policy: CompiledPolicy, ctx: _Ctx) -> None:
         assert policy.limits is not None
         if self.store is None:
@@ -280,22 +297,25 @@ class Authorizer:
         user = ctx.verified.user if ctx.verified else None
         ref = LeaseRef(new_lease_id(), policy.policy.name, user, ctx.client_ip)
         store = self.store
+        token = token_ids(ctx.verified) if ctx.verified else None
         try:
             if not self.tagger.ready:  # once per process
                 await self.tagger.load(store, wait=store.timeout, retry=store.reset_seconds)
-            result = await store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds)
+            result = await store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds, token)
             if result.denied is Reason.BANNED and self.jail is not None and self.jail.exempt(ctx.client_ip):
                 # never_ban outranks a ban the store already holds (made before the address was
                 # listed there): the jail no longer enforces it, so the store must not either.
                 # The ban check records nothing, so asking again counts the attempt once.
                 unbanned = dataclasses.replace(policy.limits, enforce_bans=False)
-                result = await store.acquire(ref, unbanned, rt.config.lease_ttl_seconds)
+                result = await store.acquire(ref, unbanned, rt.config.lease_ttl_seconds, token)
         except StoreError as e:
             if rt.config.store_on_error == "allow":
                 log_event(log, logging.WARNING, "store unavailable; allowing without a lease",
                           decision_id=ctx.decision_id, policy=policy.policy.name, error=type(e).__name__)
                 return
             raise DenyError(Reason.STORE_UNAVAILABLE, type(e).__name__) from None
+        if not result.granted and result.denied is Reason.TOKEN_REVOKED:
+            raise DenyError(Reason.TOKEN_REVOKED, "revoked (store)")
         if not result.granted:
             reason = result.denied or Reason.QUOTA_USER
             retry = result.retry_after if result.retry_after is not None else _QUOTA_RETRY_HINT

@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     TOKEN_EXPIRED = "token_expired"
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
     TOKEN_CLAIMS = "token_claims"
+    TOKEN_REVOKED = "token_revoked"
     JWKS_UNAVAILABLE = "jwks_unavailable"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     ORIGIN_MISSING = "origin_missing"
@@ -78,6 +79,9 @@ _INFO: dict[Reason, ReasonInfo] = {
     Reason.TOKEN_EXPIRED: ReasonInfo(401, "the token has expired"),
     Reason.TOKEN_NOT_YET_VALID: ReasonInfo(401, "the token is not valid yet"),
     Reason.TOKEN_CLAIMS: ReasonInfo(401, "the token claims are not acceptable"),
+    # Not hostile: an authentic token its issuer or an operator withdrew (a logout, a stolen
+    # session); its honest owner reconnects with a new one.
+    Reason.TOKEN_REVOKED: ReasonInfo(401, "the token has been revoked"),
     # Our JWKS endpoint is down and the stale keys ran out: our fault, not the client's.
     Reason.JWKS_UNAVAILABLE: ReasonInfo(503, "signing keys are temporarily unavailable"),
     Reason.ORIGIN_NOT_ALLOWED: ReasonInfo(403, "this origin may not open a connection here"),

@@ -40,6 +40,7 @@ from extauth.logs import log_event
 from extauth.metrics import JwksCollector, Metrics
 from extauth.pipeline import Authorizer, Decision, new_decision_id
 from extauth.reasons import Reason
+from extauth.revocation import RevocationList
 from extauth.runtime import Runtime, build_runtime
 from extauth.store import open_store
 from extauth.store.guard import GuardedStore
@@ -72,11 +73,14 @@ class AuthorizationService:
                 hit = rt.memo.get(key)
                 if hit is not None and authorizer.admit_repeat(hit, started):
                     return hit.payload + decision_id_field(new_decision_id())
+            generation = authorizer.revocation_generation
             decision = await authorizer.check(check_input(request), started)
             if decision.lease is not None and _past_deadline(context):
                 authorizer.metrics.leases_past_deadline.inc()
                 authorizer.take_back(decision.lease)
-            if key is not None and decision.valid_until is not None and decision.policy is not None:
+            # An allow decided while a revocation arrived is answered, never remembered.
+            if (key is not None and decision.valid_until is not None and decision.policy is not None
+                    and authorizer.revocation_generation == generation):
                 static = response_bytes(decision, with_id=False)
                 rt.memo.put(key, static, decision.valid_until, decision.policy, decision.client_ip)
                 return static + decision_id_field(decision.decision_id)
@@ -140,8 +144,11 @@ class ExtAuthServer:
             Jail(config.abuse, self.store, self.metrics) if config.abuse.enabled else None)
         # One lease tagger for the checks that issue leases and the access log that takes them back.
         tagger = self.tagger = LeaseTagger()
+        self.revocations = RevocationList(self.store, self.metrics)
         self.authorizer = Authorizer(build_runtime(config), self.store, metrics=self.metrics, jail=self.jail,
-                                     tagger=tagger)
+                                     tagger=tagger, revocations=self.revocations)
+        # A remembered plain-HTTP allow may be a revoked token's: every change forgets them all.
+        self.revocations.on_change(lambda: self.authorizer.runtime.memo.clear())
         self.admin = AdminServer(lambda: self.config, self.store, self.metrics, lambda: self.jail)
         self.health = HealthServicer()
         self.accesslog = AccessLogService(
@@ -180,6 +187,7 @@ class ExtAuthServer:
         self._server = server
         if self.jail is not None:
             await self.jail.start()
+        await self.revocations.start()
         try:
             await self.admin.start()
         except OSError as e:
@@ -309,6 +317,7 @@ class ExtAuthServer:
         self._server = None
         if self.jail is not None:
             await self.jail.stop()
+        await self.revocations.stop()
         for task in (self._sampler, self._lease_keys):
             if task is not None:
                 task.cancel()

@@ -37,8 +37,12 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    Revocation,
+    RevocationKind,
+    RevocationListing,
     Store,
     StoreError,
+    TokenIds,
 )
 from extauth.store.guard import GuardedStore
 from extauth.store.memory import MemoryStore
@@ -65,6 +69,7 @@ EXPECTED_HOSTILE: dict[Reason, bool] = {
     Reason.TOKEN_EXPIRED: False,  # expired but authentic: an honest laptop waking from sleep
     Reason.TOKEN_NOT_YET_VALID: False,  # clock skew
     Reason.TOKEN_CLAIMS: False,
+    Reason.TOKEN_REVOKED: False,  # authentic, withdrawn: its owner logs in again
     Reason.JWKS_UNAVAILABLE: False,  # our outage
     Reason.ORIGIN_NOT_ALLOWED: False,  # a partner page we did not list
     Reason.ORIGIN_MISSING: False,
@@ -177,9 +182,10 @@ class FlakyStore(Store):
         if self.down:
             raise StoreError("connection refused (simulated outage)")
 
-    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float,
+                      token: TokenIds | None = None) -> AcquireResult:
         self._check()
-        return await self.inner.acquire(ref, limits, ttl)
+        return await self.inner.acquire(ref, limits, ttl, token)
 
     async def refresh(self, refs: Sequence[LeaseRef], ttl: float) -> int:
         self._check()
@@ -226,6 +232,22 @@ class FlakyStore(Store):
     async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
         self._check()
         return await self.inner.lease_key(candidate, replaces)
+
+    async def revoke(self, revocation: Revocation, ttl: float) -> float:
+        self._check()
+        return await self.inner.revoke(revocation, ttl)
+
+    async def unrevoke(self, kind: RevocationKind, subject: str, value: str = "") -> bool:
+        self._check()
+        return await self.inner.unrevoke(kind, subject, value)
+
+    async def list_revocations(self) -> RevocationListing:
+        self._check()
+        return await self.inner.list_revocations()
+
+    async def revocation_epoch(self) -> str:
+        self._check()
+        return await self.inner.revocation_epoch()
 
     async def close(self) -> None:
         await self.inner.close()

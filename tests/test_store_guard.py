@@ -18,7 +18,17 @@ from extauth.metrics import Metrics
 from extauth.reasons import Reason
 from extauth.server import build_store
 from extauth.store import GuardedStore, LeaseRef, Limits, MemoryStore, StoreError, new_lease_id
-from extauth.store.base import AcquireResult, BanInfo, LeaseInfo, LeaseKeys, Store
+from extauth.store.base import (
+    AcquireResult,
+    BanInfo,
+    LeaseInfo,
+    LeaseKeys,
+    Revocation,
+    RevocationKind,
+    RevocationListing,
+    Store,
+    TokenIds,
+)
 from extauth.store.redis import RedisStore
 from tests.redis_servers import RedisServer
 
@@ -150,8 +160,9 @@ async def test_an_acquire_that_times_out_after_committing_is_taken_back() -> Non
     class SlowAfterCommit(MemoryStore):
         # The script commits, then the reply is late (a stalled loop or network):
         # a fault that cannot be produced on demand with a real server.
-        async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
-            result = await super().acquire(ref, limits, ttl)
+        async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float,
+                          token: TokenIds | None = None) -> AcquireResult:
+            result = await super().acquire(ref, limits, ttl, token)
             await asyncio.sleep(0.2)
             return result
 
@@ -198,7 +209,8 @@ class Scripted(Store):
         if self.mode == "bug":
             raise AttributeError("'NoneType' object has no attribute 'send_packed_command'")
 
-    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float,
+                      token: TokenIds | None = None) -> AcquireResult:
         await self._go()
         return AcquireResult(True)
 
@@ -245,6 +257,22 @@ class Scripted(Store):
     async def lease_key(self, candidate: str, replaces: bool = False) -> LeaseKeys:
         await self._go()
         return LeaseKeys("00" * 32)
+
+    async def revoke(self, revocation: Revocation, ttl: float) -> float:
+        await self._go()
+        return 0.0
+
+    async def unrevoke(self, kind: RevocationKind, subject: str, value: str = "") -> bool:
+        await self._go()
+        return False
+
+    async def list_revocations(self) -> RevocationListing:
+        await self._go()
+        return RevocationListing("")
+
+    async def revocation_epoch(self) -> str:
+        await self._go()
+        return ""
 
     async def close(self) -> None:
         pass

@@ -19,7 +19,7 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from extauth.reasons import Reason
 
@@ -89,6 +89,51 @@ class BanInfo:
     reason: str
 
 
+# -- revocation (docs/revocation.md) --------------------------------------------------------
+
+RevocationKind = Literal["jti", "sid", "before"]
+# Longest jti, sid or subject a revocation may name (a user id is bounded the same way,
+# extauth.tokens.jwt.MAX_USER_CHARS); a token whose jti or sid is longer cannot be revoked by it.
+MAX_REVOCATION_VALUE = 256
+# Revocations in force across the store: every replica holds a copy (extauth/revocation.py).
+MAX_REVOCATIONS = 100_000
+
+
+class RevocationLimitError(StoreError):
+    """The store already holds MAX_REVOCATIONS revocations: one more is refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIds:
+    """What a revocation can match a verified token by, besides its user."""
+
+    jti: str | None = None
+    sid: str | None = None
+    issued_at: float | None = None  # iat, unix seconds; None: the token carries none
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One revocation in force. Always under a subject (the user, as the policy's
+    ``user_claim`` names it): it lives in that user's hash slot, so the acquire script
+    checks it in the same round trip as the lease. ``value`` is the jti or the sid; for
+    ``before``, every token of the subject issued before ``before`` (unix s) is revoked."""
+
+    kind: RevocationKind
+    subject: str
+    value: str = ""
+    before: float | None = None
+    expires_at: float = 0.0  # unix seconds: past it no token it could match is still valid
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationListing:
+    """Every revocation in force, and the store's revocation epoch (changes with each of them)."""
+
+    epoch: str
+    entries: tuple[Revocation, ...] = ()
+
+
 # Replaced lease-tag keys kept for verification: a bounded few, for a day (longer than the
 # generated Envoy config lets a WebSocket live, max_stream_duration).
 PREVIOUS_LEASE_KEYS = 8
@@ -139,8 +184,10 @@ class Leases(LeaseLog, Protocol):
     """Counted connections: take a slot, and read what is held."""
 
     @abc.abstractmethod
-    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
-        """Atomically: refuse a banned IP; check and count the attempt-rate windows
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float,
+                      token: TokenIds | None = None) -> AcquireResult:
+        """Atomically: refuse a banned IP; refuse a revoked token (``token``, of ``ref.user``:
+        Reason.TOKEN_REVOKED); check and count the attempt-rate windows
         (sliding, ``RATE_WINDOW``; only admitted attempts are recorded, so Retry-After is
         exact); drop expired leases; check the user's and the IP's live leases against the
         limits; then add the lease under both with expiry now+ttl.
@@ -187,7 +234,31 @@ class Bans(Protocol):
     async def list_bans(self) -> list[BanInfo]: ...
 
 
-class Store(Leases, Bans):
+class Revocations(Protocol):
+    """Revoked tokens (the admin API writes them, every replica's copy reads them); the
+    acquire checks them itself (``Leases.acquire``'s ``token``)."""
+
+    @abc.abstractmethod
+    async def revoke(self, revocation: Revocation, ttl: float) -> float:
+        """Record a revocation for ``ttl`` seconds (``before``: counted from ``before`` itself),
+        and change the revocation epoch. Revoking again never shortens an entry nor moves its
+        instant back. Returns the entry's expiry (unix s); one already past records nothing.
+        Raises RevocationLimitError when MAX_REVOCATIONS are in force."""
+
+    @abc.abstractmethod
+    async def unrevoke(self, kind: RevocationKind, subject: str, value: str = "") -> bool:
+        """Remove a revocation (``value`` is empty for ``before``); whether it was in force."""
+
+    @abc.abstractmethod
+    async def list_revocations(self) -> RevocationListing:
+        """Every revocation in force, with the epoch they were read at."""
+
+    @abc.abstractmethod
+    async def revocation_epoch(self) -> str:
+        """The revocation epoch: one cheap read, for replicas polling for a change."""
+
+
+class Store(Leases, Bans, Revocations):
     """A complete backend (memory, Redis) and the guard around one."""
 
     @abc.abstractmethod

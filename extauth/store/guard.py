@@ -27,9 +27,13 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    Revocation,
+    RevocationKind,
+    RevocationListing,
     Store,
     StoreError,
     StoreTimeoutError,
+    TokenIds,
 )
 
 if TYPE_CHECKING:
@@ -180,13 +184,14 @@ class GuardedStore(Store):
 
     # -- Store -----------------------------------------------------------------
 
-    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float,
+                      token: TokenIds | None = None) -> AcquireResult:
         admitted = False
 
         async def call() -> AcquireResult:
             nonlocal admitted
             admitted = True
-            return await self.inner.acquire(ref, limits, ttl)
+            return await self.inner.acquire(ref, limits, ttl, token)
 
         try:
             return await self._guard("acquire", call)
@@ -290,6 +295,21 @@ class GuardedStore(Store):
         # LeaseTagger.load shares this one call among the checks and none of them waits on it
         # longer than ``timeout``, so a slow first connect can still finish for later ones.
         return await self._guard("lease_key", call, limit=self.scan_timeout)
+
+    # Revocations are written by the admin API and read by every replica's poller
+    # (extauth/revocation.py), off the request path like list_bans.
+
+    async def revoke(self, revocation: Revocation, ttl: float) -> float:
+        return await self._background("revoke", lambda: self.inner.revoke(revocation, ttl))
+
+    async def unrevoke(self, kind: RevocationKind, subject: str, value: str = "") -> bool:
+        return await self._background("unrevoke", lambda: self.inner.unrevoke(kind, subject, value))
+
+    async def list_revocations(self) -> RevocationListing:
+        return await self._background("list_revocations", self.inner.list_revocations)
+
+    async def revocation_epoch(self) -> str:
+        return await self._background("revocation_epoch", self.inner.revocation_epoch)
 
     async def close(self) -> None:
         """Closes the wrapped store; never refused by the breaker."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
 from extauth.reasons import Reason
 from extauth.store.base import (
+    MAX_REVOCATIONS,
     PREVIOUS_LEASE_KEYS,
     RATE_WINDOW,
     AcquireResult,
@@ -27,8 +29,13 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    Revocation,
+    RevocationKind,
+    RevocationLimitError,
+    RevocationListing,
     Store,
     StoreError,
+    TokenIds,
     retry_seconds,
 )
 
@@ -128,6 +135,9 @@ class MemoryStore(Store):
         self._ops = 0
         self._lease_key: str | None = None  # one replica: its tagger's own (lease_key)
         self._previous_keys: tuple[str, ...] = ()
+        # (kind, subject, value) -> revocation; value "" for "before" (one per subject).
+        self._revoked: dict[tuple[str, str, str], Revocation] = {}
+        self._revocation_epoch = secrets.token_hex(8)
 
     # -- helpers ---------------------------------------------------------
 
@@ -189,16 +199,38 @@ class MemoryStore(Store):
                 del self._hostile[ip]
         for ip in list(self._bans):
             self._ban_of(ip, now)
+        self._live_revocations(now)
+
+    def _live_revocations(self, now: float) -> dict[tuple[str, str, str], Revocation]:
+        for key in [k for k, r in self._revoked.items() if r.expires_at <= now]:
+            del self._revoked[key]
+        return self._revoked
+
+    def _revoked_token(self, user: str, token: TokenIds, now: float) -> bool:
+        revoked = self._revoked
+        if not revoked:
+            return False
+        for key in (("jti", user, token.jti), ("sid", user, token.sid)):
+            if key[2] is not None:
+                rev = revoked.get(key)  # type: ignore[arg-type]
+                if rev is not None and rev.expires_at > now:
+                    return True
+        before = revoked.get(("before", user, ""))
+        return (before is not None and before.expires_at > now and before.before is not None
+                and (token.issued_at is None or token.issued_at < before.before))
 
     # -- leases ----------------------------------------------------------
 
-    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float,
+                      token: TokenIds | None = None) -> AcquireResult:
         self._check_open()
         now = self._clock()
         self._sweep(now)
         ban = self._ban_of(ref.ip, now) if limits.enforce_bans else None
         if ban is not None:
             return AcquireResult(False, Reason.BANNED, retry_seconds(ban[0] - now))
+        if token is not None and ref.user is not None and self._revoked_token(ref.user, token, now):
+            return AcquireResult(False, Reason.TOKEN_REVOKED)
 
         ip_key: _SubjectKey = ("ip", ref.ip, ref.policy)
         if ref.lease_id in self._live(ip_key, now):
@@ -330,6 +362,50 @@ class MemoryStore(Store):
         elif replaces and candidate != self._lease_key and candidate not in self._previous_keys:
             self._previous_keys = (*self._previous_keys, candidate)[-PREVIOUS_LEASE_KEYS:]
         return LeaseKeys(self._lease_key, self._previous_keys)
+
+    # -- revocation --------------------------------------------------------
+
+    async def revoke(self, revocation: Revocation, ttl: float) -> float:
+        self._check_open()
+        now = self._clock()
+        if (revocation.kind == "before") != (revocation.before is not None):
+            raise ValueError("a 'before' revocation, and only one, names its instant")
+        live = self._live_revocations(now)
+        before = revocation.before
+        value = "" if before is not None else revocation.value
+        key = (revocation.kind, revocation.subject, value)
+        expires = (now if before is None else before) + ttl
+        old = live.get(key)
+        if old is not None:
+            # Revoking again never shortens an entry, nor moves "before" back.
+            expires = max(expires, old.expires_at)
+            if before is not None and old.before is not None:
+                before = max(before, old.before)
+        if expires <= now:
+            return expires
+        if old is None and len(live) >= MAX_REVOCATIONS:
+            raise RevocationLimitError(f"{MAX_REVOCATIONS} revocations are in force")
+        live[key] = Revocation(revocation.kind, revocation.subject, value, before, expires)
+        self._revocation_epoch = secrets.token_hex(8)
+        return expires
+
+    async def unrevoke(self, kind: RevocationKind, subject: str, value: str = "") -> bool:
+        self._check_open()
+        live = self._live_revocations(self._clock())
+        found = live.pop((kind, subject, value if kind != "before" else ""), None) is not None
+        if found:
+            self._revocation_epoch = secrets.token_hex(8)
+        return found
+
+    async def list_revocations(self) -> RevocationListing:
+        self._check_open()
+        live = self._live_revocations(self._clock())
+        entries = sorted(live.values(), key=lambda r: (r.subject, r.kind, r.value))
+        return RevocationListing(self._revocation_epoch, tuple(entries))
+
+    async def revocation_epoch(self) -> str:
+        self._check_open()
+        return self._revocation_epoch
 
     async def close(self) -> None:
         self._closed = True

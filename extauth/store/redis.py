@@ -16,6 +16,11 @@ key                                   type     content
 ``P:{ip:<ip>}:ban``                   STRING   ban reason, PX expiry
 ``P:{ip:<ip>}:hostile``               ZSET     signal id -> signal ms (sliding window)
 ``P:{bans}``                          ZSET     ip -> expiry ms: index for list_bans (bans are rare)
+``P:{u:<user>}:revoked``              ZSET     ``j:<jti>`` / ``s:<sid>`` -> expiry ms (revocations)
+``P:{u:<user>}:revoked_before``       STRING   ms: the user's tokens issued before it are revoked
+``P:{revocations}``                   HASH     ``kind|<user>|<value>`` -> ``<expiry ms>|<before ms>``:
+                                               the index every replica copies (docs/revocation.md)
+``P:{revocations}:epoch``             STRING   random, replaced with every revocation change
 ====================================  =======  ======================================================
 
 Every key has a PX expiry, so idle subjects vanish. Writes use the Redis
@@ -47,6 +52,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from extauth.reasons import Reason
 from extauth.store.base import (
+    MAX_REVOCATIONS,
     PREVIOUS_LEASE_KEY_SECONDS,
     PREVIOUS_LEASE_KEYS,
     AcquireResult,
@@ -55,8 +61,13 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    Revocation,
+    RevocationKind,
+    RevocationLimitError,
+    RevocationListing,
     Store,
     StoreError,
+    TokenIds,
     retry_seconds,
 )
 from extauth.store.resp import RespLane
@@ -68,7 +79,9 @@ _FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException,
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@:-")
 _SAFE_RE = re.compile(r"[A-Za-z0-9._@:-]*")
-_SCRIPTS = ("acquire", "refresh", "hostile", "lease_key")
+_SCRIPTS = ("acquire", "refresh", "hostile", "lease_key", "revoke")
+_KIND_CODES: dict[str, str] = {"jti": "j", "sid": "s", "before": "b"}
+_NO_REVOCATION_ARGS = ("0", "", "", "")
 # Slack before the ban index forgets an entry by its score (the ban key itself is authoritative).
 _BAN_INDEX_SLACK_MS = 300_000
 
@@ -86,6 +99,14 @@ def _glob_escape(value: str) -> str:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(rows: Any) -> list[tuple[str, str]]:
+    """HGETALL's reply as (field, value) pairs, whether redis-py made it a dict or a flat list."""
+    if isinstance(rows, dict):
+        return [(_s(f), _s(v)) for f, v in rows.items()]
+    flat = [_s(x) for x in rows]
+    return list(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _lim(value: int | None) -> str:
@@ -143,6 +164,22 @@ class Keys:
 
     def bans_index(self) -> str:
         return f"{self.prefix}:{{bans}}"
+
+    def revoked(self, user: str) -> str:
+        return f"{self.prefix}:{self.user_tag(user)}:revoked"
+
+    def revoked_before(self, user: str) -> str:
+        return f"{self.prefix}:{self.user_tag(user)}:revoked_before"  # the same slot
+
+    def revocations(self) -> str:
+        return f"{self.prefix}:{{revocations}}"
+
+    def revocation_epoch(self) -> str:
+        return f"{self.prefix}:{{revocations}}:epoch"  # the same slot as the index
+
+    @staticmethod
+    def revocation_field(kind: str, subject: str, value: str) -> str:
+        return f"{kind}|{escape(subject)}|{escape(value)}"
 
     def ip_leases_pattern(self) -> str:
         # Every lease is listed under its IP exactly once, so counting IP keys counts each lease once.
@@ -294,11 +331,22 @@ class RedisStore(Store):
             return AcquireResult(True)
         if code == 1:
             return AcquireResult(False, Reason.BANNED, retry_seconds(max(ms, 0) / 1000))
+        if code == 4:
+            return AcquireResult(False, Reason.TOKEN_REVOKED)
         rate_reason, quota_reason = subjects[index - 1]
         reason = rate_reason if code == 2 else quota_reason
         return AcquireResult(False, reason, retry_seconds(ms / 1000))
 
-    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float) -> AcquireResult:
+    def _revocation_block(self, user: str, token: TokenIds | None) -> tuple[list[str], list[str]]:
+        """acquire.lua's revocation block: its keys (the user's slot) and its four ARGV."""
+        if token is None:
+            return [], list(_NO_REVOCATION_ARGS)
+        iat = "" if token.issued_at is None else str(int(token.issued_at * 1000))
+        return ([self.keys.revoked(user), self.keys.revoked_before(user)],
+                ["2", token.jti or "", token.sid or "", iat])
+
+    async def acquire(self, ref: LeaseRef, limits: Limits, ttl: float,
+                      token: TokenIds | None = None) -> AcquireResult:
         k = self.keys
         ttl_ms = max(1, round(ttl * 1000))
         attempt = escape(ref.lease_id)
@@ -312,18 +360,20 @@ class RedisStore(Store):
             await self._ready()
             if ref.user is None:
                 res = await self._script("acquire", [*ban, *ip_keys],
-                                         [attempt, ttl_ms, "1", has_ban, *ip_args])
+                                         [attempt, ttl_ms, "1", has_ban, *_NO_REVOCATION_ARGS, *ip_args])
                 return self._decode(res, [ip_subject])
+            rev_keys, rev_args = self._revocation_block(ref.user, token)
             user_tag = k.user_tag(ref.user)
             user_keys = [k.rate(user_tag, ref.policy), k.leases(user_tag, ref.policy)]
             user_args = [_lim(limits.attempts_per_user_per_minute), _lim(limits.connections_per_user),
                          k.user_member(ref)]
             if not self._cluster:
                 # Standalone: one EVALSHA over both subjects, one round trip, fully atomic.
-                res = await self._script("acquire", [*ban, *ip_keys, *user_keys],
-                                         [attempt, ttl_ms, "1", has_ban, *ip_args, *user_args])
+                res = await self._script("acquire", [*ban, *rev_keys, *ip_keys, *user_keys],
+                                         [attempt, ttl_ms, "1", has_ban, *rev_args, *ip_args, *user_args])
                 return self._decode(res, [ip_subject, user_subject])
-            return await self._acquire_cluster(ref, attempt, ttl_ms, ip_keys, ip_args, user_keys, user_args,
+            return await self._acquire_cluster(ref, attempt, ttl_ms, ip_keys, ip_args,
+                                               [*rev_keys, *user_keys], [*rev_args, *user_args],
                                                limits.enforce_bans)
 
     async def _acquire_cluster(
@@ -336,7 +386,8 @@ class RedisStore(Store):
 
         1. IP slot: ban, rate_ip and quota_ip checks; when all pass it *records* the attempt
            and the lease under the IP.
-        2. User slot: rate_user and quota_user checks; it records only when step 1 recorded.
+        2. User slot: the revocation check (``user_keys``/``user_args`` begin with the
+           revocation block), rate_user and quota_user; it records only when step 1 recorded.
            When step 1 denied for quota_ip only, step 2 runs check-only so the reported reason
            follows the same order as on a standalone Redis (rate_user/quota_user before quota_ip).
         3. If step 2 denies after step 1 recorded, step 1 is rolled back (ZREM of the IP's
@@ -352,7 +403,7 @@ class RedisStore(Store):
         k = self.keys
         ban, has_ban = ([k.ban(ref.ip)], "1") if enforce_bans else ([], "0")
         ip_res = await self._script("acquire", [*ban, *ip_keys],
-                                    [attempt, ttl_ms, "1", has_ban, *ip_args])
+                                    [attempt, ttl_ms, "1", has_ban, *_NO_REVOCATION_ARGS, *ip_args])
         ip_code = int(ip_res[0])
         if ip_code in (1, 2):
             return self._decode(ip_res, [ip_subject])
@@ -558,6 +609,84 @@ class RedisStore(Store):
                 "lease_key", [k.lease_key(), k.previous_lease_keys()],
                 [candidate, "1" if replaces else "0", PREVIOUS_LEASE_KEY_SECONDS, PREVIOUS_LEASE_KEYS])
         return LeaseKeys(_s(current), tuple(_s(p) for p in previous))
+
+    # -- revocation ---------------------------------------------------------------
+
+    async def revoke(self, revocation: Revocation, ttl: float) -> float:
+        if (revocation.kind == "before") != (revocation.before is not None):
+            raise ValueError("a 'before' revocation, and only one, names its instant")
+        k = self.keys
+        value = "" if revocation.before is not None else revocation.value
+        field = k.revocation_field(revocation.kind, revocation.subject, value)
+        arg = value if revocation.before is None else str(int(revocation.before * 1000))
+        with _errors():
+            await self._ready()
+            count, present = await self._pipeline([("HLEN", k.revocations()),
+                                                   ("HEXISTS", k.revocations(), field)])
+            if not int(present) and int(count) >= MAX_REVOCATIONS:
+                raise RevocationLimitError(f"{MAX_REVOCATIONS} revocations are in force")
+            # First where the acquire script reads it (the subject's slot), then the index
+            # the replicas copy, then the epoch that tells them to.
+            expires_ms, before_ms = await self._script(
+                "revoke", [k.revoked(revocation.subject), k.revoked_before(revocation.subject)],
+                [_KIND_CODES[revocation.kind], arg, max(1, round(ttl * 1000))])
+            if int(expires_ms) > await self._now_ms():
+                await self._pipeline([
+                    ("HSET", k.revocations(), field, f"{int(expires_ms)}|{int(before_ms)}"),
+                    ("SET", k.revocation_epoch(), secrets.token_hex(8)),
+                ])
+        return int(expires_ms) / 1000
+
+    async def unrevoke(self, kind: RevocationKind, subject: str, value: str = "") -> bool:
+        k = self.keys
+        if kind == "before":
+            value = ""
+            in_slot: tuple[str | int, ...] = ("DEL", k.revoked_before(subject))
+        else:
+            in_slot = ("ZREM", k.revoked(subject), f"{_KIND_CODES[kind]}:{value}")
+        with _errors():
+            await self._ready()
+            removed, indexed, _ = await self._pipeline([
+                in_slot,
+                ("HDEL", k.revocations(), k.revocation_field(kind, subject, value)),
+                ("SET", k.revocation_epoch(), secrets.token_hex(8)),
+            ])
+        return int(removed) == 1 or int(indexed) == 1
+
+    async def list_revocations(self) -> RevocationListing:
+        k = self.keys
+        with _errors():
+            await self._ready()
+            epoch, rows = await self._pipeline([("GET", k.revocation_epoch()),
+                                                ("HGETALL", k.revocations())])
+            now = await self._now_ms()
+            fields = _pairs(rows)
+            out: list[Revocation] = []
+            gone: list[str] = []
+            for field, entry in fields:
+                kind, _, rest = field.partition("|")
+                subject_enc, _, value_enc = rest.partition("|")
+                expires_raw, _, before_raw = entry.partition("|")
+                try:
+                    expires, before = int(expires_raw), int(before_raw or 0)
+                except ValueError:
+                    gone.append(field)
+                    continue
+                if expires <= now or kind not in _KIND_CODES:
+                    gone.append(field)
+                    continue
+                out.append(Revocation(kind, unquote(subject_enc), unquote(value_enc),  # type: ignore[arg-type]
+                                      before / 1000 if kind == "before" else None, expires / 1000))
+            if gone:
+                await self._client.hdel(k.revocations(), *gone)
+        out.sort(key=lambda r: (r.subject, r.kind, r.value))
+        return RevocationListing("" if epoch is None else _s(epoch), tuple(out))
+
+    async def revocation_epoch(self) -> str:
+        with _errors():
+            await self._ready()
+            epoch = await self._client.get(self.keys.revocation_epoch())
+        return "" if epoch is None else _s(epoch)
 
     async def close(self) -> None:
         if self._tasks:  # let background rollbacks finish (bounded by the socket timeouts)

@@ -3,21 +3,29 @@
 -- Every key of one call lives in one hash slot on Redis Cluster; on a standalone
 -- Redis one call carries both the IP's and the user's keys (one round trip).
 --
--- KEYS: [ban_key] when ARGV[4] == '1', then for each subject, in check order:
+-- KEYS: [ban_key] when ARGV[4] == '1',
+--       then the revocation block's keys when ARGV[5] == '2' (see below),
+--       then for each subject, in check order:
 --       rate_key (ZSET attempt-log: member = lease id, score = attempt ms),
 --       leases_key (ZSET: member = lease id, score = expiry ms)
 -- ARGV[1] attempt id: the attempt-log member (the lease id; unique per attempt)
 -- ARGV[2] lease TTL in ms
 -- ARGV[3] '1' = record when admitted, '0' = check only (records nothing)
 -- ARGV[4] '1' = KEYS[1] is the IP's ban key, '0' = no ban key
--- ARGV[5 + 3*(i-1)] subject i attempts-per-minute limit ('' = unlimited, not logged)
--- ARGV[6 + 3*(i-1)] subject i concurrent-lease limit ('' = unlimited, lease still recorded)
--- ARGV[7 + 3*(i-1)] subject i lease member ("<lease id>|<the other subject>", so a
---                   listing by user can name each lease's IP and vice versa)
+-- ARGV[5..8] the revocation block (issue 21): ARGV[5] '2' = its two keys follow the ban
+--            key: the user's revoked ZSET ("j:<jti>" / "s:<sid>" -> expiry ms) and
+--            revoked-before STRING (ms: tokens issued before it are revoked), both in the
+--            user's hash slot; '0' = no revocation check (then ARGV[6..8] are '').
+--            ARGV[6] the token's jti, ARGV[7] its sid ('' = none), ARGV[8] its iat in ms
+--            ('' = none: revoked by any revoked-before)
+-- ARGV[9 + 3*(i-1)] subject i attempts-per-minute limit ('' = unlimited, not logged)
+-- ARGV[10 + 3*(i-1)] subject i concurrent-lease limit ('' = unlimited, lease still recorded)
+-- ARGV[11 + 3*(i-1)] subject i lease member ("<lease id>|<the other subject>", so a
+--                    listing by user can name each lease's IP and vice versa)
 --
--- Order: ban, then each subject's attempt rate in order, then each subject's
+-- Order: ban, revoked, then each subject's attempt rate in order, then each subject's
 -- lease quota in reverse order; with subjects {ip, user} this is
--- ban -> rate_ip -> rate_user -> quota_user -> quota_ip.
+-- ban -> revoked -> rate_ip -> rate_user -> quota_user -> quota_ip.
 -- A denial records nothing (it only drops entries that had already expired).
 -- Idempotent: a recording call that finds its own live lease (a retry after a lost
 -- reply: redis-py's Cluster client retries once on a connection error) is admitted
@@ -26,6 +34,7 @@
 -- Returns {code, subject_index, ms}:
 --   {0, 0, expires_at_ms}  admitted (and recorded when ARGV[3] == '1')
 --   {1, 0, ban_pttl_ms}    banned
+--   {4, 0, 0}              the token is revoked
 --   {2, i, retry_ms}       subject i over its attempt rate; exact wait for the oldest attempt to leave
 --   {3, i, retry_ms}       subject i over its lease quota; hint = earliest live lease expiry - now
 -- Time is the Redis server clock (TIME), so replicas never disagree about expiry.
@@ -41,8 +50,28 @@ if ARGV[4] == '1' then
   end
   first = 2
 end
+
+-- Revocation block (issue 21): an entry counts until its expiry, also before Redis evicts it.
+if ARGV[5] == '2' then
+  local revoked, revoked_before = KEYS[first], KEYS[first + 1]
+  for _, member in ipairs({ARGV[6] ~= '' and ('j:' .. ARGV[6]) or false,
+                           ARGV[7] ~= '' and ('s:' .. ARGV[7]) or false}) do
+    if member then
+      local until_ms = redis.call('ZSCORE', revoked, member)
+      if until_ms and tonumber(until_ms) > now then
+        return {4, 0, 0}
+      end
+    end
+  end
+  local before = redis.call('GET', revoked_before)
+  if before and (ARGV[8] == '' or tonumber(ARGV[8]) < tonumber(before)) then
+    return {4, 0, 0}
+  end
+  first = first + 2
+end
+
 local n = (#KEYS - first + 1) / 2
-local function arg(i, j) return ARGV[4 + 3 * (i - 1) + j] end
+local function arg(i, j) return ARGV[8 + 3 * (i - 1) + j] end
 
 if ARGV[3] == '1' then
   local mine = redis.call('ZSCORE', KEYS[first + 1], arg(1, 3))
