@@ -1,5 +1,6 @@
 """Microseconds per decision, in-process (no gRPC): origin only, JWT cold (RS256 verify on every
-call, cache disabled), JWT cached (verified-token cache warm); then the Check handler itself (a
+call, cache disabled), JWT cached (verified-token cache warm), the same on a policy with three
+claim rules and two issuers; then the Check handler itself (a
 parsed CheckRequest in, the answer's bytes out) on a plain-HTTP allow-memo hit.
 
     .venv/bin/python bench/decision_bench.py [--n 20000]
@@ -15,7 +16,7 @@ import statistics
 import time
 from typing import Any
 
-from bench_stack import DEV_JWKS, ISSUER, token
+from bench_stack import AUDIENCE, DEV_JWKS, DEV_KEY, DEV_KID, ISSUER, token
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extauth.config import parse_config
@@ -51,8 +52,28 @@ def _config(jwks_file: str, cache_size: int) -> dict[str, Any]:
              "origins": ["https://app.example.com"],
              "jwt": {**jwt, "token_sources": ["header:authorization"]},
              "upstream_headers": {"x-user-id": "{sub}"}},
+            # issue 24's: two issuers (the second one's keys unused here) and three claim rules
+            {"name": "authz", "match": {"path_prefix": "/authz"}, "origins": ["https://app.example.com"],
+             "jwt": {"token_sources": jwt["token_sources"], "issuers": [
+                 {k: jwt[k] for k in ("issuer", "audiences", "algorithms", "jwks_file")},
+                 {"issuer": "https://kc.example.com/realms/b", "audiences": ["ws"], "jwks_file": jwks_file}]},
+             "claim_rules": [
+                 {"all_of": [{"claim": "realm_access.roles", "contains_any": ["chat-user", "admin"]}]},
+                 {"all_of": [{"claim": "scope", "contains_all": ["chat:read", "chat:write"]}]},
+                 {"any_of": [{"claim": "plan", "one_of": ["pro", "internal"]},
+                             {"claim": "email_verified", "equals": True}]}],
+             "upstream_headers": {"x-user-id": "{sub}"}},
         ],
     }
+
+
+def _authz_token() -> str:
+    """The committed dev key's token with the claims the authz policy's rules read."""
+    from extauth.tokens.mint import mint_token
+
+    return mint_token(key=DEV_KEY.read_bytes(), alg="RS256", kid=DEV_KID, claims={
+        "sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "scope": "openid chat:read chat:write",
+        "realm_access": {"roles": ["offline_access", "chat-user"]}, "plan": "pro"})
 
 
 async def _time(authz: Authorizer, req: CheckInput, n: int) -> float:
@@ -66,19 +87,24 @@ async def _time(authz: Authorizer, req: CheckInput, n: int) -> float:
 
 
 async def run(n: int, jwks_path: str, tok: str) -> dict[str, list[float]]:
-    def req(path: str) -> CheckInput:
-        return CheckInput(method="GET", host="ws.example.com", path=path, query=f"token={tok}",
+    def req(path: str, credential: str = tok) -> CheckInput:
+        return CheckInput(method="GET", host="ws.example.com", path=path, query=f"token={credential}",
                           headers=WS, source_ip="203.0.113.7")
+
+    authz_tok = _authz_token()
 
     cached = Authorizer(build_runtime(parse_config(_config(jwks_path, 10_000))), None)
     cold = Authorizer(build_runtime(parse_config(_config(jwks_path, 0))), None)
     # Repeated rounds, interleaved, so a noisy neighbour hits every case alike;
     # the median is reported, and the best round shows the uncontended cost.
-    results: dict[str, list[float]] = {"origin only": [], "JWT cold (RS256 verify)": [], "JWT cached": []}
+    rules = "JWT cached, 3 claim rules and 2 issuers"
+    results: dict[str, list[float]] = {"origin only": [], "JWT cold (RS256 verify)": [], "JWT cached": [],
+                                       rules: []}
     for _ in range(ROUNDS):
         results["origin only"].append(await _time(cached, req("/open"), n))
         results["JWT cold (RS256 verify)"].append(await _time(cold, req("/ws"), max(n // 10, 500)))
         results["JWT cached"].append(await _time(cached, req("/ws"), n))
+        results[rules].append(await _time(cached, req("/authz", authz_tok), n))
     return results
 
 

@@ -71,17 +71,27 @@ def _items(value: Any) -> Sequence[str] | None:
     return None
 
 
+def _getter(path: tuple[str, ...]) -> Callable[[Mapping[str, Any]], Any]:
+    if len(path) == 1:
+        key = path[0]
+        return lambda claims: claims.get(key, _MISSING)
+    return lambda claims: claim_at(claims, path)
+
+
 def _equals(path: tuple[str, ...], expected: Scalar) -> Check:
+    get = _getter(path)
+
     def check(claims: Mapping[str, Any]) -> bool:
-        return _same(claim_at(claims, path), expected)
+        return _same(get(claims), expected)
     return check
 
 
 def _one_of(path: tuple[str, ...], allowed: Sequence[Scalar]) -> Check:
     typed = frozenset((type(v), v) for v in allowed)
+    get = _getter(path)
 
     def check(claims: Mapping[str, Any]) -> bool:
-        value = claim_at(claims, path)
+        value = get(claims)
         if not isinstance(value, str | int) or (isinstance(value, str) and len(value) > MAX_CLAIM_TEXT):
             return False
         return (type(value), value) in typed
@@ -90,15 +100,17 @@ def _one_of(path: tuple[str, ...], allowed: Sequence[Scalar]) -> Check:
 
 def _contains(path: tuple[str, ...], wanted: Sequence[str], *, every: bool) -> Check:
     required = tuple(dict.fromkeys(wanted))
+    get = _getter(path)
 
     def check(claims: Mapping[str, Any]) -> bool:
-        items = _items(claim_at(claims, path))
+        items = _items(get(claims))
         if items is None:
             return False
         held = frozenset(items) if len(items) > 8 else items
-        if every:
-            return all(r in held for r in required)
-        return any(r in held for r in required)
+        for r in required:
+            if (r in held) is not every:
+                return not every
+        return every
     return check
 
 
@@ -132,21 +144,16 @@ class _Rule:
     all_of: tuple[Check, ...]
     any_of: tuple[Check, ...]
 
-    def applies(self, method: str, path: str, normalized: Callable[[], str]) -> bool:
-        if self.methods and method.upper() not in self.methods:
-            return False
-        prefix = self.path_prefix
-        # A rule only adds requirements: scoped by the raw path or the normalized one,
-        # whichever matches, so an encoded or dotted spelling cannot step around it.
-        return prefix is None or path.startswith(prefix) or normalized().startswith(prefix)
-
     def holds(self, claims: Mapping[str, Any]) -> bool:
         for check in self.all_of:
             if not check(claims):
                 return False
         if not self.any_of:
             return True
-        return any(check(claims) for check in self.any_of)
+        for check in self.any_of:  # noqa: SIM110 (a loop, not any(): no generator per check)
+            if check(claims):
+                return True
+        return False
 
 
 class ClaimRules:
@@ -169,15 +176,19 @@ class ClaimRules:
         return bool(self._rules)
 
     def allows(self, claims: Mapping[str, Any], method: str, path: str) -> bool:
-        memo: list[str] = []
-
-        def normalized() -> str:
-            if not memo:
-                memo.append(normalized_path(path))
-            return memo[0]
-
+        normalized: str | None = None
         for rule in self._rules:
-            if rule.applies(method, path, normalized) and not rule.holds(claims):
+            if rule.methods and method.upper() not in rule.methods:
+                continue
+            prefix = rule.path_prefix
+            if prefix is not None and not path.startswith(prefix):
+                # A rule only adds requirements: scoped by the raw path or the normalized one,
+                # whichever matches, so an encoded or dotted spelling cannot step around it.
+                if normalized is None:
+                    normalized = normalized_path(path)
+                if not normalized.startswith(prefix):
+                    continue
+            if not rule.holds(claims):
                 return False
         return True
 
