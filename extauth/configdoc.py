@@ -11,9 +11,9 @@ import json
 import re
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic import BaseModel
@@ -59,19 +59,23 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _type(annotation: Any, path: str) -> str:
+def _type(annotation: Any, anchors: dict[type[BaseModel], str]) -> str:
     origin = get_origin(annotation)
+    if origin is Annotated:
+        return _type(get_args(annotation)[0], anchors)
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in get_args(annotation))
     if origin in (Union, types.UnionType):
-        return " \\| ".join(_type(a, path) for a in get_args(annotation) if a is not type(None))
+        return " \\| ".join(_type(a, anchors) for a in get_args(annotation) if a is not type(None))
     if origin is list:
-        return f"list of {_type(get_args(annotation)[0], path + '[]')}"
+        item = get_args(annotation)[0]
+        inner = _type(item, anchors)
+        return f"list of ({inner})" if get_origin(item) in (Union, types.UnionType) else f"list of {inner}"
     if origin is dict:
         key, value = get_args(annotation)
-        return f"map of {_type(key, path)} to {_type(value, path)}"
+        return f"map of {_type(key, anchors)} to {_type(value, anchors)}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return f"[mapping](#{_anchor(path)})"
+        return f"[mapping](#{_anchor(anchors[annotation])})"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -105,37 +109,45 @@ def _default(field: FieldInfo) -> str:
     return f"`{json.dumps(value)}`" if not isinstance(value, str) else f"`{value}`"
 
 
-def _sections(model: type[BaseModel], path: str) -> Iterator[tuple[str, type[BaseModel]]]:
-    """(key path, model) for the model and every model nested in it, depth first."""
-    yield path, model
+def _sections(model: type[BaseModel], path: str,
+              paths: dict[type[BaseModel], list[str]] | None = None) -> dict[type[BaseModel], list[str]]:
+    """Every model nested in ``model`` (itself first, then depth first) and the key paths it is at."""
+    paths = {} if paths is None else paths
+    paths.setdefault(model, []).append(path)
     for name, field in model.model_fields.items():
         nested = _model_of(field.annotation)
         if nested is not None:
             child = f"{path}.{name}" if path else name
-            yield from _sections(nested, child + ("[]" if get_origin(field.annotation) is list else ""))
+            child += "[]" if get_origin(field.annotation) is list else ""
+            if nested in paths:
+                paths[nested].append(child)
+            else:
+                _sections(nested, child, paths)
+    return paths
 
 
 def missing_descriptions() -> list[str]:
     """Key paths without a ``description=``."""
     return [f"{path}.{name}" if path else name
-            for path, model in _sections(Config, "")
+            for model, (path, *_) in _sections(Config, "").items()
             for name, field in model.model_fields.items() if not field.description]
 
 
 def render() -> str:
     parts = [_INTRO]
-    for path, model in _sections(Config, ""):
+    sections = _sections(Config, "")
+    anchors = {model: paths[0] for model, paths in sections.items()}
+    for model, (path, *others) in sections.items():
         title = path or "Top-level keys"
         parts.append(f"\n## {title}\n")
+        if others:
+            parts.append(f"\nAlso at {', '.join(f'`{o}`' for o in others)}.\n")
         doc = (model.__doc__ or "").strip().split("\n\n")[0]
         if doc:
             parts.append(f"\n{' '.join(doc.split())}\n")
         parts.append("\n| key | type | default | limits | description |\n|---|---|---|---|---|\n")
         for name, field in model.model_fields.items():
-            child = f"{path}.{name}" if path else name
-            if get_origin(field.annotation) is list:
-                child += "[]"
-            cells = (f"`{name}`", _type(field.annotation, child), _default(field), _limits(field),
+            cells = (f"`{name}`", _type(field.annotation, anchors), _default(field), _limits(field),
                      field.description or "")
             parts.append("| " + " | ".join(_md(c) if i > 1 else c for i, c in enumerate(cells)) + " |\n")
     return "".join(parts)
