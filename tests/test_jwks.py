@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from extauth import redact
 from extauth.config import JwtConfig
 from extauth.reasons import DenyError, Reason
-from extauth.tokens import jwks as jwks_module
+from extauth.tokens import fetch as fetch_module
 from extauth.tokens.jwks import UrlKeySource
 from extauth.tokens.jwt import JwtVerifier
 from tests.keys import (
@@ -640,8 +641,8 @@ def test_http_get_has_a_total_deadline(slow_drip: SlowDripServer) -> None:
     # The thread itself must give up: abandoning it from asyncio would leave it stuck.
     timeout = 1.0
     started = time.monotonic()
-    with pytest.raises((TimeoutError, OSError)):
-        jwks_module._http_get(slow_drip.url, timeout, 256 * 1024)
+    with pytest.raises(fetch_module.FetchError, match=r"timed out|deadline exceeded"):
+        fetch_module.fetch(slow_drip.url, timeout=timeout, max_bytes=256 * 1024)
     # A bound on behaviour, not a benchmark: generous for a loaded 2-core machine.
     assert time.monotonic() - started < timeout + 2
 
@@ -670,14 +671,14 @@ async def test_each_source_fetches_on_one_thread_of_its_own(
     lock = threading.Lock()
     threads: dict[str, set[int]] = {}
 
-    def fake_get(uri: str, timeout: float, max_bytes: int) -> bytes:
+    def fake_get(uri: str, *, timeout: float, max_bytes: int) -> bytes:
         thread = threading.current_thread()
         assert thread.name.startswith("extauth-jwks"), thread.name
         with lock:
             threads.setdefault(uri, set()).add(thread.ident or 0)
         return doc
 
-    monkeypatch.setattr(jwks_module, "_http_get", fake_get)
+    monkeypatch.setattr(fetch_module, "fetch", fake_get)
     sources = [
         UrlKeySource(JwtConfig(issuer=ISS, audiences=[AUD], jwks_uri=f"https://idp{i}.example/jwks",
                                jwks_timeout_seconds=10), clock)
@@ -714,9 +715,9 @@ async def test_default_executor_free_while_fetches_are_stuck(
 def test_size_cap_without_content_length(phase: str) -> None:
     srv = SlowDripServer(phase).start()  # 10 kB, no Content-Length, then close
     try:
-        with pytest.raises(jwks_module.JwksError, match="larger than 1000 bytes"):
-            jwks_module._http_get(srv.url, 2.0, 1000)
-        assert len(jwks_module._http_get(srv.url, 2.0, 64 * 1024)) == 10_000
+        with pytest.raises(fetch_module.FetchError, match="larger than 1000 bytes"):
+            fetch_module.fetch(srv.url, timeout=2.0, max_bytes=1000)
+        assert len(fetch_module.fetch(srv.url, timeout=2.0, max_bytes=64 * 1024)) == 10_000
     finally:
         srv.stop()
 
@@ -730,7 +731,7 @@ def test_size_cap_without_content_length(phase: str) -> None:
     ("http://[::1]:80/jwks?k=v", "http://[::1]:80/jwks?***"),
 ])
 def test_redact_url(url: str, shown: str) -> None:
-    assert jwks_module.redact_url(url) == shown
+    assert redact.redact_url(url) == shown
 
 
 async def test_url_credentials_never_logged_nor_in_details(
@@ -769,10 +770,10 @@ async def test_url_credentials_never_logged_nor_in_details(
 
 _FETCH_VIA_ENV_PROXY = """
 import sys
-from extauth.tokens.jwks import _http_get
+from extauth.tokens.fetch import fetch
 for uri in sys.argv[1:]:
     try:
-        _http_get(uri, 5, 4096)
+        fetch(uri, timeout=5, max_bytes=4096)
         print("fetched", uri)
     except Exception as e:
         print("failed", uri, type(e).__name__)

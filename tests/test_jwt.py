@@ -14,8 +14,8 @@ import pytest
 
 from extauth.config import ConfigError, JwtConfig
 from extauth.reasons import DenyError, Reason
-from extauth.tokens.jwks import build_key_set
 from extauth.tokens.jwt import JwtVerifier
+from extauth.tokens.keyset import build_key_set
 from extauth.tokens.mint import mint_token, public_jwks
 from tests.keys import (
     HMAC_SECRET,
@@ -662,16 +662,16 @@ def test_key_with_a_non_string_crv_is_skipped(caplog: pytest.LogCaptureFixture, 
 def test_a_key_whose_binding_fails_unexpectedly_is_skipped(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from extauth.tokens import jwks as jwks_module
+    from extauth.tokens import keyset
 
-    real = jwks_module._compatible
+    real = keyset._compatible
 
     def fragile(alg: str, kty: str, crv: Any) -> bool:
         if kty == "EC":
             raise RuntimeError("x=key-material")
         return real(alg, kty, crv)
 
-    monkeypatch.setattr(jwks_module, "_compatible", fragile)
+    monkeypatch.setattr(keyset, "_compatible", fragile)
     doc = jwks_of(jwk_for(shared_ec_key(), "ec", None), jwk_for(shared_rsa_key(), "rs", "RS256"))
     ks = build_key_set(doc, ["RS256", "ES256"], source="test")
     assert list(ks.by_kid) == ["rs"]

@@ -1,4 +1,4 @@
-"""Bearer tokens: where they travel (extract), and how they are verified (jwt, jwks, cache)."""
+"""Bearer tokens: transport (extract), verification (jwt), key sets (keyset), sources (jwks, fetch), cache."""
 
 from __future__ import annotations
 
@@ -14,6 +14,6 @@ class VerifiedToken:
     claims: Mapping[str, Any]
     user: str
     expires_at: float  # unix seconds (the token's exp)
-    # The thumbprint of the key that verified it (extauth.tokens.jwks.thumbprint): a cached
+    # The thumbprint of the key that verified it (extauth.tokens.keyset.thumbprint): a cached
     # verification is forgotten once its key leaves the key set.
     key: str = field(default="", repr=False)

@@ -1,25 +1,15 @@
 """Key sources for JWT verification: a JWKS file, a JWKS URL, or an HMAC secret.
 
-Every key in a key set is bound to exactly ONE algorithm when the set is built
-(its JWKS ``alg`` if present, otherwise the single configured algorithm that fits
-its ``kty``/``crv``). The token's header never chooses a key type or algorithm.
+URL sources refresh in the background when older than ``jwks_refresh_seconds``, refetch at
+most once per ``jwks_refetch_cooldown_seconds`` for an unknown kid, share one in-flight fetch
+between all waiters, keep serving the last good keys while the endpoint is down, and fail
+closed (``jwks_unavailable``) once those keys are older than ``jwks_max_stale_seconds``. They
+also refresh on a timer: cached verifications never ask the source, and a key removed at the
+issuer must still be noticed.
 
-URL sources refresh in the background when older than ``jwks_refresh_seconds``,
-refetch at most once per ``jwks_refetch_cooldown_seconds`` for an unknown kid,
-share one in-flight fetch between all waiters, keep serving the last good keys
-while the endpoint is down, and fail closed (``jwks_unavailable``) once those
-keys are older than ``jwks_max_stale_seconds``. Once started they also refresh on
-a timer, so a key removed at the issuer is noticed without any token needing a
-verification: cached verifications are answered without asking the key source.
-
-Every key carries a thumbprint of what it verifies with (its public members and
-bound algorithm). A source tells its watcher (``watch``) when a new key set drops
-or changes a thumbprint, so verifications made with that key can be forgotten.
-
-A fetch has a total deadline of ``jwks_timeout_seconds`` (connect, TLS, headers
-and body together, not per socket read) and runs on this module's own small
-thread pool, so a slow endpoint can neither hold a thread for long nor starve
-the event loop's default executor. URLs are logged without userinfo or query.
+A source tells its watchers (``watch``) when a new key set drops or changes a key's thumbprint,
+so verifications made with that key can be forgotten. Fetches (:func:`extauth.tokens.fetch.fetch`)
+run on the source's own thread; URLs reach logs only through :func:`extauth.redact.redact_url`.
 """
 
 from __future__ import annotations
@@ -28,207 +18,36 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import hashlib
-import http.client
-import io
-import json
+import functools
 import logging
 import os
-import socket
-import ssl
-import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, ParamSpec, Protocol
-from urllib.parse import urlsplit
 
 from jwt import PyJWK
 
-from extauth.addresses import is_loopback_host
-from extauth.config import EC_ALGS, HMAC_ALGS, OKP_ALGS, RSA_ALGS, ConfigError, JwtConfig
+from extauth.config import HMAC_ALGS, ConfigError, JwtConfig
 from extauth.reasons import DenyError, Reason
+from extauth.redact import redact_url, scrub_url
+from extauth.tokens import fetch
+from extauth.tokens.keyset import JwksError, KeyEntry, KeySet, parse_jwks_bytes, thumbprint
 
 __all__ = [
     "FileKeySource",
     "HmacKeySource",
-    "JwksError",
-    "KeyEntry",
-    "KeySet",
     "KeySource",
     "UrlKeySource",
-    "build_key_set",
-    "hmac_min_bytes",
+    "key_source_identity",
     "make_key_source",
-    "redact_url",
 ]
 
 log = logging.getLogger("extauth.jwks")
 
-_EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
-_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
-# Private (and multi-prime) members; a JWKS must only publish public keys.
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # How often a file source looks at the file's mtime.
 _FILE_CHECK_SECONDS = 1.0
-_READ_CHUNK = 64 * 1024
-
-
-class JwksError(Exception):
-    """A key set document that cannot be used."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeyEntry:
-    kid: str | None
-    alg: str
-    jwk: PyJWK = field(repr=False)  # an HMAC entry holds the shared secret
-    # Identifies the key across fetches (thumbprint()); never logged: for a shared secret
-    # it is derived from the secret.
-    thumbprint: str = field(default="", repr=False)
-
-
-def thumbprint(members: Mapping[str, Any], alg: str) -> str:
-    """The same key (members and bound algorithm) gives the same value in every fetch."""
-    canonical = json.dumps(members, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(f"{alg}\n{canonical}".encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class KeySet:
-    keys: tuple[KeyEntry, ...]
-    by_kid: Mapping[str, KeyEntry] = field(default_factory=dict)
-    # Shared secrets are keys without a kid: the token's kid is not consulted, and each
-    # (the current one, then the one it replaced during a rotation) is tried in turn.
-    single_secret: bool = False
-    thumbprints: frozenset[str] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "thumbprints", frozenset(k.thumbprint for k in self.keys))
-
-    def select(self, kid: str | None) -> tuple[KeyEntry, ...]:
-        """The keys a token with ``kid`` may be signed with, in the order to try them: the
-        one for ``kid``; with no kid, the only key if there is exactly one; every shared
-        secret. Empty when there is none."""
-        if self.single_secret:
-            return self.keys
-        if kid is None:
-            return self.keys[:1] if len(self.keys) == 1 else ()
-        entry = self.by_kid.get(kid)
-        return () if entry is None else (entry,)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def hmac_min_bytes(alg: str) -> int:
-    return _HMAC_MIN_BYTES[alg]
-
-
-def _compatible(alg: str, kty: str, crv: Any) -> bool:
-    if kty == "RSA":
-        return alg in RSA_ALGS
-    if kty == "EC":
-        return alg in EC_ALGS and _EC_CURVES[alg] == crv
-    if kty == "OKP":
-        return alg in OKP_ALGS and crv in _OKP_CURVES
-    return False
-
-
-def _bind_alg(jwk: Mapping[str, Any], algorithms: Sequence[str]) -> tuple[str | None, str]:
-    """(alg, "") for a usable key, else (None, why-skipped)."""
-    kty = jwk.get("kty")
-    crv = jwk.get("crv")
-    if not isinstance(kty, str):
-        return None, "no kty"
-    if crv is not None and not isinstance(crv, str):
-        return None, "crv is not a string"
-    if kty == "oct":
-        return None, "symmetric keys are never accepted from a JWKS"
-    declared = jwk.get("alg")
-    if declared is not None:
-        if not isinstance(declared, str):
-            return None, "alg is not a string"
-        if declared not in algorithms:
-            return None, f"alg {declared} is not in the configured algorithms"
-        if not _compatible(declared, kty, crv):
-            return None, f"alg {declared} does not fit kty {kty}"
-        return declared, ""
-    fits = [a for a in algorithms if _compatible(a, kty, crv)]
-    if not fits:
-        return None, f"no configured algorithm fits kty {kty}"
-    if len(fits) > 1:
-        return None, f"ambiguous: {', '.join(fits)} all fit kty {kty}; publish an alg"
-    return fits[0], ""
-
-
-def build_key_set(data: Any, algorithms: Sequence[str], *, source: str) -> KeySet:
-    """Build a KeySet from a parsed JWKS document; unusable keys are skipped with a warning.
-
-    Raises JwksError when the document is not a JWKS or has no usable key.
-    """
-    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-        raise JwksError("not a JWKS document (expected an object with a 'keys' list)")
-    entries: list[KeyEntry] = []
-    by_kid: dict[str, KeyEntry] = {}
-    for i, raw in enumerate(data["keys"]):
-        if not isinstance(raw, dict):
-            log.warning("jwks %s: key #%d skipped: not an object", source, i)
-            continue
-        kid = raw.get("kid")
-        label = f"key #{i}" + (f" (kid {kid!r})" if isinstance(kid, str) else "")
-        if kid is not None and not isinstance(kid, str):
-            log.warning("jwks %s: %s skipped: kid is not a string", source, label)
-            continue
-        use = raw.get("use")
-        if use is not None and use != "sig":
-            log.warning("jwks %s: %s skipped: use is %r, not 'sig'", source, label, use)
-            continue
-        ops = raw.get("key_ops")
-        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-            log.warning("jwks %s: %s skipped: key_ops does not allow 'verify'", source, label)
-            continue
-        try:
-            alg, why = _bind_alg(raw, algorithms)
-        except Exception as e:
-            # One odd key must not cost the whole set (nor a file poller): skip it. The
-            # type only: a message could quote key material.
-            log.warning("jwks %s: %s skipped: %s", source, label, type(e).__name__)
-            continue
-        if alg is None:
-            log.warning("jwks %s: %s skipped: %s", source, label, why)
-            continue
-        public = {k: v for k, v in raw.items() if k not in _PRIVATE_MEMBERS}
-        if len(public) != len(raw):
-            log.warning("jwks %s: %s publishes private key material; only the public part is used",
-                        source, label)
-        try:
-            jwk = PyJWK(public, algorithm=alg)
-        except Exception as e:
-            log.warning("jwks %s: %s skipped: %s", source, label, type(e).__name__)
-            continue
-        if kid is not None and kid in by_kid:
-            log.warning("jwks %s: %s skipped: duplicate kid", source, label)
-            continue
-        entry = KeyEntry(kid=kid, alg=alg, jwk=jwk, thumbprint=thumbprint(public, alg))
-        entries.append(entry)
-        if kid is not None:
-            by_kid[kid] = entry
-    if not entries:
-        raise JwksError("no usable signing key")
-    return KeySet(keys=tuple(entries), by_kid=by_kid)
-
-
-def parse_jwks_bytes(body: bytes, algorithms: Sequence[str], *, source: str) -> KeySet:
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise JwksError(f"not valid JSON: {type(e).__name__}") from None
-    return build_key_set(data, algorithms, source=source)
 
 
 KeysWatcher = Callable[[KeySet], None]
@@ -336,10 +155,6 @@ class HmacKeySource:
     async def close(self) -> None:
         return None
 
-    @property
-    def key_set(self) -> KeySet:
-        return self._set
-
 
 class FileKeySource:
     """A JWKS file: loaded at construction, reloaded when its mtime changes."""
@@ -433,162 +248,7 @@ class FileKeySource:
         self._poller = None
 
 
-def redact_url(uri: str) -> str:
-    """``uri`` for logs: no userinfo (it may hold a password), no query or fragment
-    (they may hold an API key)."""
-    try:
-        parts = urlsplit(uri)
-        host = parts.netloc.rpartition("@")[2]
-    except ValueError:
-        return "<unparsable url>"
-    userinfo = "***@" if "@" in parts.netloc else ""
-    query = "?***" if parts.query else ""
-    fragment = "#***" if parts.fragment else ""
-    return f"{parts.scheme}://{userinfo}{host}{parts.path}{query}{fragment}"
-
-
-# -- HTTP with a total deadline -----------------------------------------------
-#
-# urllib's timeout bounds each socket operation, not the request: a server that
-# drips a byte every (timeout - e) seconds holds the thread indefinitely. Here
-# every connect and every read gets the time LEFT until one deadline as its
-# timeout, so the whole GET ends by the deadline. The deadline lives in a
-# thread-local: a fetch runs start to end on one worker thread.
-
-_CALL = threading.local()
-
-
-def _remaining() -> float:
-    """Seconds left until this thread's fetch deadline; TimeoutError once it passed."""
-    deadline: float | None = getattr(_CALL, "deadline", None)
-    if deadline is None:
-        raise RuntimeError("JWKS HTTP call outside _http_get")
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline exceeded")
-    return left
-
-
-class _DeadlineReader(socket.SocketIO):
-    """Reads the response through ``sock`` with the time left as each read's timeout."""
-
-    def __init__(self, sock: socket.socket, owner: io.BufferedReader) -> None:
-        super().__init__(sock, "rb")
-        self._target = sock
-        self._owner = owner  # the response's own reader: holds the socket's reference count
-
-    def readinto(self, b: Any) -> int | None:
-        self._target.settimeout(_remaining())
-        return super().readinto(b)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        io.RawIOBase.close(self)
-        self._owner.close()
-
-
-class _DeadlineResponse(http.client.HTTPResponse):
-    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
-                 url: str | None = None) -> None:
-        super().__init__(sock, debuglevel, method, url)
-        self.fp = io.BufferedReader(_DeadlineReader(sock, self.fp))
-
-
-def _connect_by_deadline(address: tuple[str, int], timeout: Any = None,
-                         source_address: Any = None) -> socket.socket:
-    sock = socket.create_connection(address, _remaining(), source_address)
-    try:
-        sock.settimeout(_remaining())  # bounds the request write and the TLS handshake
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class _DeadlineHTTPConnection(http.client.HTTPConnection):
-    response_class = _DeadlineResponse
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = _connect_by_deadline
-
-
-class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
-    response_class = _DeadlineResponse
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = _connect_by_deadline
-
-
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_DeadlineHTTPConnection, req)
-
-
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self) -> None:
-        self._tls = ssl.create_default_context()  # verifies the certificate and the host name
-        super().__init__(context=self._tls)
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_DeadlineHTTPSConnection, req, context=self._tls)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # Returning None makes urllib raise HTTPError for the 3xx: never followed.
-    def redirect_request(self, req: Any, fp: Any, code: Any, msg: Any, headers: Any, newurl: Any) -> None:
-        return None
-
-
-# Subclasses of the default handlers replace them. Proxies from the environment apply to an
-# issuer elsewhere (a corporate egress proxy may be the only way out), never to one on this
-# host: plain http:// is allowed there only because the keys never leave the machine, and a
-# proxy would fetch them in clear text and answer with whatever it likes.
-_OPENER = urllib.request.build_opener(_NoRedirect, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect, _DeadlineHTTPHandler,
-                                      _DeadlineHTTPSHandler)
-
-
-def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
-    """GET ``uri``: at most ``max_bytes`` of body, all of it within ``timeout`` seconds."""
-    if not uri.startswith(("https://", "http://")):
-        raise JwksError("only http(s) URLs are fetched")
-    req = urllib.request.Request(  # noqa: S310 - scheme checked above
-        uri, headers={"Accept": "application/json", "User-Agent": "extauth-jwks"}
-    )
-    opener = _DIRECT if is_loopback_host(urlsplit(uri).hostname or "") else _OPENER
-    _CALL.deadline = time.monotonic() + timeout
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            status = resp.status
-            if status != 200:
-                raise JwksError(f"HTTP {status}")
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise JwksError(f"response larger than {max_bytes} bytes")
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                _remaining()  # between reads too: raises once the deadline passed
-                chunk: bytes = resp.read(min(_READ_CHUNK, max_bytes + 1 - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_bytes:
-                    raise JwksError(f"response larger than {max_bytes} bytes")
-    finally:
-        _CALL.deadline = None
-    return b"".join(chunks)
-
-
 def _describe(e: BaseException) -> str:
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code}"
-    if isinstance(e, urllib.error.URLError):
-        return f"unreachable: {e.reason}"
     if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, OSError):
@@ -665,17 +325,6 @@ class UrlKeySource:
             return False
         return self._failed_at is None or now - self._failed_at >= self._retry_after_failure
 
-    def _scrub(self, text: str) -> str:
-        """An error description with any part of the raw URL that may be secret cut out."""
-        try:
-            parts = urlsplit(self._uri)
-            secrets = [self._uri, parts.netloc.rpartition("@")[0], parts.query, parts.fragment]
-        except ValueError:
-            secrets = [self._uri]
-        for secret in sorted(filter(None, secrets), key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
-
     # -- fetching ------------------------------------------------------------
 
     def _start_fetch(self) -> asyncio.Task[bool]:
@@ -689,11 +338,11 @@ class UrlKeySource:
         # (a fetch in flight counted as ok, then failing, read as a counter reset).
         try:
             try:
-                # _http_get ends by its own deadline; wait_for only covers a queued fetch.
-                loop = asyncio.get_running_loop()
+                # fetch() ends by its own deadline; wait_for only covers a queued fetch.
+                get = functools.partial(fetch.fetch, self._uri, timeout=self._timeout,
+                                        max_bytes=self._max_bytes)
                 body = await asyncio.wait_for(
-                    loop.run_in_executor(self._executor, _http_get, self._uri, self._timeout,
-                                         self._max_bytes),
+                    asyncio.get_running_loop().run_in_executor(self._executor, get),
                     timeout=self._timeout,
                 )
                 new = parse_jwks_bytes(body, self._algorithms, source=self._safe_uri)
@@ -705,7 +354,7 @@ class UrlKeySource:
                 self._failed_at = self._clock()
                 kept = len(self._set) if self._set is not None else 0
                 log.warning("jwks %s: fetch failed (%s); keeping %d key(s)",
-                            self._safe_uri, self._scrub(_describe(e)), kept)
+                            self._safe_uri, scrub_url(_describe(e), self._uri), kept)
                 return False
             self.fetches += 1
             old = self._set
@@ -770,7 +419,7 @@ class UrlKeySource:
         try:
             await self.keys()
         except Exception as e:
-            log.warning("jwks %s: warm-up failed: %s", self._safe_uri, self._scrub(_describe(e)))
+            log.warning("jwks %s: warm-up failed: %s", self._safe_uri, scrub_url(_describe(e), self._uri))
         if self._refresher is None and not self._closed:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_on_timer())
 

@@ -41,7 +41,8 @@ from extauth.config import JwtConfig
 from extauth.reasons import DenyError, Reason
 from extauth.tokens import VerifiedToken
 from extauth.tokens.cache import TokenCache
-from extauth.tokens.jwks import KeyEntry, KeySet, KeySource, UrlKeySource, WeakCallbacks, make_key_source
+from extauth.tokens.jwks import KeySource, UrlKeySource, WeakCallbacks, make_key_source
+from extauth.tokens.keyset import KeyEntry, KeySet
 
 __all__ = ["FORBIDDEN_HEADERS", "JwtVerifier"]
 
