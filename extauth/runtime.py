@@ -3,75 +3,18 @@ limits and header templates. Built once per (re)load, swapped whole, never mutat
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from extauth.claims import ClaimRules, ClaimSelector, compile_rules, split_path
 from extauth.config import Config, JwtConfig, Match, Policy
+from extauth.header_template import Template
 from extauth.memo import AllowMemo
 from extauth.origin import OriginPolicy
 from extauth.store.base import Limits
 from extauth.tokens.extract import TokenSources
 from extauth.tokens.jwks import KeySource, key_source_identity, make_key_source
 from extauth.tokens.jwt import JwtVerifier
-
-_FIELD_RE = re.compile(r"\{([^{}]*)\}")
-_MAX_HEADER_VALUE = 1024
-
-
-def _claim_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
-        return ",".join(str(v) for v in value)
-    return ""
-
-
-class Template:
-    """``"{sub}"`` or ``"tenant-{org.id}"`` rendered from claims; dotted names walk objects."""
-
-    __slots__ = ("_parts",)
-
-    def __init__(self, text: str) -> None:
-        parts: list[tuple[bool, str]] = []
-        pos = 0
-        for m in _FIELD_RE.finditer(text):
-            if m.start() > pos:
-                parts.append((False, text[pos : m.start()]))
-            parts.append((True, m.group(1)))
-            pos = m.end()
-        if pos < len(text):
-            parts.append((False, text[pos:]))
-        self._parts = tuple(parts)
-
-    def render(self, claims: Mapping[str, Any]) -> str:
-        if len(self._parts) == 1 and self._parts[0][0] and "." not in self._parts[0][1]:
-            # "{sub}": the usual identity header, one lookup.
-            only = claims.get(self._parts[0][1])
-            if isinstance(only, str) and only.isprintable() and 0 < len(only) <= _MAX_HEADER_VALUE:
-                return only
-        out = []
-        for is_field, text in self._parts:
-            if not is_field:
-                out.append(text)
-                continue
-            value: Any = claims
-            for key in text.split("."):
-                value = value.get(key) if isinstance(value, Mapping) else None
-            rendered = _claim_text(value)
-            if not rendered:
-                return ""  # a missing claim empties the header rather than half-filling it
-            out.append(rendered)
-        result = "".join(out)
-        # Claims are attacker-influenced text: no control (or other non-printable)
-        # characters into a header.
-        if not result.isprintable() or len(result) > _MAX_HEADER_VALUE:
-            return ""
-        return result
 
 
 @dataclass(frozen=True, slots=True)

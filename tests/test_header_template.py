@@ -1,4 +1,4 @@
-from extauth.runtime import Template
+from extauth.header_template import Template
 
 
 def test_template_renders_claims_and_dotted_paths() -> None:
