@@ -14,8 +14,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.rpc import code_pb2
 
+from extauth.decision import Decision
 from extauth.lease_tag import METADATA_FIELD as LEASE_TAG_FIELD
-from extauth.pipeline import Decision
 from extauth.policy import select_policy
 from extauth.reasons import Reason
 from extauth.request import CheckInput
@@ -50,7 +50,6 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
         source_ip=attrs.source.address.socket_address.address,
         context=attrs.context_extensions,
         request_id=http.id,
-        scheme=http.scheme,
         protocol=http.protocol,
     )
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from extauth.addresses import canonical_ip, client_subject, forwarded_ip
 from extauth.claims import claim_at
+from extauth.decision import Decision as Decision  # re-exported: the pipeline's answer
 from extauth.handshake import is_extended_connect, is_upgrade_attempt, new_key, validate_handshake
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
@@ -47,30 +48,6 @@ class JailLike(Protocol):
     def is_banned(self, ip: str) -> bool: ...
     def observe(self, ip: str, reason: Reason, signal: str | None = None) -> None: ...
     def exempt(self, ip: str) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    status: int  # 200 when allowed
-    decision_id: str
-    reason: Reason | None = None
-    policy: str | None = None
-    user: str | None = None
-    client_ip: str = ""
-    websocket: bool = False
-    headers_to_set: Mapping[str, str] = field(default_factory=dict)
-    headers_to_remove: tuple[str, ...] = ()
-    query_params_to_remove: tuple[str, ...] = ()
-    deny_headers: Mapping[str, str] = field(default_factory=dict)
-    lease: LeaseRef | None = None
-    lease_tag: str | None = None  # extauth/lease_tag.py: the access log checks it
-    shadow_reason: Reason | None = None
-    # Until when (unix seconds) the same request would be allowed the same way: set only on
-    # plain-HTTP allows that took no lease, for the allow memo (extauth/memo.py).
-    valid_until: float | None = None
-    # The policy's metadata_claims of the verified token (extauth.claims.ClaimSelector).
-    claims: Mapping[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -126,6 +103,13 @@ _ID_COUNTER = itertools.count(1)
 
 def new_decision_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+def internal_error() -> Decision:
+    """The 500 for a check whose answer could not be built (the handler's last resort)."""
+    reason = Reason.INTERNAL_ERROR
+    return Decision(allowed=False, status=reason.status, decision_id=new_decision_id(), reason=reason,
+                    deny_headers=_deny_headers(reason, None))
 
 
 class Authorizer:

@@ -19,5 +19,4 @@ class CheckInput:
     source_ip: str
     context: Mapping[str, str] = field(default_factory=dict)  # Envoy per-route context_extensions
     request_id: str = ""
-    scheme: str = "http"
     protocol: str = "HTTP/1.1"  # Envoy's: HTTP/1.0, HTTP/1.1, HTTP/2 or HTTP/3 ("" when unknown)

@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 from extauth.accesslog import AccessLogService
 from extauth.admin.server import AdminServer
 from extauth.config import Config, ConfigError, load_config, with_overrides
+from extauth.decision import Decision
 from extauth.envoy_api import check_input, decision_id_field, repeat_key, response_bytes
 from extauth.eventloop import loop_name
 from extauth.jail import Jail
@@ -38,8 +39,7 @@ from extauth.lease_tag import REFRESH_SECONDS as LEASE_KEY_REFRESH_SECONDS
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import log_event
 from extauth.metrics import JwksCollector, Metrics
-from extauth.pipeline import Authorizer, Decision, new_decision_id
-from extauth.reasons import Reason
+from extauth.pipeline import Authorizer, internal_error, new_decision_id
 from extauth.revocation import RevocationList
 from extauth.runtime import Runtime, build_runtime
 from extauth.store import open_store
@@ -89,9 +89,7 @@ class AuthorizationService:
             log.exception("check translation failed")
             if decision is not None:
                 authorizer.take_back(decision.lease)  # its allow never reaches Envoy
-            decision = Decision(allowed=False, status=500, decision_id=new_decision_id(),
-                                reason=Reason.INTERNAL_ERROR,
-                                deny_headers={"x-extauth-reason": Reason.INTERNAL_ERROR.value})
+            decision = internal_error()
         return response_bytes(decision)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

@@ -373,6 +373,8 @@ async def test_every_method_is_guarded_and_the_bounds_come_from_the_config() -> 
     assert (await g.acquire(ref(), Limits(connections_per_user=1), 30)).denied == Reason.QUOTA_USER
     assert await g.refresh([r], 30) == 1
     assert await g.count("chat", user="alice") == 1
+    with pytest.raises(ValueError):  # the caller's mistake stays one, never counted as a failure
+        await g.count("chat", user="alice", ip="10.0.0.1")
     assert len(await g.list_leases("chat", ip="10.0.0.1")) == 1
     assert await g.count_all() == 1
     assert await g.record_hostile("10.0.0.2", threshold=1, window=1, ban_seconds=1, dry_run=True)

@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("extauth.admin")
 
-_STORE_FAILURES = (StoreError, TimeoutError, OSError)
-
-
 def normalize_ip(ip: str, ipv6_prefix: int) -> str:
     """An address as the request path keys per-IP quotas and bans (``extauth.addresses``):
     canonical, and an IPv6 address as its /``ipv6_prefix`` network. That network itself is
@@ -68,7 +65,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             return await fn()
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except _STORE_FAILURES as e:
+        except StoreError as e:
             log_event(log, logging.WARNING, "admin call failed: store unavailable", op=op,
                       error=type(e).__name__)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {e}")
@@ -183,11 +180,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         errors = []
         try:
             resp.active_leases = await self._store.count_all()
-        except _STORE_FAILURES as e:
+        except StoreError as e:
             errors.append(f"count_all: {e}")
         try:
             resp.bans = len(await self._store.list_bans())
-        except _STORE_FAILURES as e:
+        except StoreError as e:
             errors.append(f"list_bans: {e}")
         resp.store_error = "; ".join(errors)
         for labels, value in _samples(self._metrics.decisions):

@@ -39,6 +39,12 @@ class BreakerOpenError(StoreError):
     """The circuit breaker refused the call without trying the store."""
 
 
+def one_subject(user: str | None, ip: str | None) -> None:
+    """``count`` and ``list_leases`` take exactly one of user or ip: ValueError otherwise."""
+    if (user is None) == (ip is None):
+        raise ValueError("give exactly one of user or ip")
+
+
 def retry_seconds(wait: float) -> float:
     """An honest Retry-After: whole seconds, rounded up, at least 1."""
     return float(max(1, math.ceil(wait - 1e-9)))

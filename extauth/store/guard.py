@@ -34,6 +34,7 @@ from extauth.store.base import (
     StoreError,
     StoreTimeoutError,
     TokenIds,
+    one_subject,
 )
 
 if TYPE_CHECKING:
@@ -248,11 +249,13 @@ class GuardedStore(Store):
         return result
 
     async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
+        one_subject(user, ip)  # the caller's mistake, not the store's failure
         return await self._guard("count", lambda: self.inner.count(policy, user=user, ip=ip))
 
     async def list_leases(
         self, policy: str, *, user: str | None = None, ip: str | None = None
     ) -> list[LeaseInfo]:
+        one_subject(user, ip)
         # Admin reads, like count_all (the metrics sampler, admin Stats) and list_bans: off the
         # request path, so slow ones must not open the breaker that refuses acquires.
         return await self._background("list_leases", lambda: self.inner.list_leases(policy, user=user, ip=ip))

@@ -36,6 +36,7 @@ from extauth.store.base import (
     Store,
     StoreError,
     TokenIds,
+    one_subject,
     retry_seconds,
 )
 
@@ -178,11 +179,8 @@ class MemoryStore(Store):
 
     @staticmethod
     def _subject(policy: str, user: str | None, ip: str | None) -> _SubjectKey:
-        if user is not None and ip is None:
-            return ("u", user, policy)
-        if ip is not None and user is None:
-            return ("ip", ip, policy)
-        raise ValueError("give exactly one of user or ip")
+        one_subject(user, ip)
+        return ("u", user, policy) if user is not None else ("ip", ip or "", policy)
 
     def _sweep(self, now: float) -> None:
         """Drop idle state now and then, so memory tracks live state only (like Redis key expiry)."""

@@ -68,6 +68,7 @@ from extauth.store.base import (
     Store,
     StoreError,
     TokenIds,
+    one_subject,
     retry_seconds,
 )
 from extauth.store.resp import RespLane
@@ -475,11 +476,9 @@ class RedisStore(Store):
         return await self._per_lease(refs, lambda key, member: ("ZREM", key, member))
 
     def _subject_key(self, policy: str, user: str | None, ip: str | None) -> str:
-        if user is not None and ip is None:
-            return self.keys.leases(self.keys.user_tag(user), policy)
-        if ip is not None and user is None:
-            return self.keys.leases(self.keys.ip_tag(ip), policy)
-        raise ValueError("give exactly one of user or ip")
+        one_subject(user, ip)
+        tag = self.keys.user_tag(user) if user is not None else self.keys.ip_tag(ip or "")
+        return self.keys.leases(tag, policy)
 
     async def count(self, policy: str, *, user: str | None = None, ip: str | None = None) -> int:
         key = self._subject_key(policy, user, ip)
