@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080,
                    help="Envoy's public port; the pages use the next two (0: any free ports)")
     p.add_argument("--workdir", help="keep the generated files and Envoy's log here (default: a temp dir)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve wss:// with a generated self-signed certificate: browsers then open "
+                        "the WebSockets over HTTP/2 (RFC 8441); HTTP/3 on the same port")
     p.set_defaults(func=_cmd_demo)
 
     from extauth.admin.cli import add_admin_parser  # `extauth admin ...`: a thin shell over AdminClient

@@ -7,6 +7,10 @@
   not. Each opens a WebSocket through Envoy with its token in the ``bearer.<jwt>``
   subprotocol and shows what happened (opened and echoed, or closed with a code).
 
+``--tls`` serves ``wss://`` with a self-signed certificate made at start (extauth.devcert):
+the pages first fetch ``/ping`` through Envoy, so the browser holds an HTTP/2 connection
+that its WebSocket then shares as an RFC 8441 stream (Chromium only uses an existing one).
+
 Tokens are minted at start with the committed development key (examples/keys), or with a
 throw-away key when the repository's examples are not around. Ctrl-C (SIGINT) or SIGTERM
 stops every child process; ``--duration S`` stops by itself after S seconds.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import html
 import http.client
 import json
@@ -35,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from extauth import eventloop
@@ -61,6 +68,10 @@ class DemoInfo:
     token: str
     envoy_log: str
     per_user: int
+    envoy_admin: str = ""  # Envoy's admin HOST:PORT (stats: which protocol each socket used)
+    tls: bool = False
+    cert_file: str = ""
+    spki_sha256: str = ""  # what Chromium's --ignore-certificate-errors-spki-list takes
 
 
 def _free_port() -> int:
@@ -98,7 +109,9 @@ def _keys(workdir: Path) -> tuple[bytes, Path, str]:
     return pem_bytes, path, "demo-1"
 
 
-def demo_config(extauth_port: int, jwks: Path, origins: Sequence[str]) -> Config:
+def demo_config(extauth_port: int, jwks: Path, origins: Sequence[str], *, tls: bool = False) -> Config:
+    # The pages' warm-up request with --tls (it opens the HTTP/2 connection): no token needed.
+    ping = [{"name": "ping", "match": {"path_prefix": "/ping"}, "websocket_only": False}] if tls else []
     return parse_config({
         "listen": f"127.0.0.1:{extauth_port}",
         "admin_listen": "127.0.0.1:0",
@@ -118,7 +131,7 @@ def demo_config(extauth_port: int, jwks: Path, origins: Sequence[str]) -> Config
             },
             "quotas": {"connections_per_user": PER_USER},
             "upstream_headers": {"x-user-id": "{sub}"},
-        }],
+        }, *ping],
     })
 
 
@@ -146,6 +159,7 @@ const result = (r) => {{
   document.title = "extauth demo: {name} (" + r + ")";
 }};
 let echoed = false;
+const open = () => {{
 const ws = new WebSocket(WS_URL, ["chat.v1", "bearer." + TOKEN]);
 ws.onopen = () => {{
   log("open (subprotocol " + ws.protocol + ")");
@@ -161,17 +175,30 @@ ws.onclose = (e) => {{
   log("closed, code " + e.code);
   if (!echoed) result("closed with code " + e.code);
 }};
+}};
+const PING = {ping_js};
+if (PING) {{
+  // Chromium puts a WebSocket on an HTTP/2 connection it already holds, never a new one:
+  // open it with a credentialed request (a credential-less one would sit in another pool).
+  fetch(PING, {{mode: "no-cors", credentials: "include", cache: "no-store"}})
+    .then(() => log("HTTP/2 connection to Envoy open; the WebSocket shares it (RFC 8441)"),
+          (e) => log("ping failed: " + e))
+    .finally(open);
+}} else {{
+  open();
+}}
 </script>
 </body></html>
 """
 
 
-def page_html(name: str, listed: bool, ws_url: str, token: str) -> str:
+def page_html(name: str, listed: bool, ws_url: str, token: str, ping_url: str | None = None) -> str:
     expect = ("the WebSocket opens and echoes" if listed
               else "the handshake is refused (403 origin_not_allowed): close code 1006")
     return _PAGE.format(
         name=html.escape(name), listed="listed" if listed else "NOT listed", expect=expect,
-        ws_url=html.escape(ws_url), token=json.dumps(token), ws_url_js=json.dumps(ws_url))
+        ws_url=html.escape(ws_url), token=json.dumps(token), ws_url_js=json.dumps(ws_url),
+        ping_js=json.dumps(ping_url))
 
 
 async def _serve_page(port: int, body: str) -> asyncio.Server:
@@ -210,8 +237,15 @@ async def _echo(ws: ServerConnection) -> None:
             await ws.send(message)
 
 
+def _plain_http(conn: ServerConnection, request: Request) -> Response | None:
+    """The /ping warm-up (a plain GET) gets an empty 204; upgrades go on to the echo."""
+    if "websocket" in request.headers.get("Upgrade", "").lower():
+        return None
+    return Response(204, "No Content", Headers({"Content-Length": "0"}), b"")
+
+
 async def _upstream(port: int) -> Server:
-    return await serve(_echo, "127.0.0.1", port, select_subprotocol=_select)
+    return await serve(_echo, "127.0.0.1", port, select_subprotocol=_select, process_request=_plain_http)
 
 
 # -- Envoy -------------------------------------------------------------------------------------
@@ -262,9 +296,11 @@ class _Envoy:
 
 
 def _curl_lines(info: DemoInfo) -> str:
-    base = (f"curl -s -o /dev/null --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: websocket' "
-            f"-H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: {_CURL_KEY}'")
-    url = f"'http://127.0.0.1:{info.envoy_port}/ws?token='\"$TOKEN\""
+    # curl speaks no RFC 8441: over TLS too these are HTTP/1.1 upgrades (-k: self-signed).
+    base = (f"curl -s -o /dev/null --http1.1{' -k' if info.tls else ''} -H 'Connection: Upgrade' "
+            f"-H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: {_CURL_KEY}'")
+    scheme = "https" if info.tls else "http"
+    url = f"'{scheme}://127.0.0.1:{info.envoy_port}/ws?token='\"$TOKEN\""
     show = "-D - "
     return "\n".join([
         f"  export TOKEN='{info.token}'",
@@ -278,7 +314,8 @@ def _curl_lines(info: DemoInfo) -> str:
     ])
 
 
-async def run_async(port: int, duration: float | None, workdir: Path) -> int:
+async def run_async(port: int, duration: float | None, workdir: Path, tls: bool = False) -> int:
+    from extauth.devcert import write_self_signed
     from extauth.envoy_config import EnvoyOptions, HostPort, Upstream, generate
     from extauth.logs import configure_logging
     from extauth.server import ExtAuthServer
@@ -296,13 +333,17 @@ async def run_async(port: int, duration: float | None, workdir: Path) -> int:
     lifetime = int(duration + 600) if duration else 8 * 3600
     token = mint_token(key=pem, alg="RS256", kid=kid, lifetime=lifetime,
                        claims={"sub": DEMO_USER, "iss": ISSUER, "aud": AUDIENCE})
-    cfg = demo_config(extauth_port, jwks, [allowed_origin, f"http://localhost:{allowed_port}"])
-    ws_url = f"ws://127.0.0.1:{envoy_port}/ws"
+    cfg = demo_config(extauth_port, jwks, [allowed_origin, f"http://localhost:{allowed_port}"], tls=tls)
+    cert = write_self_signed(workdir / "tls") if tls else None
+    envoy_url = f"{'https' if tls else 'http'}://127.0.0.1:{envoy_port}"
+    ws_url = f"{'wss' if tls else 'ws'}://127.0.0.1:{envoy_port}/ws"
+    ping_url = f"{envoy_url}/ping" if tls else None
     info = DemoInfo(
         envoy_port=envoy_port, ws_url=ws_url,
         allowed_page=f"{allowed_origin}/", other_page=f"{other_origin}/",
         allowed_origin=allowed_origin, other_origin=other_origin, token=token,
-        envoy_log=str(workdir / "envoy.log"), per_user=PER_USER,
+        envoy_log=str(workdir / "envoy.log"), per_user=PER_USER, tls=tls,
+        cert_file=str(cert.cert_file) if cert else "", spki_sha256=cert.spki_sha256 if cert else "",
     )
 
     configure_logging(cfg.log_level)
@@ -319,14 +360,19 @@ async def run_async(port: int, duration: float | None, workdir: Path) -> int:
     try:
         await server.start()
         upstream = await _upstream(upstream_port)
-        pages.append(await _serve_page(allowed_port, page_html("allowed", True, ws_url, token)))
-        pages.append(await _serve_page(other_port, page_html("other", False, ws_url, token)))
+        pages.append(await _serve_page(allowed_port, page_html("allowed", True, ws_url, token, ping_url)))
+        pages.append(await _serve_page(other_port, page_html("other", False, ws_url, token, ping_url)))
         bootstrap = workdir / "envoy.yaml"
+        listen = HostPort("127.0.0.1", envoy_port)
         bootstrap.write_text(generate(cfg, EnvoyOptions(
-            listen=HostPort("127.0.0.1", envoy_port),
+            listen=None if cert else listen,
             upstreams=[Upstream("app", HostPort("127.0.0.1", upstream_port))],
             extauth=[HostPort("127.0.0.1", server.port)],
             admin=HostPort("127.0.0.1", 0),
+            tls_listen=listen if cert else None,
+            tls_cert=str(cert.cert_file) if cert else None,
+            tls_key=str(cert.key_file) if cert else None,
+            http3=cert is not None,
         )))
         envoy = _Envoy(bootstrap, workdir / "envoy.log", workdir / "envoy.admin")
         deadline = time.monotonic() + 30
@@ -334,6 +380,7 @@ async def run_async(port: int, duration: float | None, workdir: Path) -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"envoy not ready after 30 s; see {info.envoy_log}")
             await asyncio.sleep(0.05)
+        info = dataclasses.replace(info, envoy_admin=(workdir / "envoy.admin").read_text().strip())
         (workdir / "demo.json").write_text(json.dumps(asdict(info), indent=2))
         print(_banner(info, duration), flush=True)
         if duration is None:
@@ -357,6 +404,18 @@ async def run_async(port: int, duration: float | None, workdir: Path) -> int:
         print("demo stopped", flush=True)
 
 
+def _tls_lines(info: DemoInfo) -> str:
+    if not info.tls:
+        return ""
+    return f"""
+  TLS with a self-signed certificate ({info.cert_file}); HTTP/3 on the same port. A browser's
+  WebSocket goes over HTTP/2 (RFC 8441): Envoy's access log says "protocol":"HTTP/2".
+  Trust the certificate for this run only, e.g. Chromium:
+    chromium --user-data-dir=$(mktemp -d) --ignore-certificate-errors-spki-list={info.spki_sha256} \\
+      {info.allowed_page} {info.other_page}
+  (or open https://127.0.0.1:{info.envoy_port}/ping once and accept the warning)"""
+
+
 def _banner(info: DemoInfo, duration: float | None) -> str:
     until = f"for {duration:g} s" if duration is not None else "until Ctrl-C"
     return f"""
@@ -366,7 +425,7 @@ extauth demo running {until}: extauth (memory store) + Envoy + echo upstream + t
     allowed origin:  {info.allowed_page}   -> the WebSocket opens and echoes
     other origin:    {info.other_page}   -> refused (403 origin_not_allowed, close code 1006)
 
-  WebSocket endpoint (through Envoy): {info.ws_url}
+  WebSocket endpoint (through Envoy): {info.ws_url}{_tls_lines(info)}
   Token for user {DEMO_USER!r} (dev key; also in the pages, as subprotocol bearer.<jwt>).
   Envoy access log: {info.envoy_log}   extauth decision log: this terminal (stderr)
 
@@ -380,6 +439,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if workdir_arg:
         workdir = Path(workdir_arg)
         workdir.mkdir(parents=True, exist_ok=True)
-        return eventloop.run(run_async(args.port, args.duration, workdir), "auto")
+        return eventloop.run(run_async(args.port, args.duration, workdir, args.tls), "auto")
     with tempfile.TemporaryDirectory(prefix="extauth-demo-") as tmp:
-        return eventloop.run(run_async(args.port, args.duration, Path(tmp)), "auto")
+        return eventloop.run(run_async(args.port, args.duration, Path(tmp), args.tls), "auto")

@@ -16,14 +16,14 @@ from tests.e2e.harness import REPO, wait_until
 
 
 class DemoProcess:
-    def __init__(self, workdir: Path, duration: float = 120.0) -> None:
+    def __init__(self, workdir: Path, duration: float = 120.0, tls: bool = False) -> None:
         self.workdir = workdir
         self.out = workdir / "demo.out"
         self.err = workdir / "demo.err"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "extauth", "demo", "--port", "0", "--duration", str(duration),
-                 "--workdir", str(workdir)],
+                 "--workdir", str(workdir), *(["--tls"] if tls else [])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=REPO, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.info: dict[str, Any] = {}
@@ -63,6 +63,20 @@ class DemoProcess:
                     out.append(rec)
         return out
 
+    def envoy_stats(self, prefix: str) -> dict[str, int]:
+        """Envoy's counters and gauges whose names start with ``prefix``, from its admin."""
+        import urllib.request
+
+        url = f"http://{self.info['envoy_admin']}/stats?filter=^{prefix}"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
     def interrupt(self, timeout: float = 20.0) -> int:
         """Ctrl-C (SIGINT to the demo only, as a terminal would to the foreground job)."""
         with suppress(ProcessLookupError):
@@ -77,8 +91,8 @@ class DemoProcess:
 
 
 @contextmanager
-def running_demo(workdir: Path, duration: float = 120.0) -> Iterator[DemoProcess]:
-    demo = DemoProcess(workdir, duration)
+def running_demo(workdir: Path, duration: float = 120.0, tls: bool = False) -> Iterator[DemoProcess]:
+    demo = DemoProcess(workdir, duration, tls)
     try:
         demo.wait_ready()
         yield demo

@@ -15,7 +15,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +79,13 @@ class Cdp:
 
 
 @contextlib.contextmanager
-def chromium(binary: str, profile: Path) -> Iterator[str]:
+def chromium(binary: str, profile: Path, extra_args: Sequence[str] = ()) -> Iterator[str]:
     """Headless Chromium; yields the browser's DevTools WebSocket URL."""
     proc = subprocess.Popen(
         [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--remote-debugging-port=0", f"--user-data-dir={profile}",
-         "--window-size=900,700", "about:blank"],
+         "--window-size=900,700", *extra_args, "about:blank"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True)
     try:
@@ -181,4 +181,64 @@ def _check_server_side(demo: DemoProcess, info: dict[str, Any]) -> None:
     # the allowed socket is still open (or just closed): if logged, it was a 101
     assert all(e["status"] == 101 for e in allowed)
     # never the token in Envoy's log
+    assert info["token"] not in Path(info["envoy_log"]).read_text()
+
+
+async def test_browser_websockets_over_http2_with_tls(chromium_path: str, tmp_path: Path) -> None:
+    """``extauth demo --tls``: the browser trusts the self-signed certificate by its SPKI pin
+    only; both pages' WebSockets go over HTTP/2 (RFC 8441 extended CONNECT), the allowed
+    one opens and echoes, the other is refused, as over HTTP/1.1."""
+    shots_dir = tmp_path / "screenshots"
+    shots_dir.mkdir()
+    demo_dir = tmp_path / "demo"
+    demo_dir.mkdir()
+    with running_demo(demo_dir, tls=True) as demo:
+        info = demo.info
+        assert info["ws_url"].startswith("wss://")
+        pin = [f"--ignore-certificate-errors-spki-list={info['spki_sha256']}"]
+        with chromium(chromium_path, tmp_path / "profile", pin) as devtools:
+            async with cdp(devtools) as c:
+                allowed = await c.open_page(info["allowed_page"])
+                allowed_result = await _wait_result(c, allowed, 20)
+                other = await c.open_page(info["other_page"])
+                other_result = await _wait_result(c, other, 20)
+                allowed_log = await c.evaluate(allowed, "document.getElementById('log').textContent")
+                other_log = await c.evaluate(other, "document.getElementById('log').textContent")
+                for name, session in (("allowed", allowed), ("other", other)):
+                    png = await c.screenshot(session)
+                    for where in (shots_dir, ARTIFACTS):
+                        where.mkdir(exist_ok=True)
+                        (where / f"browser-http2-{name}-origin.png").write_bytes(png)
+        print(f"\nscreenshots: {shots_dir} (and {ARTIFACTS})")
+
+        assert allowed_result == "opened and echoed", (allowed_log, demo.logs())
+        assert "open (subprotocol chat.v1)" in allowed_log
+        assert other_result == "closed with code 1006", (other_log, demo.logs())
+        assert not any(line.startswith("open") for line in other_log.splitlines()), other_log
+        _check_http2_server_side(demo, info)
+
+
+def _check_http2_server_side(demo: DemoProcess, info: dict[str, Any]) -> None:
+    # Envoy saw both WebSockets as HTTP/2 streams carrying :protocol websocket ...
+    def ws_entries() -> list[dict[str, Any]]:
+        return [e for e in demo.envoy_access_log() if e.get("path") == "/ws"]
+
+    refused = wait_until(lambda: next((e for e in ws_entries() if e["origin"] == info["other_origin"]), None),
+                         10, "Envoy's access-log line of the refused WebSocket")
+    assert refused is not None
+    assert refused["protocol"] == "HTTP/2" and refused["upgrade"] == "websocket"
+    assert refused["status"] == 403 and refused["reason"] == "origin_not_allowed"
+    # the allowed one is logged once it closed (the page may still hold it)
+    for opened in (e for e in ws_entries() if e["origin"] == info["allowed_origin"]):
+        assert opened["protocol"] == "HTTP/2" and opened["status"] == 101 and opened["reason"] is None
+    # ... and its stats: on the TLS listener, HTTP/2 connections only, none of HTTP/1.1 (so
+    # no HTTP/1.1 upgrade: without the page's warm-up Chromium makes one), and both
+    # WebSocket upgrades counted on them.
+    stats = demo.envoy_stats("http.ingress_tls.")
+    assert stats["http.ingress_tls.downstream_cx_http2_total"] >= 1, stats
+    assert stats["http.ingress_tls.downstream_cx_http1_total"] == 0, stats
+    assert stats["http.ingress_tls.downstream_cx_upgrades_total"] >= 2, stats
+    # extauth refused the other origin over HTTP/2 as over HTTP/1.1.
+    assert any(d.get("reason") == "origin_not_allowed" and d.get("policy") == "chat"
+               for d in demo.decisions())
     assert info["token"] not in Path(info["envoy_log"]).read_text()
