@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from extauth.addresses import is_loopback_host
+from extauth.addresses import is_loopback_host, split_host_port
 from extauth.claims import MAX_PATH_DEPTH
 from extauth.eventloop import EventLoop, available
 from extauth.origin import parse_origin_pattern
@@ -70,9 +70,7 @@ class _Model(BaseModel):
 
 
 def _hostport(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    split_host_port(value)  # ValueError names the problem
     return value
 
 

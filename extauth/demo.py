@@ -45,6 +45,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from extauth import eventloop
+from extauth.addresses import split_host_port
 from extauth.config import Config, parse_config
 
 _REPO_KEYS = Path(__file__).resolve().parents[1] / "examples" / "keys"
@@ -268,8 +269,8 @@ class _Envoy:
         if self.proc.poll() is not None:
             raise RuntimeError(f"envoy exited with {self.proc.returncode}")
         try:
-            host, port = self.admin_path.read_text().strip().rsplit(":", 1)
-            conn = http.client.HTTPConnection(host, int(port), timeout=1)
+            host, port = split_host_port(self.admin_path.read_text().strip())
+            conn = http.client.HTTPConnection(host, port, timeout=1)
             try:
                 conn.request("GET", "/ready")
                 resp = conn.getresponse()

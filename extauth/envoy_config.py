@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from extauth.addresses import split_host_port
 from extauth.config import Config, load_config
 
 # The name of the ext_authz filter in the HCM chain. Envoy files the CheckResponse's
@@ -71,11 +72,11 @@ class HostPort:
 
     @classmethod
     def parse(cls, value: str, what: str) -> HostPort:
-        host, sep, port = value.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise EnvoyConfigError(f"{what}: expected HOST:PORT, got {value!r}")
-        return cls(host, int(port))
+        """``HOST:PORT`` given as ``what`` (a flag or key, named in the EnvoyConfigError)."""
+        try:
+            return cls(*split_host_port(value))
+        except ValueError as e:
+            raise EnvoyConfigError(f"{what}: {e}") from None
 
     @property
     def is_ip(self) -> bool:

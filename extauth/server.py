@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from extauth.accesslog import AccessLogService
+from extauth.addresses import split_host_port
 from extauth.admin.server import AdminServer
 from extauth.config import Config, ConfigError, load_config, with_overrides
 from extauth.decision import Decision
@@ -40,6 +41,7 @@ from extauth.lease_tag import LeaseTagger
 from extauth.logs import log_event
 from extauth.metrics import JwksCollector, Metrics
 from extauth.pipeline import Authorizer, internal_error, new_decision_id
+from extauth.redact import redact_url
 from extauth.revocation import RevocationList
 from extauth.runtime import Runtime, build_runtime
 from extauth.store import open_store
@@ -200,13 +202,13 @@ class ExtAuthServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log_event(log, logging.INFO, "serving", listen=self.config.listen, port=self.port,
                   event_loop=loop_name(asyncio.get_running_loop()),
-                  policies=[p.name for p in self.config.policies], store=_redact(self.config.store))
+                  policies=[p.name for p in self.config.policies], store=redact_url(self.config.store))
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_listen:
             return
-        host, _, port = self.config.metrics_listen.rpartition(":")
-        httpd, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.metrics.registry)
+        host, port = split_host_port(self.config.metrics_listen)
+        httpd, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
         self._metrics_http = httpd
         self.metrics_port = httpd.server_address[1]
         self._sampler = asyncio.create_task(self._sample_store())
@@ -329,15 +331,6 @@ class ExtAuthServer:
     async def wait_closed(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-def _redact(url: str) -> str:
-    """A store URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        # The last "@", as the Redis client splits it: a password may contain "@" itself.
-        rest = "***@" + rest.rpartition("@")[2]
-    return f"{scheme}{sep}{rest}"
 
 
 async def serve(config: Config, *, config_path: str | Path | None = None,

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from extauth import redact
 from extauth.config import JwtConfig
 from extauth.reasons import DenyError, Reason
 from extauth.tokens import fetch as fetch_module
@@ -723,15 +722,6 @@ def test_size_cap_without_content_length(phase: str) -> None:
 
 
 # -- the URL never reaches a log line or a detail whole ------------------------------
-
-
-@pytest.mark.parametrize(("url", "shown"), [
-    ("https://user:pa55@idp.example/jwks?key=s3cret#frag", "https://***@idp.example/jwks?***#***"),
-    ("https://idp.example:8443/.well-known/jwks.json", "https://idp.example:8443/.well-known/jwks.json"),
-    ("http://[::1]:80/jwks?k=v", "http://[::1]:80/jwks?***"),
-])
-def test_redact_url(url: str, shown: str) -> None:
-    assert redact.redact_url(url) == shown
 
 
 async def test_url_credentials_never_logged_nor_in_details(

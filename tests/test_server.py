@@ -507,13 +507,6 @@ async def test_a_reload_applies_the_log_level(file_server: FileServer) -> None:
         root.setLevel(saved)
 
 
-def test_store_url_redaction_hides_a_password_containing_at() -> None:
-    from extauth.server import _redact
-
-    assert _redact("redis://:s3cr@t-pass@redis.internal:6379/0") == "redis://***@redis.internal:6379/0"
-    assert _redact("redis://redis.internal:6379/0") == "redis://redis.internal:6379/0"
-
-
 class _LateStore(MemoryStore):
     """Commits the lease, then answers ``delay`` seconds late: awaiting (the check can be
     cancelled meanwhile) or, with ``stall``, blocking the whole event loop (it cannot)."""
