@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 
 from extauth.addresses import canonical_network
+from extauth.aio import BackgroundTasks
 from extauth.config import Abuse
 from extauth.logs import log_event
 from extauth.metrics import Metrics
@@ -100,7 +101,6 @@ class Jail:
         self.store = store
         self.metrics = metrics or Metrics()
         self.refresh_seconds = refresh_seconds
-        self.max_in_flight = max_in_flight
         self._clock = clock
         self.cfg = cfg
         self._never_ban: tuple[IpNetwork, ...] = parse_networks(cfg.never_ban)
@@ -110,7 +110,7 @@ class Jail:
         # already in flight may not have seen yet; re-applied on top of its result.
         self._changes: dict[str, tuple[float | None, int]] = {}
         self._change_no = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(limit=max_in_flight)  # store writes of hostile signals
         self._refresher: asyncio.Task[None] | None = None
         self._store_ok = True
         self.dropped = 0  # hostile signals not recorded because too many writes were in flight
@@ -151,16 +151,8 @@ class Jail:
         if not cfg.enabled or not reason.hostile or self.exempt(ip):
             return
         self.metrics.hostile.labels(reason.value).inc()
-        if len(self._tasks) >= self.max_in_flight:
-            self.dropped += 1
-            return
-        try:
-            task = asyncio.get_running_loop().create_task(self._record(ip, reason, cfg, signal))
-        except RuntimeError:  # no running loop: nothing can be recorded
-            self.dropped += 1
-            return
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not self._tasks.spawn(lambda: self._record(ip, reason, cfg, signal)):
+            self.dropped += 1  # too many writes in flight, or no running loop
 
     # -- local view of the store's bans ------------------------------------------
 
@@ -210,8 +202,7 @@ class Jail:
 
     async def drain(self, within: float = 5.0) -> None:
         """Wait (at most ``within`` seconds) for the store writes in flight (tests, shutdown)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=within)
+        await self._tasks.wait(within)
 
     async def stop(self) -> None:
         """Stop the refresher; let in-flight writes finish briefly, then cancel them."""
@@ -225,10 +216,7 @@ class Jail:
             with contextlib.suppress(asyncio.CancelledError):
                 refresher.result()
         await self.drain(within=1.0)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
 
     async def _refresh_loop(self) -> None:
         me = asyncio.current_task()

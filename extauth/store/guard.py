@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from extauth.aio import BackgroundTasks
 from extauth.store.base import (
     AcquireResult,
     BanInfo,
@@ -79,7 +80,7 @@ class GuardedStore(Store):
         self.timeouts = 0  # calls cut off by the per-call timeout
         self.rejected = 0  # calls refused at once because the breaker was open
         self.opened = 0  # times the breaker opened
-        self._compensations: set[asyncio.Future[int]] = set()
+        self._compensations = BackgroundTasks(limit=_MAX_COMPENSATIONS)
         # The latency histogram's child per op, looked up once: labels() is a locked dict
         # lookup that every store call would otherwise pay.
         self._latency: dict[str, Any] = {}
@@ -208,16 +209,7 @@ class GuardedStore(Store):
     def release_later(self, ref: LeaseRef) -> None:
         """Release a lease in the background (bounded; the lease TTL is the backstop): for an
         acquire whose answer never reaches Envoy."""
-        if len(self._compensations) >= _MAX_COMPENSATIONS:
-            return  # the lease TTL is the backstop
-        task = asyncio.ensure_future(self.release([ref]))
-        self._compensations.add(task)
-        task.add_done_callback(self._compensation_done)
-
-    def _compensation_done(self, task: asyncio.Future[int]) -> None:
-        self._compensations.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: failures were already counted
+        self._compensations.spawn(lambda: self.release([ref]))  # failures count in release
 
     # Refresh and release come from Envoy's access-log stream, off the request
     # path: they are never refused by the breaker (which request-path stalls can
@@ -321,8 +313,7 @@ class GuardedStore(Store):
 
     async def settle(self) -> None:
         """Wait (bounded) for background releases of timed-out acquires."""
-        if self._compensations:
-            await asyncio.wait(set(self._compensations), timeout=self.scan_timeout)
+        await self._compensations.wait(self.scan_timeout)
 
 
 def _store_error(e: Exception) -> StoreError:

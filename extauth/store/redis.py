@@ -38,7 +38,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import unquote
@@ -50,6 +50,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from extauth.aio import BackgroundTasks
 from extauth.reasons import Reason
 from extauth.store.base import (
     MAX_REVOCATIONS,
@@ -251,7 +252,7 @@ class RedisStore(Store):
         self._batch = max(1, batch_size)
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
         self._init_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Future[None]] = set()
+        self._tasks = BackgroundTasks()  # rollbacks; a failed one only over-counts until the TTL
         self._initialized = not self._cluster
         self._lane = None if self._cluster else RespLane.from_client(client)
 
@@ -415,7 +416,7 @@ class RedisStore(Store):
         except asyncio.CancelledError:
             # The caller's timeout fired: roll back in the background, never delay the cancellation.
             if recorded:
-                self._background(self._rollback_ip(ip_keys, attempt, ip_args[2]))
+                self._tasks.spawn(lambda: self._rollback_ip(ip_keys, attempt, ip_args[2]))
             raise
         except Exception:
             if recorded:
@@ -427,17 +428,6 @@ class RedisStore(Store):
                 await self._rollback_ip(ip_keys, attempt, ip_args[2])
             return self._decode(user_res, [user_subject])
         return self._decode(ip_res, [ip_subject])
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Future[None]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled():
-                t.exception()  # retrieved: a failed rollback only over-counts until the TTL
-
-        task.add_done_callback(done)
 
     async def _rollback_ip(self, ip_keys: list[str], attempt: str, member: str) -> None:
         # Both keys share the IP's slot; ZREM is idempotent.
@@ -688,8 +678,7 @@ class RedisStore(Store):
         return "" if epoch is None else _s(epoch)
 
     async def close(self) -> None:
-        if self._tasks:  # let background rollbacks finish (bounded by the socket timeouts)
-            await asyncio.wait(list(self._tasks), timeout=2.0)
+        await self._tasks.wait(2.0)  # let rollbacks finish (bounded by the socket timeouts)
         with _errors():
             if self._lane is not None:
                 await self._lane.close()
