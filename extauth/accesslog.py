@@ -86,11 +86,24 @@ def _action(kind: int, common: accesslog_pb2.AccessLogCommon) -> str | None:
     return None
 
 
-def _leases_in(entries: Any, counts: Counts) -> list[tuple[str, str, LeaseRef, str | None]]:
-    """(type name, action, lease, tag) of each entry that names one of our leases; the
-    others are counted as ignored. Each entry's common properties are read once: every
-    field access on a upb message builds a wrapper, and this runs for every entry."""
-    ours: list[tuple[str, str, LeaseRef, str | None]] = []
+def _at_bound(entry: accesslog_pb2.HTTPAccessLogEntry, common: accesslog_pb2.AccessLogCommon) -> bool:
+    """Whether Envoy ended the stream at its session bound (the route's max_stream_duration,
+    which the allow's grpc-timeout sets): details ``max_duration_timeout`` (Envoy 1.40 sets no
+    response flag for it on an upgraded stream), or the flags DT or UMSDR."""
+    flags = common.response_flags
+    return bool(entry.response.response_code_details == "max_duration_timeout"
+                or flags.duration_timeout or flags.upstream_max_stream_duration_reached)
+
+
+_Ours = tuple[str, str, LeaseRef, str | None, bool]
+
+
+def _leases_in(entries: Any, counts: Counts) -> list[_Ours]:
+    """(type name, action, lease, tag, ended at its session bound) of each entry that names
+    one of our leases; the others are counted as ignored. Each entry's common properties are
+    read once: every field access on a upb message builds a wrapper, and this runs for every
+    entry."""
+    ours: list[_Ours] = []
     for entry in entries:
         common = entry.common_properties
         code = common.access_log_type
@@ -100,7 +113,7 @@ def _leases_in(entries: Any, counts: Counts) -> list[tuple[str, str, LeaseRef, s
         if found is None or action is None:
             counts[kind, "ignored"] += 1
             continue
-        ours.append((kind, action, *found))
+        ours.append((kind, action, *found, action == "release" and _at_bound(entry, common)))
     return ours
 
 
@@ -193,13 +206,19 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             return None, [], []
         refresh: list[LeaseRef] = []
         release: list[LeaseRef] = []
-        for kind, action, ref, tag in ours:
+        for kind, action, ref, tag, at_bound in ours:
             if not self._tagger.valid(ref, tag):
                 # Not a lease this deployment issued: a forged entry, never acted on.
                 counts[kind, "bad_tag"] += 1
                 continue
             (refresh if action == "refresh" else release).append(ref)
             counts[kind, action] += 1
+            if action == "release":
+                # A tagged lease names a policy extauth issued it under: a bounded label.
+                self._metrics.sessions_ended.labels(ref.policy, "bound" if at_bound else "other").inc()
+                if at_bound:
+                    log_event(log, logging.INFO, "session ended at its bound", policy=ref.policy,
+                              user=ref.user, client_ip=ref.ip, lease_id=ref.lease_id)
         if release:
             # A lease that ends in the same batch as its refresh must not be refreshed.
             gone = {r.lease_id for r in release}

@@ -362,6 +362,18 @@ class ClaimRule(_Model):
         }
 
 
+class Session(_Model):
+    """How long an allowed WebSocket may stay open (docs/revocation.md): Envoy ends it then,
+    through the `grpc-timeout` header extauth sets on the allow."""
+
+    close_at_token_expiry: bool = Field(
+        default=False, description="End the WebSocket at its token's own `exp` (without the leeway).")
+    max_seconds: int | None = Field(
+        default=None, ge=1, le=DAY,
+        description="End it this many seconds after the upgrade at the latest: the longest a revoked "
+        "user keeps a socket that is already open.")
+
+
 class Policy(_Model):
     """One protected service. Envoy's route names it (`context_extensions: {policy: NAME}`), else `match`."""
 
@@ -393,6 +405,10 @@ class Policy(_Model):
         default=None,
         description="A claim listing more allowed origins (Keycloak's `allowed-origins`): an upgrade's "
         "origin passes when it is on `origins` or, in canonical form, on the token's list.")
+    session: Session | None = Field(
+        default=None,
+        description="Bound each allowed WebSocket: `{close_at_token_expiry: true, max_seconds: N}` "
+        "(either or both); it ends at the earlier. Needs the Envoy side `extauth envoy-config` emits.")
     shadow: bool = Field(
         default=False, description="Allow everything, but log, count and tag what would have been denied.")
 
@@ -433,6 +449,8 @@ class Policy(_Model):
             raise ValueError("per-user quotas need a jwt section (there is no user without one)")
         if self.jwt is None and any(_TEMPLATE_FIELD_RE.search(t) for t in self.upstream_headers.values()):
             raise ValueError("claim placeholders in upstream_headers need a jwt section")
+        if self.jwt is None and self.session is not None and self.session.close_at_token_expiry:
+            raise ValueError("session.close_at_token_expiry needs a jwt section (no token without one)")
         if self.jwt is None and self.claim_rules:
             raise ValueError("claim_rules need a jwt section (there are no claims without one)")
         if self.jwt is None and (self.metadata_claims or self.origins_claim is not None):

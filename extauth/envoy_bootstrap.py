@@ -60,6 +60,7 @@ from envoy_data_plane.envoy.config.listener.v3 import (
 )
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.route.v3 import (
+    HeaderMatcher,
     Route,
     RouteAction,
     RouteActionMaxStreamDuration,
@@ -120,6 +121,7 @@ from extauth.envoy_config import (
     HostPort,
     RouteSpec,
 )
+from extauth.pipeline import SESSION_HEADER
 
 
 def bootstrap(opts: EnvoyOptions, *, routes: Sequence[RouteSpec], extauth: Sequence[HostPort],
@@ -308,7 +310,7 @@ def http_connection_manager(opts: EnvoyOptions, routes: Sequence[RouteSpec], flu
         route_config=RouteConfiguration(
             name="ingress",
             virtual_hosts=[VirtualHost(name="ingress", domains=["*"],
-                                       routes=[route(opts, r) for r in routes])],
+                                       routes=[x for r in routes for x in route_pair(opts, r)])],
             # Tells browsers HTTP/3 is on the same port (they never start with it).
             response_headers_to_add=[] if alt_svc is None else [HeaderValueOption(
                 header=HeaderValue(key="alt-svc", value=alt_svc))],
@@ -325,13 +327,26 @@ def http_connection_manager(opts: EnvoyOptions, routes: Sequence[RouteSpec], flu
     )
 
 
-def route(opts: EnvoyOptions, r: RouteSpec) -> Route:
-    """A prefix route to an upstream, naming its policy to ext_authz when it has one."""
+def route_pair(opts: EnvoyOptions, r: RouteSpec) -> list[Route]:
+    """A prefix's WebSocket route (requests with an ``Upgrade`` header), then its plain one."""
+    return [route(opts, r, websocket=True), route(opts, r, websocket=False)]
+
+
+def route(opts: EnvoyOptions, r: RouteSpec, *, websocket: bool) -> Route:
+    """A prefix route to an upstream, naming its policy to ext_authz when it has one.
+
+    The WebSocket one ends a stream at the session bound extauth's allow sets as
+    ``grpc-timeout`` (at most ``max_stream_duration``), which never reaches the upstream; a
+    client's own copy is overwritten or removed by the allow. The plain route leaves a gRPC
+    client's ``grpc-timeout`` alone."""
     per_filter = {} if r.policy is None else {EXT_AUTHZ_FILTER: PbAny.pack(ExtAuthzPerRoute(
         check_settings=CheckSettings(context_extensions={"policy": r.policy})))}
+    cap = _td(opts.max_stream_duration)
+    name = f"{r.policy}:{r.prefix}" if r.policy else r.prefix
     return Route(
-        name=f"{r.policy}:{r.prefix}" if r.policy else r.prefix,
-        match=RouteMatch(prefix=r.prefix),
+        name=f"{name}:websocket" if websocket else name,
+        match=RouteMatch(prefix=r.prefix,
+                         headers=[HeaderMatcher(name="upgrade", present_match=True)] if websocket else []),
         route=RouteAction(
             cluster=r.upstream,
             # A WebSocket's response never completes: no whole-request timeout, but an idle
@@ -339,8 +354,9 @@ def route(opts: EnvoyOptions, r: RouteSpec) -> Route:
             timeout=_td(0),
             idle_timeout=_td(opts.stream_idle_timeout),
             max_stream_duration=RouteActionMaxStreamDuration(
-                max_stream_duration=_td(opts.max_stream_duration)),
+                max_stream_duration=cap, grpc_timeout_header_max=cap if websocket else None),
         ),
+        request_headers_to_remove=[SESSION_HEADER] if websocket else [],
         typed_per_filter_config=per_filter,
     )
 
@@ -354,6 +370,9 @@ def ext_authz_filter(opts: EnvoyOptions) -> ExtAuthz:
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
         # Refuse header mutations that are not valid HTTP instead of forwarding them.
         validate_mutations=True,
+        # Pick the route again after the allow's headers: the WebSocket route reads the session
+        # bound (grpc-timeout) as it is then, not as the client sent it.
+        clear_route_cache=True,
     )
 
 

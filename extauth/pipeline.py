@@ -39,6 +39,18 @@ from extauth.tokens.cache import token_digest
 
 log = DECISION_LOG
 
+# The request header Envoy reads as the stream's deadline (route max_stream_duration's
+# grpc_timeout_header_max); the route removes it before the upstream.
+SESSION_HEADER = "grpc-timeout"
+
+
+def grpc_timeout(seconds: float) -> str:
+    """A gRPC ``grpc-timeout`` value (at most 8 digits and a unit) for ``seconds``, rounded up,
+    at least 1 ms: 0 would mean no bound at all to Envoy."""
+    ms = max(1, math.ceil(seconds * 1000))
+    return f"{ms}m" if ms < 100_000_000 else f"{math.ceil(ms / 1000)}S"
+
+
 # Retry-After when the store gives no better hint (a held slot frees whenever its
 # owner disconnects, which we cannot predict).
 _QUOTA_RETRY_HINT = 5
@@ -319,6 +331,12 @@ class Authorizer:
             else:
                 # Never let a client-supplied identity header through unreplaced.
                 remove.append(name)
+        if ctx.websocket:
+            bound = self._session_bound(policy, ctx)
+            if bound is not None:
+                headers[SESSION_HEADER] = bound
+            else:
+                remove.append(SESSION_HEADER)  # a client's own would bound its session: never trusted
         if ctx.extended_connect:
             # The stream has no key: an HTTP/1.1 upstream needs one to accept the upgrade
             # Envoy translates it to (an HTTP/2 one ignores it, RFC 8441 §5).
@@ -343,6 +361,20 @@ class Authorizer:
             claims=policy.metadata_claims.select(ctx.verified.claims)
             if ctx.verified is not None and policy.metadata_claims else None,
         )
+
+    def _session_bound(self, policy: CompiledPolicy, ctx: _Ctx) -> str | None:
+        """The ``grpc-timeout`` value that ends this WebSocket at its policy's session bound:
+        ``min(token exp, now + max_seconds)`` (docs/revocation.md); None without one."""
+        session = policy.policy.session
+        if session is None:
+            return None
+        now = self._clock()
+        deadline = now + session.max_seconds if session.max_seconds is not None else math.inf
+        if session.close_at_token_expiry and ctx.verified is not None:
+            deadline = min(deadline, ctx.verified.expires_at)
+        if deadline == math.inf:
+            return None
+        return grpc_timeout(deadline - now)
 
     def _deny(self, rt: Runtime, req: CheckInput, ctx: _Ctx, err: DenyError) -> Decision:
         reason = err.reason

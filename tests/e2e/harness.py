@@ -402,6 +402,9 @@ class StackConfig:
     # its port: RFC 8441 / RFC 9220 WebSockets (tests/e2e/extended_connect.py).
     tls: bool = False
     http3: bool = False
+    # More WebSocket policies like "chat", one per path prefix, each with its ``session``
+    # setting (docs/revocation.md): {"/short": {"max_seconds": 2}}.
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Stack:
@@ -438,6 +441,15 @@ class Stack:
             "watch_config": False,
             "log_level": "info",
             "policies": [
+                *({
+                    "name": f"session{i}",
+                    "match": {"path_prefix": prefix},
+                    "origins": self.cfg.origins,
+                    "jwt": {**jwt_common, "audiences": ["ws"], "token_sources": ["query:token"]},
+                    "quotas": {"connections_per_user": self.cfg.connections_per_user},
+                    "upstream_headers": {"x-user-id": "{sub}"},
+                    "session": session,
+                } for i, (prefix, session) in enumerate(self.cfg.sessions.items())),
                 {
                     "name": "chat",
                     "match": {"path_prefix": "/ws"},
@@ -524,13 +536,14 @@ class Stack:
 
     async def open(self, user: str | None = None, *, path: str = "/ws", origin: str | None = ALLOWED_ORIGIN,
                    transport: str = "query", tok: str | None = None,
-                   subprotocols: Sequence[str] | None = None) -> ClientConnection:
+                   subprotocols: Sequence[str] | None = None,
+                   headers: dict[str, str] | None = None) -> ClientConnection:
         """A WebSocket through Envoy carrying ``user``'s token by ``transport`` (query, header or
         subprotocol; the caller closes it). Raises InvalidStatus when refused."""
         if tok is None and user is not None:
             tok = token(user)
         query: dict[str, str] = {}
-        headers: dict[str, str] = {}
+        headers = dict(headers or {})
         protos = list(subprotocols or [])
         if tok is not None:
             if transport == "query":

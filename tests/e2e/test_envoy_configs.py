@@ -96,11 +96,19 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     assert clusters["extauth"]["per_connection_buffer_limit_bytes"] == 32 * 1024 * 1024
     hcm = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    # longest prefix first
-    assert [r["match"]["prefix"] for r in routes] == ["/api/v2", "/api", "/ws"]
-    assert routes[2]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"] == {
-        "context_extensions": {"policy": "chat"}}
-    assert routes[2]["route"]["max_stream_duration"] == {"max_stream_duration": "600s"}
+    # longest prefix first, each a WebSocket route (an Upgrade header) then a plain one
+    assert [r["match"]["prefix"] for r in routes] == ["/api/v2", "/api/v2", "/api", "/api", "/ws", "/ws"]
+    ws_route, plain_route = routes[4], routes[5]
+    for r in (ws_route, plain_route):
+        assert r["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"] == {
+            "context_extensions": {"policy": "chat"}}
+    # The session bound (extauth's grpc-timeout) on the WebSocket route only, never upstream.
+    assert ws_route["match"]["headers"] == [{"name": "upgrade", "present_match": True}]
+    assert ws_route["route"]["max_stream_duration"] == {"max_stream_duration": "600s",
+                                                        "grpc_timeout_header_max": "600s"}
+    assert ws_route["request_headers_to_remove"] == ["grpc-timeout"]
+    assert "headers" not in plain_route["match"] and "request_headers_to_remove" not in plain_route
+    assert plain_route["route"]["max_stream_duration"] == {"max_stream_duration": "600s"}
     assert hcm["access_log_options"] == {"access_log_flush_interval": "5s",
                                          "flush_log_on_tunnel_successfully_established": True}
     authz = hcm["http_filters"][0]
@@ -108,6 +116,7 @@ def test_envoy_config_command_output_validates(tmp_path: Path) -> None:
     assert authz["typed_config"].get("failure_mode_allow", False) is False
     assert authz["typed_config"]["status_on_error"] == {"code": "ServiceUnavailable"}
     assert authz["typed_config"]["grpc_service"]["timeout"] == "1.500s"
+    assert authz["typed_config"]["clear_route_cache"] is True  # the route reads the session bound
     assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket"}]
     # h2c clients may open RFC 8441 WebSockets too: extauth applies its rules to them.
     assert hcm["http2_protocol_options"] == {"allow_connect": True}
@@ -236,7 +245,7 @@ def test_generated_default_routes_one_per_prefix_naming_no_policy(shared_stack: 
     doc = yaml.safe_load(generate_bootstrap(shared_stack.envoy_args()))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert sorted(r["match"]["prefix"] for r in routes) == ["/api", "/ws"]
+    assert sorted(r["match"]["prefix"] for r in routes) == ["/api", "/api", "/ws", "/ws"]
     assert not any("typed_per_filter_config" in r for r in routes)
 
 
@@ -257,7 +266,7 @@ def test_policies_sharing_a_prefix_on_other_hosts_get_one_route_and_extauth_pick
     hcm = yaml.safe_load(out.read_text())["static_resources"]["listeners"][0]["filter_chains"][0][
         "filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert [r["match"]["prefix"] for r in routes] == ["/ws", "/"]
+    assert [r["match"]["prefix"] for r in routes] == ["/ws", "/ws", "/", "/"]
     assert not any("typed_per_filter_config" in r for r in routes)
     validate(out)
 
