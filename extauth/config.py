@@ -180,10 +180,6 @@ class IssuerConfig(_Model):
             # refetches them, and every uncached check would fetch the key set itself.
             raise ValueError("jwks_max_stale_seconds must be at least jwks_refresh_seconds")
 
-    @property
-    def jwks_backed(self) -> bool:
-        return self.jwks_uri is not None
-
 
 # The JwtConfig keys that are the policy's, whichever issuer signed the token.
 _SHARED_JWT_FIELDS = frozenset({"token_sources", "leeway_seconds", "max_lifetime_seconds", "user_claim"})
