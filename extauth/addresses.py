@@ -1,15 +1,7 @@
-"""Client addresses in one text form, so that a quota, a ban, the never-ban list and an admin
-command all agree on who a client is.
+"""Client addresses in one text form, and HOST:PORT, so that a quota, a ban, the never-ban
+list and an admin command all agree on who a client is.
 
-The same IPv4 client can reach extauth as ``10.1.2.3`` or as ``::ffff:10.1.2.3`` (a dual-stack
-proxy that appends the mapped form to X-Forwarded-For, an operator pasting it from a log), and
-IPv6 has several spellings of one address. Without one form, each spelling is its own quota
-bucket and its own jail cell: a ban on one does not hold the other.
-
-Per-IP quotas and bans then count a *subject*: an IPv4 address, or the network an IPv6 address
-lies in (``ipv6_prefix_length``, /64 by default). One IPv6 client is routinely given a whole
-/64 (RFC 6177; privacy addresses rotate inside it), so per-address counting would let it open
-a quota's worth of sockets from each of 2^64 addresses and shed a ban by changing address.
+Why each spelling and each IPv6 /64 is one client: docs/operations.md, "Who counts as one client".
 """
 
 from __future__ import annotations
@@ -75,10 +67,9 @@ def forwarded_ip(entry: str) -> str | None:
 
 @functools.lru_cache(maxsize=8192)
 def client_subject(address: str, ipv6_prefix: int) -> str:
-    """What per-IP quotas and bans count for a canonical ``address`` (``canonical_ip``): the
-    IPv4 address itself, or the IPv6 address's /``ipv6_prefix`` network, such as
-    ``2001:db8:1:2::/64`` (the address itself at 128). Anything that is not an IP address is
-    its own subject."""
+    """What per-IP quotas and bans count for a canonical ``address``: an IPv4 address itself,
+    an IPv6 address's /``ipv6_prefix`` network (``2001:db8:1:2::/64``; itself at 128), and
+    anything that is not an IP address as it is."""
     if ipv6_prefix >= 128 or ":" not in address:
         return address
     try:

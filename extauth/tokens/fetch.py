@@ -1,9 +1,7 @@
 """``fetch``: an HTTP(S) GET with a total deadline and a size bound, for key material.
 
-urllib's timeout bounds each socket operation, not the request: a server dripping a byte
-just inside it would hold the thread forever. Here every connect and read gets the time left
-until one deadline. Blocking: run it on a thread of the caller's own (a slow server holds it
-until the deadline).
+urllib's timeout bounds each socket operation, not the request (a server dripping bytes
+would hold the thread forever): here every connect and read gets the time left until one deadline.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """Key sources for JWT verification: a JWKS file, a JWKS URL, or an HMAC secret.
 
-URL sources refresh in the background when older than ``jwks_refresh_seconds``, refetch at
-most once per ``jwks_refetch_cooldown_seconds`` for an unknown kid, share one in-flight fetch
-between all waiters, keep serving the last good keys while the endpoint is down, and fail
-closed (``jwks_unavailable``) once those keys are older than ``jwks_max_stale_seconds``. They
-also refresh on a timer: cached verifications never ask the source, and a key removed at the
-issuer must still be noticed.
-
-A source tells its watchers (``watch``) when a new key set drops or changes a key's thumbprint,
-so verifications made with that key can be forgotten. Fetches (:func:`extauth.tokens.fetch.fetch`)
-run on the source's own thread; URLs reach logs only through :func:`extauth.redact.redact_url`.
+A source tells its watchers when a new key set drops or changes a key, so what that key
+verified is forgotten. Refresh, refetch and staleness rules: docs/operations.md, "JWKS key sources".
 """
 
 from __future__ import annotations
@@ -168,9 +160,8 @@ class FileKeySource:
             self._set = self._load()
         except (OSError, JwksError) as e:
             raise ConfigError(f"jwks_file: {path}: {_describe(e)}") from None
-        # When the key set in use was last known to be the file's: loaded, or the file seen
-        # unchanged since. Its age is what the stale-keys alert watches, so a file left alone
-        # for months is not "stale"; one that can no longer be read or parsed is.
+        # When the keys were last known to be the file's (loaded, or seen unchanged): the
+        # stale-keys alert watches this, so only an unreadable file goes "stale".
         self._current_at = clock()
         self._checked_at = self._current_at
         self._watchers: WeakCallbacks[[KeySet]] = WeakCallbacks()
@@ -281,11 +272,8 @@ class UrlKeySource:
         self._inflight: asyncio.Task[bool] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._stale_check: asyncio.TimerHandle | None = None
-        # This source's own fetch thread (started at the first fetch): an issuer that hangs
-        # holds only its own, until its deadline, and never delays another issuer's fetch.
-        # One is enough: a source has at most one fetch in flight. Config-bounded in number
-        # (one per distinct jwks_uri and settings), and never the default executor, which
-        # config reloads use.
+        # One thread of its own (one fetch in flight at most): a hanging issuer holds only
+        # it, never another issuer's fetch nor the default executor config reloads use.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="extauth-jwks")
         self._watchers: WeakCallbacks[[KeySet]] = WeakCallbacks()
@@ -467,10 +455,9 @@ class UrlKeySource:
 
 
 async def _join(fetch: asyncio.Future[bool]) -> bool:
-    """The shared fetch's outcome, for one of the checks waiting on it. A fetch cancelled by
-    ``close()`` (a reload replaced this source while checks that started on the old config
-    still wait on it) is a failed one for them, so they end in a denial with its reason;
-    only the waiter's own cancellation propagates."""
+    """The shared fetch's outcome for one waiting check; only the waiter's own cancellation
+    propagates. A fetch cancelled by ``close()`` (a reload replaced the source) is a failure
+    for the checks still waiting on it: they end in a denial with its reason."""
     try:
         return await asyncio.shield(fetch)
     except asyncio.CancelledError:
