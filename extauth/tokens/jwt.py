@@ -371,14 +371,11 @@ class JwtVerifier:
         return entries
 
     def _check_signature(self, token: str, entries: tuple[KeyEntry, ...]) -> tuple[KeyEntry, bytes]:
-        """Verify with the one algorithm bound to each selected key in turn (one key, except
-        for shared secrets during a rotation); the key that verifies, and the payload bytes.
+        """The key that verifies (each selected key in turn, with its one bound algorithm) and
+        the payload bytes.
 
-        The bound key's PyJWT algorithm is called directly: the segments were
-        already validated as base64url by _parse_header, and PyJWS.decode would
-        re-validate them character by character in Python, which cost more than
-        the RSA verification itself.
-        """
+        PyJWT's algorithm is called directly: _parse_header already validated the segments,
+        which PyJWS.decode would re-validate character by character in Python."""
         self.verifications += 1
         signing_input, _, s64 = token.rpartition(".")
         p64 = signing_input.partition(".")[2]
