@@ -15,6 +15,19 @@ def retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has ended, its outcome retrieved.
+
+    Cancelling again until it is done: an asyncio.wait_for inside it can swallow a
+    cancellation that races with completion (Python 3.11)."""
+    if task is None:
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    retrieve(task)
+
+
 class BackgroundTasks:
     """Work nobody awaits, at most ``limit`` at once: held until it ends (the loop keeps only
     weak references to tasks), its failure retrieved (the work reports its own)."""

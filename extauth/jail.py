@@ -7,14 +7,13 @@ jail fail open. Contract and failure modes: docs/operations.md, "The abuse jail"
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
 from collections.abc import Callable
 
 from extauth.addresses import canonical_network
-from extauth.aio import BackgroundTasks
+from extauth.aio import BackgroundTasks, cancel_and_wait
 from extauth.config import Abuse
 from extauth.logs import log_event
 from extauth.metrics import Metrics
@@ -178,14 +177,7 @@ class Jail:
     async def stop(self) -> None:
         """Stop the refresher; let in-flight writes finish briefly, then cancel them."""
         refresher, self._refresher = self._refresher, None
-        if refresher is not None:
-            # An asyncio.wait_for below a store call can swallow a cancellation that races
-            # with completion (Python 3.11): insist until the task is really done.
-            while not refresher.done():
-                refresher.cancel()
-                await asyncio.wait({refresher}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                refresher.result()
+        await cancel_and_wait(refresher)
         await self.drain(within=1.0)
         await self._tasks.cancel()
 

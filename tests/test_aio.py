@@ -7,7 +7,7 @@ import gc
 
 import pytest
 
-from extauth.aio import BackgroundTasks
+from extauth.aio import BackgroundTasks, cancel_and_wait
 
 
 async def test_spawn_refuses_past_the_limit_and_frees_a_slot_when_work_ends() -> None:
@@ -52,3 +52,24 @@ def test_spawn_outside_a_running_loop_starts_nothing() -> None:
     called = []
     assert not BackgroundTasks().spawn(lambda: called.append(1))  # type: ignore[arg-type, return-value]
     assert called == []
+
+
+async def test_cancel_and_wait_insists_on_a_task_that_swallows_a_cancellation() -> None:
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed == 2:
+                    raise
+
+    task = asyncio.get_running_loop().create_task(stubborn())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task)
+    assert task.cancelled() and swallowed == 2
+    await cancel_and_wait(None)
+    await cancel_and_wait(task)  # already done: nothing to do

@@ -16,10 +16,11 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, ParamSpec, Protocol
+from typing import Generic, ParamSpec, Protocol
 
 from jwt import PyJWK
 
+from extauth.aio import cancel_and_wait
 from extauth.config import HMAC_ALGS, ConfigError, JwtConfig
 from extauth.reasons import DenyError, Reason
 from extauth.redact import redact_url, scrub_url
@@ -235,7 +236,7 @@ class FileKeySource:
                           self._path, len(self._set), type(e).__name__)
 
     async def close(self) -> None:
-        await _cancel(self._poller)
+        await cancel_and_wait(self._poller)
         self._poller = None
 
 
@@ -446,9 +447,9 @@ class UrlKeySource:
         self._closed = True
         if self._stale_check is not None:
             self._stale_check.cancel()
-        await _cancel(self._refresher)
+        await cancel_and_wait(self._refresher)
         self._refresher = None
-        await _cancel(self._inflight)
+        await cancel_and_wait(self._inflight)
         self._inflight = None
         # A fetch still running in the thread ends by its own deadline; nothing waits for it.
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -465,13 +466,6 @@ async def _join(fetch: asyncio.Future[bool]) -> bool:
         if (me is not None and me.cancelling()) or not fetch.cancelled():
             raise
         return False
-
-
-async def _cancel(task: asyncio.Task[Any] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
 
 
 def _hmac_entry(option: str, env_name: str, alg: str) -> KeyEntry:
