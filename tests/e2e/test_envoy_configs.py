@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import string
 import subprocess
 import sys
@@ -40,6 +41,16 @@ PLACEHOLDERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def placeholders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """PLACEHOLDERS and envoy-tls.yaml's: its TLS port and a certificate Envoy can read."""
+    from extauth.devcert import write_self_signed
+
+    cert = write_self_signed(tmp_path_factory.mktemp("tls"))
+    return {**PLACEHOLDERS, "ENVOY_TLS_PORT": "18443",
+            "TLS_CERT_FILE": str(cert.cert_file), "TLS_KEY_FILE": str(cert.key_file)}
+
+
 def substitute(text: str, values: dict[str, str]) -> str:
     """envsubst, strictly: an unknown placeholder is an error, not an empty string."""
     return string.Template(text).substitute(values)
@@ -60,8 +71,8 @@ def test_envoy_dir_has_configs() -> None:
 
 
 @pytest.mark.parametrize("path", envoy_files(), ids=lambda p: p.name)
-def test_shipped_config_validates(path: Path, tmp_path: Path) -> None:
-    text = substitute(path.read_text(), PLACEHOLDERS)
+def test_shipped_config_validates(path: Path, tmp_path: Path, placeholders: dict[str, str]) -> None:
+    text = substitute(path.read_text(), placeholders)
     assert "${" not in text
     clusters = {c["name"]: c for c in yaml.safe_load(text)["static_resources"]["clusters"]}
     if "extauth" in clusters:  # the access-log stream's room for a mass close, as generated
@@ -336,3 +347,50 @@ def test_a_store_timeout_envoy_would_cut_short_warns(
                  "--upstream", "app=127.0.0.1:1", *flag, "-o", str(out)])
     assert code == 0 and out.exists()
     assert ("store_on_error never applies" in capsys.readouterr().err) is warned
+
+
+async def test_reference_tls_config_serves_http2_and_http3_websockets(
+        shared_stack: Stack, tmp_path: Path, placeholders: dict[str, str]) -> None:
+    """envoy/envoy-tls.yaml, filled in with this stack's ports: RFC 8441 and RFC 9220
+    WebSockets through it get the same decisions as through the generated config."""
+    from tests.e2e.extended_connect import H2Client, H3Client, WebSocket
+
+    port = free_port()
+    values = {**placeholders, "ENVOY_TLS_PORT": str(port),
+              "EXTAUTH_PORT": str(shared_stack.extauth[0].port),
+              "UPSTREAM_HOST": "127.0.0.1", "UPSTREAM_PORT": str(shared_stack.upstream.port)}
+    path = tmp_path / "envoy-tls.yaml"
+    path.write_text(substitute((ENVOY_DIR / "envoy-tls.yaml").read_text(), values))
+    envoy = Envoy("reference-tls-envoy", path, port, tmp_path)
+    tls = ssl.create_default_context(cafile=values["TLS_CERT_FILE"])
+    tls.set_alpn_protocols(["h2", "http/1.1"])
+    try:
+        envoy.start()
+        for name, connect in (
+                ("h2", lambda: H2Client.connect("127.0.0.1", port, tls=tls, server_name="localhost")),
+                ("h3", lambda: H3Client.connect("127.0.0.1", port, verify=True,
+                                                cafile=values["TLS_CERT_FILE"]))):
+            user = f"reftls-{uuid.uuid4().hex[:8]}"
+            tok = token(user)
+            ws_path = f"/ws/reftls-{name}-{uuid.uuid4().hex[:8]}"
+            async with await connect() as conn:
+                refused = await conn.websocket(f"{ws_path}-denied?token={tok}", origin=OTHER_ORIGIN)
+                assert isinstance(refused, Refused) and refused.status == 403, refused
+                assert refused.reason == "origin_not_allowed"
+                ws = await conn.websocket(ws_path, origin=shared_stack.cfg.origins[0],
+                                          subprotocols=["chat.v1", f"bearer.{tok}"])
+                assert isinstance(ws, WebSocket), ws
+                assert ws.subprotocol == "chat.v1"
+                await ws.send(name)
+                assert await ws.recv() == name
+                await ws.close()
+            [seen] = shared_stack.upstream.requests_to(ws_path)
+            assert seen.headers["x-user-id"] == user and tok not in str(seen.headers)
+            assert seen.headers["sec-websocket-key"]  # added by extauth for the HTTP/1.1 app
+        entries = await asyncio.to_thread(
+            wait_until, lambda: [e for e in envoy.access_log() if e["path"].startswith("/ws/reftls-")], 5,
+            "access-log entries")
+        assert {e["protocol"] for e in entries} <= {"HTTP/2", "HTTP/3"}
+        assert any(e["protocol"] == "HTTP/3" for e in entries)
+    finally:
+        envoy.kill()

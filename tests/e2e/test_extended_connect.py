@@ -189,3 +189,26 @@ async def test_rfc8441_rules(stack: Stack, conn: _Multiplexed, headers: list[tup
     path = f"/ws/bad-{uuid.uuid4().hex[:8]}?token={token(_user())}"
     r = await conn.websocket(path, origin=ALLOWED_ORIGIN, headers=headers, version=version)
     assert isinstance(r, Refused) and r.status == status and r.reason == reason, r
+
+
+async def test_streams_outlive_the_lease_ttl_by_their_periodic_entries(shared_stack: Stack) -> None:
+    """Envoy's periodic access-log entries refresh an HTTP/2 stream's lease as an HTTP/1.1
+    socket's: after two TTLs (3 s each) the quota's streams are still counted and echo."""
+    user = _user()
+    quota = shared_stack.cfg.connections_per_user
+    async with await H2Client.connect("127.0.0.1", shared_stack.port) as c:
+        held: list[WebSocket] = []
+        try:
+            for _ in range(quota):
+                ws = await _open(c, user)
+                assert isinstance(ws, WebSocket), ws
+                held.append(ws)
+            await asyncio.sleep(shared_stack.cfg.lease_ttl * 2 + 0.5)
+            over = await _open(c, user)
+            assert isinstance(over, Refused) and over.reason == "quota_user", over
+            for ws in held[:2]:
+                await ws.send("still here")
+                assert await ws.recv() == "still here"
+        finally:
+            for ws in held:
+                await ws.close()
