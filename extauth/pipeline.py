@@ -426,7 +426,7 @@ class Authorizer:
             client_ip=ctx.client_ip,
             user=ctx.verified.user if ctx.verified else None,
             decision_id=ctx.decision_id, request_id=req.request_id,
-            host=req.host[:256], route=req.path[:256], detail=detail,
+            host=req.host[:256], route=req.path[:256], protocol=req.protocol[:16], detail=detail,
             # An IPv6 client is counted by its network: the address itself too, for forensics.
             **({"client_address": ctx.client_address} if ctx.client_address != ctx.client_ip else {}),
         )

@@ -330,3 +330,23 @@ async def test_a_shadow_allow_of_an_extended_connect_gets_a_key(jwks_file: str) 
     d = await authz.check(h2_req(f"token={token()}", sec_websocket_version="8"))
     assert d.allowed and d.shadow_reason is Reason.UNSUPPORTED_VERSION
     assert len(d.headers_to_set["sec-websocket-key"]) == 24
+
+
+async def test_forgeries_over_http2_jail_the_client_as_over_http1(jwks_file: str) -> None:
+    from extauth.jail import Jail
+    from tests.keys import make_rsa_key
+
+    cfg_ = cfg(jwks_file)
+    store = MemoryStore()
+    authz = Authorizer(build_runtime(cfg_), store, jail=Jail(cfg_.abuse, store))
+    forger = make_rsa_key()
+    now = int(time.time())
+    for i in range(cfg_.abuse.threshold):
+        forged = sign(forger, "RS256", {"iss": ISS, "aud": "ws", "sub": "admin", "iat": now,
+                                         "exp": now + 600, "jti": f"f{i}"}, kid="k1")
+        d = await authz.check(h2_req(f"token={forged}"))
+        assert d.reason is Reason.TOKEN_BAD_SIGNATURE
+    assert authz.jail is not None
+    await authz.jail.drain()  # type: ignore[attr-defined]
+    d = await authz.check(h2_req(f"token={token()}"))
+    assert not d.allowed and d.reason is Reason.BANNED

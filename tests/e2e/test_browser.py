@@ -240,5 +240,5 @@ def _check_http2_server_side(demo: DemoProcess, info: dict[str, Any]) -> None:
     assert stats["http.ingress_tls.downstream_cx_upgrades_total"] >= 2, stats
     # extauth refused the other origin over HTTP/2 as over HTTP/1.1.
     assert any(d.get("reason") == "origin_not_allowed" and d.get("policy") == "chat"
-               for d in demo.decisions())
+               and d.get("protocol") == "HTTP/2" for d in demo.decisions())
     assert info["token"] not in Path(info["envoy_log"]).read_text()

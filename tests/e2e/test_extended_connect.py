@@ -145,6 +145,9 @@ async def test_another_origin_is_refused(stack: Stack, conn: _Multiplexed) -> No
     entry = await asyncio.to_thread(_entry, stack, path)
     assert entry["status"] == 403 and entry["reason"] == "origin_not_allowed"
     assert entry["protocol"] == _protocol(conn)
+    # extauth's decision log names the protocol too
+    assert any(d.get("reason") == "origin_not_allowed" and d.get("route") == path
+               and d.get("protocol") == _protocol(conn) for d in stack.extauth[0].decisions())
 
 
 async def test_quota_counts_streams_and_a_closed_one_is_released(stack: Stack, conn: _Multiplexed) -> None:
