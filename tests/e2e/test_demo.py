@@ -68,3 +68,37 @@ def test_demo_duration_stops_by_itself(tmp_path: Path) -> None:
         assert code == 0, demo.logs()
         assert "demo stopped" in demo.out.read_text()
         assert port_closed(int(demo.info["envoy_port"]))
+
+
+async def test_demo_tls_serves_websockets_over_http2_http3_and_http1(tmp_path: Path) -> None:
+    """``make demo DEMO_ARGS=--tls`` without a browser: the certificate it made verifies,
+    and its wss:// endpoint takes RFC 8441, RFC 9220 and RFC 6455 WebSockets alike."""
+    import ssl
+
+    from tests.e2e.extended_connect import H2Client, H3Client, WebSocket
+    from tests.e2e.harness import Refused
+
+    with running_demo(tmp_path, duration=60, tls=True) as demo:
+        info = demo.info
+        port, cafile = int(info["envoy_port"]), str(info["cert_file"])
+        tls = ssl.create_default_context(cafile=cafile)
+        tls.set_alpn_protocols(["h2", "http/1.1"])
+        bearer = ["chat.v1", f"bearer.{info['token']}"]
+        for conn in (await H2Client.connect("127.0.0.1", port, tls=tls, server_name="localhost"),
+                     await H3Client.connect("127.0.0.1", port, verify=True, cafile=cafile)):
+            try:
+                refused = await conn.websocket("/ws", origin=info["other_origin"], subprotocols=bearer)
+                assert isinstance(refused, Refused) and refused.reason == "origin_not_allowed"
+                ws = await conn.websocket("/ws", origin=info["allowed_origin"], subprotocols=bearer)
+                assert isinstance(ws, WebSocket), ws
+                await ws.send(conn.protocol_name)
+                assert await ws.recv() == conn.protocol_name
+                await ws.close()
+            finally:
+                await conn.aclose()
+        http1 = ssl.create_default_context(cafile=cafile)
+        http1.set_alpn_protocols(["http/1.1"])  # offered h2, Envoy would pick it
+        async with connect(info["ws_url"], origin=info["allowed_origin"], subprotocols=bearer,  # type: ignore[arg-type]
+                           ssl=http1, server_hostname="localhost", proxy=None, open_timeout=5) as ws1:
+            await ws1.send("http/1.1")
+            assert await ws1.recv() == "http/1.1"
