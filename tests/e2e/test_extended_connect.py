@@ -40,7 +40,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A lease TTL far beyond the test's waits: a slot freed within them was released by the
     # access-log stream's end entry, not expired.
     s = Stack(tmp_path_factory.mktemp("h2stack"),
-              StackConfig(tls=True, http3=True, lease_ttl=30, connections_per_user=QUOTA))
+              StackConfig(tls=True, http3=True, lease_ttl=30, connections_per_user=QUOTA,
+                          sessions={"/short": {"max_seconds": 2}}))
     try:
         yield s.start()
     finally:
@@ -98,10 +99,11 @@ async def _open(conn: _Multiplexed, user: str, *, transport: str = "query", path
     return await conn.websocket(path, origin=origin, subprotocols=protos, headers=headers)
 
 
-def _entry(stack: Stack, path: str) -> dict[str, Any]:
+def _entry(stack: Stack, path: str, user: str | None = None) -> dict[str, Any]:
     assert stack.envoy is not None
     envoy = stack.envoy
-    found = wait_until(lambda: next((e for e in envoy.access_log() if e["path"] == path), None), 10,
+    found = wait_until(lambda: next((e for e in envoy.access_log() if e["path"] == path
+                                     and user in (None, e.get("user"))), None), 10,
                        f"Envoy's access-log entry for {path}")
     assert found is not None
     return found
@@ -215,3 +217,27 @@ async def test_streams_outlive_the_lease_ttl_by_their_periodic_entries(shared_st
         finally:
             for ws in held:
                 await ws.close()
+
+
+async def test_the_session_bound_ends_a_stream(stack: Stack, conn: _Multiplexed) -> None:
+    """A policy's session.max_seconds (extauth's grpc-timeout on the allow) closes an HTTP/2 or
+    HTTP/3 WebSocket at its bound too, and the end entry releases its lease."""
+    user = _user()
+    ws = await _open(conn, user, path="/short")
+    assert isinstance(ws, WebSocket), ws
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        while time.monotonic() - started < 15:
+            await ws.send("ping")
+            assert await ws.recv() == "ping"
+            await asyncio.sleep(0.1)
+    lived = time.monotonic() - started
+    assert 1.5 <= lived <= 8, lived
+
+    def ended_at_bound() -> bool:
+        return any(e.get("msg") == "session ended at its bound" and e.get("user") == user
+                   for x in stack.extauth for e in x.json_lines())
+
+    await asyncio.to_thread(wait_until, ended_at_bound, 5, "the bound's log line")
+    entry = await asyncio.to_thread(_entry, stack, "/short", user)
+    assert entry["details"] == "max_duration_timeout" and entry["protocol"] == _protocol(conn), entry
