@@ -1,13 +1,10 @@
-"""Translation between Envoy's ext_authz messages (xds-protos, upb-backed) and the pipeline.
-
-Kept apart from the pipeline so the decision logic never touches protobuf.
-"""
+"""Translation between Envoy's ext_authz messages (xds-protos, upb-backed) and the pipeline's
+values (``CheckInput`` in, ``Decision`` out), so the decision logic never touches protobuf."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -16,10 +13,8 @@ from google.rpc import code_pb2
 
 from extauth.decision import Decision
 from extauth.lease_tag import METADATA_FIELD as LEASE_TAG_FIELD
-from extauth.policy import select_policy
 from extauth.reasons import Reason
 from extauth.request import CheckInput
-from extauth.runtime import Runtime
 
 # The namespace Envoy files our dynamic metadata under, and the one the
 # access-log entries carry it back in.
@@ -36,29 +31,19 @@ _BODIES = {
 def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
     attrs = request.attributes
     http = attrs.request.http
-    if http.headers:
-        headers: Mapping[str, str] = http.headers
-    else:
-        headers = _header_map(http)
-    host, path, query = _target(http, headers)
+    headers: Mapping[str, str] = http.headers or _header_map(http)
+    path, _, query = http.path.partition("?")
     return CheckInput(
         method=http.method,
-        host=host,
+        host=http.host or headers.get(":authority", ""),
         path=path,
-        query=query,
+        query=query.partition("#")[0],
         headers=headers,
         source_ip=attrs.source.address.socket_address.address,
         context=attrs.context_extensions,
         request_id=http.id,
         protocol=http.protocol,
     )
-
-
-def _target(http: attribute_context_pb2.AttributeContext.HttpRequest,
-            headers: Mapping[str, str]) -> tuple[str, str, str]:
-    """Host, path without the query, and the query (without a fragment), as the pipeline sees them."""
-    path, _, query = http.path.partition("?")
-    return http.host or headers.get(":authority", ""), path, query.partition("#")[0]
 
 
 def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
@@ -69,81 +54,6 @@ def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dic
         key = h.key.lower()
         out[key] = f"{out[key]},{value}" if key in out else value
     return out
-
-
-def repeat_key(request: external_auth_pb2.CheckRequest, rt: Runtime) -> Hashable | None:
-    """The allow memo's key for this request, or None when it must take the full pipeline.
-
-    It holds every input the pipeline reads for a plain-HTTP request (extauth/memo.py says
-    why that makes a hit exact), read straight from the message: building a CheckInput
-    would cost as much as the lookup saves.
-    """
-    attrs = request.attributes
-    http = attrs.request.http
-    headers = http.headers
-    if not headers or "upgrade" in headers:  # raw header_map form, or any upgrade: full path
-        return None
-    route: Hashable = attrs.context_extensions.get("policy")
-    if route is not None:
-        policy = rt.by_name.get(route)  # type: ignore[call-overload]
-        kept = 0
-    else:
-        host, path, _ = _target(http, headers)  # what check_input gives select_policy
-        policy = select_policy(rt.policies, rt.by_name, {}, host, path)
-        route = (host, path)
-        kept = len(host) + len(path)
-    if policy is None or not policy.repeatable:
-        return None
-    names = policy.credential_headers
-    if len(names) == 1 and not policy.reads_query:
-        digest = _one_digest(headers.get(names[0]))  # the usual policy: one header
-    else:
-        digest = _framed_digest(headers, names, http.path if policy.reads_query else None)
-    xff = headers.get("x-forwarded-for") if rt.config.xff_hops else None
-    if xff is not None:
-        kept += len(xff)
-    if policy.keys_target:  # claim rules scoped by method or path: both are inputs then
-        path = _target(http, headers)[1]
-        route = (route, http.method, path)
-        kept += len(path)
-    if kept > _MAX_KEPT_CHARS:
-        return None
-    return (route, attrs.source.address.socket_address.address, xff, digest)
-
-
-# The key keeps the request's host, path and X-Forwarded-For as they are (each is an input
-# of the pipeline). Envoy accepts 60 KiB of headers: a request whose key would keep more
-# than this takes the full pipeline, so the memo's size is bounded in bytes, not only in
-# entries.
-_MAX_KEPT_CHARS = 2048
-
-
-# A missing header: shorter than any digest, so no value's digest equals it.
-_ABSENT = b"-"
-
-
-def _one_digest(value: str | None) -> bytes:
-    """One credential's digest. Hashed in one call and without framing, which a single
-    value does not need: this is about a tenth of a memo hit's cost."""
-    if value is None:
-        return _ABSENT
-    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _framed_digest(headers: Mapping[str, str], names: tuple[str, ...], path: str | None) -> bytes:
-    """Several credential inputs (and the query string when ``path`` is given) in one digest."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in names:
-        value = headers.get(name)
-        digest.update(_ABSENT if value is None else _framed(value))
-    if path is not None:
-        digest.update(_framed(path.partition("?")[2]))
-    return digest.digest()
-
-
-def _framed(value: str) -> bytes:
-    # Length-prefixed, so no two different sets of values digest the same input.
-    return b"%d:%s" % (len(value), value.encode("utf-8", "surrogatepass"))
 
 
 def _decision_id_message(decision_id: str) -> bytes:

@@ -1,42 +1,118 @@
-"""The allow memo: recent plain-HTTP allows kept whole, so a client that repeats a request
-with the same credential costs a dict lookup instead of the whole pipeline.
+"""The allow memo: a repeated plain-HTTP allow answered from memory (``FastPath``), exactly
+as the pipeline would answer it.
 
-Why: an API client or a dashboard polling with one token repeats the same request all day.
-With a warm verified-token cache the pipeline and the protobuf translation still cost about
-40 µs a check, which under load is a quarter of the process's time on top of gRPC itself
-(docs/benchmarks.md). A hit costs a few microseconds.
-
-Why a hit is exactly the answer the pipeline would give:
-- Only allows are kept, and only plain-HTTP ones that took no lease and were not shadow
-  denials: the memo never denies, never skips a quota and never hides a hostile request
-  from the jail.
-- The key is built (``extauth.envoy_api.repeat_key``) from every input the pipeline reads
-  for such a request: the policy (by route name, or host and path when matched), the client
-  address (and X-Forwarded-For when it is trusted) and a BLAKE2b digest of every header and
-  the query string the policy's token sources read. A request with an ``Upgrade`` header is
-  never looked up. The digest keeps credentials out of memory, as in the token cache.
-- An entry dies at the credential's ``exp`` (as the verified-token cache does) and after at
-  most ``MEMO_TTL_SECONDS``. A reload builds a new runtime with a new, empty memo.
-- A ban is checked on every hit (``Authorizer.admit_repeat``).
-- A key leaving a policy's key set empties the memo (``JwtVerifier.on_keys_dropped``), as
-  it empties the token cache of that key's verifications.
+Why a hit is exact:
+- Only allows are kept, only plain-HTTP ones that took no lease and were not shadow
+  denials (``Decision.valid_until``): the memo never denies, never skips a quota and never
+  hides a hostile request from the jail.
+- The key holds every input such a decision reads: every ``CheckInput`` field but those
+  ``NOT_KEYED`` names with its reason (a new field is keyed until declared otherwise), and
+  what the policy declares it reads beyond them (``Reads``, built with the policy). The
+  policy is chosen again, and the ban checked, on every hit.
+- An entry dies at the credential's ``exp`` and after at most ``MEMO_TTL_SECONDS``. A
+  reload starts an empty memo; a key leaving a policy's key set, or a revocation, empties
+  it; ``invalidate`` drops one user's entries.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import operator
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-__all__ = ["MEMO_TTL_SECONDS", "AllowMemo", "Repeat"]
+from extauth.decision import Decision
+from extauth.handshake import is_upgrade_attempt
+from extauth.policy import select_policy
+from extauth.request import CheckInput
 
-# An upper bound on an entry's life whatever its token's exp: nothing in a plain-HTTP allow
-# is expected to change sooner, and a short bound limits the damage if that ever stops
-# being true.
+if TYPE_CHECKING:
+    from extauth.pipeline import Authorizer
+
+__all__ = ["KEYED_FIELDS", "MEMO_TTL_SECONDS", "NOT_KEYED", "AllowMemo", "FastPath", "Reads", "Repeat"]
+
+# An upper bound on an entry's life whatever its token's exp: a short bound limits the damage
+# if something in a plain-HTTP allow ever changes sooner.
 MEMO_TTL_SECONDS = 30.0
 
+# The CheckInput fields a key leaves out, and why each may be.
+NOT_KEYED: Mapping[str, str] = {
+    "headers": "keyed by name: those the policy reads (Reads.headers, Reads.secrets)",
+    "query": "keyed as a digest when the policy's token sources read it (Reads.query)",
+    "context": "chooses the policy: chosen again on a hit, and keyed by its name",
+    "host": "chooses the policy, as context does",
+    "path": "chooses the policy, as context does; keyed when claim rules read it (Reads.fields)",
+    "request_id": "logged with denials only",
+}
+KEYED_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(CheckInput) if f.name not in NOT_KEYED)
+
+# A key keeps some inputs as they are (host, path, X-Forwarded-For): a request whose key would
+# keep more than this takes the full pipeline, so the memo is bounded in bytes, not only entries.
+_MAX_KEPT_CHARS = 2048
+# A missing header: shorter than any digest, so no value's digest equals it.
+_ABSENT = b"-"
+_SCALARS = (str, int, float, bool, type(None))
+
 T = TypeVar("T")
+
+
+class Reads:
+    """What a plain-HTTP decision under one policy reads of a request beyond ``KEYED_FIELDS``,
+    and the memo key of a request under it (``key``)."""
+
+    __slots__ = ("_kept", "fields", "headers", "query", "secrets")
+
+    def __init__(self, *, fields: tuple[str, ...] = (), headers: tuple[str, ...] = (),
+                 secrets: tuple[str, ...] = (), query: bool = False) -> None:
+        self.fields = fields  # more CheckInput fields, kept as they are (path, for claim rules)
+        self.headers = headers  # kept as they are (X-Forwarded-For, when trusted)
+        self.secrets = secrets  # kept as one digest: they carry the credential
+        self.query = query  # the query string, in that digest
+        names = tuple(dict.fromkeys(KEYED_FIELDS + fields))
+        self._kept = operator.attrgetter(*names) if len(names) > 1 else (
+            lambda req: (getattr(req, names[0]),) if names else ())
+
+    def key(self, req: CheckInput) -> Hashable | None:
+        """The inputs as one hashable value; None when they are too large (or not plain values)."""
+        kept: tuple[Any, ...] = self._kept(req)
+        headers = req.headers
+        if self.headers:
+            kept += tuple(headers.get(name) for name in self.headers)
+        size = 0
+        for value in kept:
+            if type(value) is str:
+                size += len(value)
+            elif not isinstance(value, _SCALARS):
+                return None  # a field the memo cannot keep as it is: no memo
+        if size > _MAX_KEPT_CHARS:
+            return None
+        if not self.secrets and not self.query:
+            return kept
+        return kept, self._digest(headers, req.query)
+
+    def _digest(self, headers: Mapping[str, str], query: str) -> bytes:
+        secrets = self.secrets
+        if len(secrets) == 1 and not self.query:
+            # The usual policy, one header: hashed in one call, without framing.
+            value = headers.get(secrets[0])
+            return _ABSENT if value is None else hashlib.blake2b(
+                value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        digest = hashlib.blake2b(digest_size=16)
+        for name in secrets:
+            value = headers.get(name)
+            digest.update(_ABSENT if value is None else _framed(value))
+        if self.query:
+            digest.update(_framed(query))
+        return digest.digest()
+
+
+def _framed(value: str) -> bytes:
+    # Length-prefixed, so no two different sets of values digest the same input.
+    return b"%d:%s" % (len(value), value.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +123,7 @@ class Repeat(Generic[T]):
     expires_at: float  # unix seconds
     policy: str
     client_ip: str
+    user: str | None = None  # for ``AllowMemo.invalidate``
 
 
 class AllowMemo(Generic[T]):
@@ -70,17 +147,71 @@ class AllowMemo(Generic[T]):
             return None
         return entry
 
-    def put(self, key: Hashable, payload: T, valid_until: float, policy: str, client_ip: str) -> None:
+    def put(self, key: Hashable, payload: T, valid_until: float, policy: str, client_ip: str,
+            user: str | None = None) -> None:
         if self.maxsize == 0:
             return
         expires_at = min(valid_until, self._clock() + MEMO_TTL_SECONDS)
         entries = self._entries
         if key not in entries and len(entries) >= self.maxsize:
             del entries[next(iter(entries))]  # insertion order: the oldest
-        entries[key] = Repeat(payload, expires_at, policy, client_ip)
+        entries[key] = Repeat(payload, expires_at, policy, client_ip, user)
+
+    def invalidate(self, user: str) -> int:
+        """Drop one user's entries (their tokens revoked); how many were dropped."""
+        gone = [key for key, entry in self._entries.items() if entry.user == user]
+        for key in gone:
+            del self._entries[key]
+        return len(gone)
 
     def clear(self) -> None:
         self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+# The memo of the runtime the key was made under (a reload mid-check must not put an old
+# config's answer in the new memo), the entry's key, and the revocation generation then.
+MemoKey = tuple[AllowMemo[bytes], Hashable, int]
+
+
+class FastPath:
+    """The Check handler's one shortcut: ``lookup`` answers a repeated plain-HTTP allow with
+    its remembered response (less the decision id), ``remember`` keeps an allow's."""
+
+    __slots__ = ("_authorizer",)
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authorizer = authorizer
+
+    def key(self, req: CheckInput) -> MemoKey | None:
+        """The request's memo key; None when its answer is never remembered."""
+        authorizer = self._authorizer
+        rt = authorizer.runtime  # the one check() reads too: nothing awaits in between
+        memo = rt.memo
+        headers = req.headers
+        if not memo.maxsize or ("upgrade" in headers and is_upgrade_attempt(headers)):
+            return None
+        policy = select_policy(rt.policies, rt.by_name, req.context, req.host, req.path)
+        if policy is None or policy.reads is None:
+            return None
+        inputs = policy.reads.key(req)
+        if inputs is None:
+            return None
+        return memo, (policy.name, inputs), authorizer.revocation_generation
+
+    def lookup(self, key: MemoKey, started: float) -> bytes | None:
+        hit = key[0].get(key[1])
+        if hit is None or not self._authorizer.admit_repeat(hit.policy, hit.client_ip, started):
+            return None
+        return hit.payload
+
+    def remember(self, key: MemoKey | None, decision: Decision, payload: bytes) -> None:
+        """Keep a remembered allow's response; anything else, or an allow decided while a
+        revocation arrived, is not kept."""
+        if (key is None or decision.valid_until is None or decision.policy is None
+                or self._authorizer.revocation_generation != key[2]):
+            return
+        key[0].put(key[1], payload, decision.valid_until, decision.policy, decision.client_ip,
+                   decision.user)

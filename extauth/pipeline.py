@@ -24,7 +24,6 @@ from extauth.decision import Decision as Decision  # re-exported: the pipeline's
 from extauth.handshake import is_extended_connect, is_upgrade_attempt, new_key, validate_handshake
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import DECISION_LOG, log_event
-from extauth.memo import Repeat
 from extauth.metrics import Metrics
 from extauth.origin import claim_allows
 from extauth.policy import select_policy
@@ -162,12 +161,12 @@ class Authorizer:
         old, self._runtime = self._runtime, runtime
         return old
 
-    def admit_repeat(self, hit: Repeat[Any], started: float) -> bool:
+    def admit_repeat(self, policy: str, client_ip: str, started: float) -> bool:
         """Whether a remembered allow still stands (its client is not banned); counts it if so."""
-        if self.jail is not None and self.jail.is_banned(hit.client_ip):
+        if self.jail is not None and self.jail.is_banned(client_ip):
             return False  # the full pipeline denies it, with its log line and metrics
         self.metrics.memo_hits.inc()
-        self._count(hit.policy, True, None, None, time.perf_counter() - started)
+        self._count(policy, True, None, None, time.perf_counter() - started)
         return True
 
     async def check(self, req: CheckInput, started: float | None = None) -> Decision:

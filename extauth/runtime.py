@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from extauth.claims import ClaimRules, ClaimSelector, compile_rules, split_path
 from extauth.config import Config, JwtConfig, Match, Policy
 from extauth.header_template import Template
-from extauth.memo import AllowMemo
+from extauth.memo import AllowMemo, Reads
 from extauth.origin import OriginPolicy
 from extauth.store.base import Limits
 from extauth.tokens.extract import TokenSources
@@ -31,14 +31,8 @@ class CompiledPolicy:
     # Copied out of the pydantic model: read on every check by select_policy.
     name: str
     match: Match | None
-    # What the allow memo keys on for this policy: every header its token sources read and
-    # whether they read the query string. ``repeatable`` False: never memoized.
-    credential_headers: tuple[str, ...] = ()
-    reads_query: bool = False
-    repeatable: bool = False
-    # The policy's answer depends on the method and path (claim rules scoped by them): a
-    # remembered allow keys on both.
-    keys_target: bool = False
+    # What a plain-HTTP decision under it reads (the allow memo's key); None: never remembered.
+    reads: Reads | None = None
     # Identity headers other policies set and this one does not: removed from every request
     # it allows. An upstream behind several policies trusts them because only extauth sets
     # them; a client must not bring its own through a policy that leaves them alone.
@@ -84,6 +78,19 @@ def _limits(policy: Policy, cfg: Config) -> Limits | None:
     )
 
 
+def _plain_http_reads(p: Policy, cfg: Config, sources: TokenSources | None,
+                      rules: ClaimRules) -> Reads | None:
+    """What the pipeline reads of a plain-HTTP request under ``p`` beyond the fields every
+    memo key holds (``extauth.memo.KEYED_FIELDS``); None when its allows are not remembered."""
+    if p.websocket_only or p.shadow:
+        return None  # it denies plain HTTP; a shadow allow may stand for a denial
+    secrets, query = sources.inputs() if sources else ((), False)
+    return Reads(
+        fields=("path",) if rules.scoped else (),  # claim rules scoped by method or path
+        headers=("x-forwarded-for",) if cfg.xff_hops else (),  # the client address
+        secrets=secrets, query=query)  # the token sources
+
+
 def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
     """Compile a config. Verifiers whose settings did not change are carried over
     from ``previous`` so a reload keeps warm JWKS and token caches."""
@@ -112,7 +119,6 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
             verifiers[key] = verifier
         sources = TokenSources(p.jwt.token_sources) if p.jwt else None
         rules = compile_rules([r.spec() for r in p.claim_rules])
-        credential_headers, reads_query = sources.inputs() if sources else ((), False)
         compiled.append(
             CompiledPolicy(
                 policy=p,
@@ -126,12 +132,7 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
                 origins_claim=split_path(p.origins_claim) if p.origins_claim is not None else None,
                 name=p.name,
                 match=p.match,
-                credential_headers=credential_headers,
-                reads_query=reads_query,
-                # A WebSocket-only policy denies plain HTTP, and a shadow policy's allows
-                # may stand for denials: neither is worth remembering.
-                repeatable=not p.websocket_only and not p.shadow,
-                keys_target=rules.scoped,
+                reads=_plain_http_reads(p, cfg, sources, rules),
                 foreign_identity_headers=tuple(sorted(identity - p.upstream_headers.keys())),
             )
         )

@@ -33,12 +33,13 @@ from extauth.addresses import split_host_port
 from extauth.admin.server import AdminServer
 from extauth.config import Config, ConfigError, load_config, with_overrides
 from extauth.decision import Decision
-from extauth.envoy_api import check_input, decision_id_field, repeat_key, response_bytes
+from extauth.envoy_api import check_input, decision_id_field, response_bytes
 from extauth.eventloop import loop_name
 from extauth.jail import Jail
 from extauth.lease_tag import REFRESH_SECONDS as LEASE_KEY_REFRESH_SECONDS
 from extauth.lease_tag import LeaseTagger
 from extauth.logs import log_event
+from extauth.memo import FastPath
 from extauth.metrics import JwksCollector, Metrics
 from extauth.pipeline import Authorizer, internal_error, new_decision_id
 from extauth.redact import redact_url
@@ -57,37 +58,31 @@ ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 
 
 class AuthorizationService:
-    """``Authorization/Check``. It answers serialized bytes (see ``add_to_server``): a repeated
-    plain-HTTP allow is then a memo lookup plus the new decision id, with no message built."""
+    """``Authorization/Check``: translate, decide, encode. It answers serialized bytes (see
+    ``add_to_server``), so a repeated plain-HTTP allow (``FastPath``) builds no message."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
+        self._fast = FastPath(authorizer)
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: Any) -> bytes:  # gRPC method name
-        authorizer = self._authorizer
         started = time.perf_counter()
-        rt = authorizer.runtime  # the one check() reads too: nothing awaits in between
-        key = None
+        authorizer, fast = self._authorizer, self._fast
         decision: Decision | None = None
         try:
-            key = repeat_key(request, rt)
-            if key is not None:
-                hit = rt.memo.get(key)
-                if hit is not None and authorizer.admit_repeat(hit, started):
-                    return hit.payload + decision_id_field(new_decision_id())
-            generation = authorizer.revocation_generation
-            decision = await authorizer.check(check_input(request), started)
+            req = check_input(request)
+            key = fast.key(req)
+            if key is not None and (remembered := fast.lookup(key, started)) is not None:
+                return remembered + decision_id_field(new_decision_id())
+            decision = await authorizer.check(req, started)
             if decision.lease is not None and _past_deadline(context):
                 authorizer.metrics.leases_past_deadline.inc()
                 authorizer.take_back(decision.lease)
-            # An allow decided while a revocation arrived is answered, never remembered.
-            if (key is not None and decision.valid_until is not None and decision.policy is not None
-                    and authorizer.revocation_generation == generation):
-                static = response_bytes(decision, with_id=False)
-                rt.memo.put(key, static, decision.valid_until, decision.policy, decision.client_ip)
-                return static + decision_id_field(decision.decision_id)
+            payload = response_bytes(decision, with_id=False)
+            fast.remember(key, decision, payload)
+            return payload + decision_id_field(decision.decision_id)
         except Exception:
-            # check() itself never raises; this guards the protobuf translation.
+            # check() itself never raises; this guards the translation and the encoding.
             log.exception("check translation failed")
             if decision is not None:
                 authorizer.take_back(decision.lease)  # its allow never reaches Envoy

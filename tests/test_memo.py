@@ -3,17 +3,24 @@ exactly the one the full pipeline gives (checked against a server with the memo 
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from extauth import memo
 from extauth.config import parse_config
+from extauth.decision import Decision
 from extauth.envoy_api import decision_id_field
-from extauth.memo import MEMO_TTL_SECONDS, AllowMemo
+from extauth.memo import KEYED_FIELDS, MEMO_TTL_SECONDS, NOT_KEYED, AllowMemo, FastPath, Reads
+from extauth.pipeline import Authorizer
+from extauth.request import CheckInput
+from extauth.runtime import build_runtime
 from extauth.server import ExtAuthServer
 from tests.envoy_msgs import check_request, headers_of, metadata_of, ws_headers
 from tests.keys import JwksServer, jwks_for, jwks_server, make_rsa_key, shared_rsa_key, sign
@@ -184,8 +191,8 @@ async def test_every_input_the_pipeline_reads_is_in_the_key(pair: Pair) -> None:
     ctx = {"policy": "api"}
     await pair.check("/api/x", _bearer(alice), context=ctx, source_ip=SRC)
     # Another credential, another client address, a token in another transport, other
-    # cookies beside the session cookie (the stripped Cookie header differs), a route that
-    # names no policy (matched by path): each is its own entry, never someone else's answer.
+    # cookies beside the session cookie (the stripped Cookie header differs), another method:
+    # each is its own entry, never someone else's answer.
     variants: list[tuple[tuple[Any, ...], dict[str, Any], dict[str, str]]] = [
         (("/api/x", _bearer(bob)), {"context": ctx, "source_ip": SRC}, {"x-user-id": "bob"}),
         (("/api/x", _bearer(alice)), {"context": ctx, "source_ip": "198.51.100.1"}, {}),
@@ -195,7 +202,8 @@ async def test_every_input_the_pipeline_reads_is_in_the_key(pair: Pair) -> None:
          {"x-user-id": "bob", "cookie": "theme=dark"}),
         (("/api/x", {"cookie": f"session={bob}; lang=fr"}), {"context": ctx, "source_ip": SRC},
          {"x-user-id": "bob", "cookie": "lang=fr"}),
-        (("/api/x", _bearer(bob)), {"source_ip": SRC}, {"x-user-id": "bob"}),
+        (("/api/x", _bearer(bob)), {"context": ctx, "source_ip": SRC, "method": "POST"},
+         {"x-user-id": "bob"}),
         (("/api/x", {"accept": "*/*"}), {"context": ctx, "source_ip": SRC}, {}),
     ]
     for args, kw, want_headers in variants:
@@ -206,10 +214,14 @@ async def test_every_input_the_pipeline_reads_is_in_the_key(pair: Pair) -> None:
     for args, kw, _ in variants:
         await pair.check(*args, **kw)
     assert pair.hits == len(variants) - 1
+    # The policy is what the route chooses: matched by path rather than named, or on another
+    # path under it, the same inputs are the same entry.
+    await pair.check("/api/y", _bearer(alice), source_ip=SRC)
+    assert pair.hits == len(variants)
 
 
 async def test_one_header_policies_key_on_that_header_alone(pair: Pair) -> None:
-    # A policy reading one header digests its value unframed (envoy_api._one_digest).
+    # A policy reading one header digests its value unframed (memo.Reads._digest).
     ctx = {"policy": "bearer"}
     users = ("alice", "bob", "carol")
     tokens = {user: token(user) for user in users}
@@ -257,18 +269,37 @@ async def test_upgrades_shadow_and_denials_always_take_the_pipeline(pair: Pair) 
     assert pair.hits == 0 and len(pair.memo.authorizer.runtime.memo) == 0
 
 
-async def test_a_long_path_takes_the_pipeline_and_is_never_kept(pair: Pair) -> None:
-    # The key keeps host and path as they are; Envoy accepts 60 KiB of them. Only short ones
-    # are kept, so 10,000 entries stay a few MiB, not 600.
-    tok = token()
-    for path in ("/api/" + "a" * 3000, "/api/" + "b" * 3000):
-        for _ in range(2):
-            resp = await pair.check(path, _bearer(tok), source_ip=SRC)  # matched by path
-            assert resp.status.code == 0 and headers_of(resp)["x-user-id"] == "alice"
-    assert pair.hits == 0 and len(pair.memo.authorizer.runtime.memo) == 0
-    for _ in range(2):
-        await pair.check("/api/" + "c" * 1000, _bearer(tok), source_ip=SRC)
-    assert pair.hits == 1
+async def test_a_long_kept_input_takes_the_pipeline_and_is_never_kept(jwks: JwksServer) -> None:
+    # The key keeps some inputs as they are (here the trusted X-Forwarded-For); Envoy accepts
+    # 60 KiB of headers. Only short ones are kept, so 10,000 entries stay a few MiB, not 600.
+    srv = ExtAuthServer(parse_config(config(jwks.url, client_ip="xff:1")))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            tok = token()
+
+            async def check(xff: str) -> None:
+                resp = await stub.Check(check_request("/api/x", {**_bearer(tok), "x-forwarded-for": xff},
+                                                      context={"policy": "api"}, source_ip="10.0.0.1"))
+                assert resp.status.code == 0 and metadata_of(resp)["client_ip"] == "192.0.2.10"
+
+            for hops in ("192.0.2.1, " * 300, "192.0.2.2, " * 300):
+                for _ in range(2):
+                    await check(hops + "192.0.2.10")
+            assert srv.metrics.memo_hits.value == 0 and len(srv.authorizer.runtime.memo) == 0
+            for _ in range(2):
+                await check("192.0.2.1, " * 100 + "192.0.2.10")
+            assert srv.metrics.memo_hits.value == 1
+            # A long path is not kept (the policy it chooses is): it is remembered.
+            headers = {**_bearer(tok), "x-forwarded-for": "192.0.2.10"}
+            for _ in range(2):
+                long_path = check_request("/api/" + "a" * 3000, headers, source_ip="10.0.0.1")
+                resp = await stub.Check(long_path)
+                assert resp.status.code == 0
+            assert srv.metrics.memo_hits.value == 2
+    finally:
+        await srv.stop(drain=0)
 
 
 async def test_a_ban_stops_a_remembered_client_at_once(pair: Pair) -> None:
@@ -350,3 +381,172 @@ async def test_a_key_leaving_the_jwks_empties_the_memo() -> None:
                 assert srv.metrics.memo_hits.value == 1
         finally:
             await srv.stop(drain=0)
+
+
+# -- the key covers what the pipeline reads ------------------------------------------------------
+
+class _Recorded(Mapping[str, str]):
+    """Headers that count every lookup by name ("*" when iterated: every header read)."""
+
+    def __init__(self, headers: Mapping[str, str], reads: collections.Counter[str]) -> None:
+        self._headers, self._reads = headers, reads
+
+    def __getitem__(self, name: str) -> str:
+        self._reads[name] += 1
+        return self._headers[name]
+
+    def __contains__(self, name: object) -> bool:
+        self._reads[str(name)] += 1
+        return name in self._headers
+
+    def __iter__(self) -> Iterator[str]:
+        self._reads["*"] += 1
+        return iter(self._headers)
+
+    def __len__(self) -> int:
+        self._reads["*"] += 1
+        return len(self._headers)
+
+
+def _recording(req: CheckInput) -> tuple[CheckInput, collections.Counter[str]]:
+    reads: collections.Counter[str] = collections.Counter()
+    return dataclasses.replace(req, headers=_Recorded(req.headers, reads)), reads
+
+
+def _reads_config(jwks_url: str) -> Any:
+    jwt = {"issuer": ISS, "audiences": ["ws"], "algorithms": ["RS256"], "jwks_uri": jwks_url}
+    return parse_config({"client_ip": "xff:1", "policies": [
+        {"name": "api", "match": {"path_prefix": "/api"}, "websocket_only": False,
+         "jwt": {**jwt, "token_sources": ["header:authorization", "query:token", "cookie:session"]},
+         "upstream_headers": {"x-user-id": "{sub}"}, "metadata_claims": ["sub"]},
+        {"name": "scoped", "match": {"path_prefix": "/scoped"}, "websocket_only": False,
+         "jwt": {**jwt, "token_sources": ["header:authorization"]},
+         "claim_rules": [{"path_prefix": "/scoped/admin", "methods": ["POST"],
+                          "all_of": [{"claim": "sub", "equals": "root"}]}]},
+        {"name": "open", "match": {"path_prefix": "/open"}, "websocket_only": False},
+    ]})
+
+
+# One allowed plain-HTTP request per policy; the cookie rides beside the bearer token.
+_PLAIN = {
+    "api": ("/api/items", "token=", {"authorization": "Bearer {tok}", "cookie": "theme=dark",
+                                      "x-forwarded-for": "192.0.2.10", "accept": "*/*"}),
+    "scoped": ("/scoped/items", "", {"authorization": "Bearer {tok}", "x-forwarded-for": "192.0.2.10"}),
+    "open": ("/open/x", "a=1", {"x-forwarded-for": "192.0.2.10", "x-request-id": "r-1"}),
+}
+
+
+@pytest.fixture
+async def reads_authz(jwks: JwksServer) -> AsyncIterator[Authorizer]:
+    rt = build_runtime(_reads_config(jwks.url))
+    for verifier in rt.verifiers.values():
+        await verifier.start()
+    try:
+        yield Authorizer(rt, None)
+    finally:
+        await rt.close_unused(None)
+
+
+def _plain(policy: str, **changes: Any) -> CheckInput:
+    path, query, headers = _PLAIN[policy]
+    tok = token()
+    req = CheckInput(method="GET", host="svc.example.com", path=path, query=query.replace("{tok}", tok),
+                     headers={k: v.replace("{tok}", tok) for k, v in headers.items()},
+                     source_ip="10.0.0.1", request_id="req-1")
+    return dataclasses.replace(req, **changes)
+
+
+def _answer(d: Decision) -> Decision:
+    return dataclasses.replace(d, decision_id="")
+
+
+def test_every_check_input_field_is_keyed_unless_it_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = {f.name for f in dataclasses.fields(CheckInput)}
+    assert set(NOT_KEYED) <= names and set(KEYED_FIELDS) == names - set(NOT_KEYED)
+    # A field added to CheckInput is in every key until NOT_KEYED says why it may be left out.
+    grown = dataclasses.make_dataclass("Grown", [("tenant", str, "")], bases=(CheckInput,),
+                                       slots=True)
+    monkeypatch.setattr(memo, "KEYED_FIELDS", tuple(
+        f.name for f in dataclasses.fields(grown) if f.name not in NOT_KEYED))
+    reads = Reads(secrets=("authorization",))
+    req = grown(method="GET", host="h", path="/", query="", headers={}, source_ip="10.0.0.1")
+    assert reads.key(req) != reads.key(dataclasses.replace(req, tenant="other"))
+    # One the key cannot keep as it is (not a plain value) turns the memo off for every request.
+    assert reads.key(dataclasses.replace(req, tenant={"not": "plain"})) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("policy", list(_PLAIN))
+async def test_the_key_reads_every_header_the_pipeline_reads(reads_authz: Authorizer, policy: str) -> None:
+    # Every header a plain-HTTP allow reads is in the key, or is read again on a hit (the
+    # upgrade check) as often as the pipeline reads it. A new input read by the pipeline and
+    # not declared in the policy's Reads fails here.
+    req, pipeline_reads = _recording(_plain(policy))
+    decision = await reads_authz.check(req)
+    assert decision.allowed and decision.valid_until is not None, decision
+    req, key_reads = _recording(_plain(policy))
+    assert FastPath(reads_authz).key(req) is not None
+    reads = reads_authz.runtime.by_name[policy].reads
+    assert reads is not None
+    keyed = {*reads.headers, *reads.secrets}
+    unkeyed = {name: n for name, n in pipeline_reads.items() if name not in keyed}
+    assert "*" not in unkeyed
+    assert all(n <= key_reads[name] for name, n in unkeyed.items()), (unkeyed, key_reads)
+
+
+@pytest.mark.parametrize("policy", list(_PLAIN))
+async def test_inputs_left_out_of_the_key_do_not_change_the_answer(reads_authz: Authorizer,
+                                                                   policy: str) -> None:
+    reads = reads_authz.runtime.by_name[policy].reads
+    assert reads is not None
+    base = _plain(policy)
+    # Each NOT_KEYED field, changed in a way that keeps the policy (a new entry there needs one).
+    changed = {
+        "headers": {**base.headers, "x-unrelated": "1"},
+        "query": base.query + "&page=2",
+        "context": {"unrelated": "x"},
+        "host": "other.example.com",
+        "path": base.path + "/deeper",
+        "request_id": "req-2",
+    }
+    assert set(changed) == set(NOT_KEYED)
+    want = _answer(await reads_authz.check(base))
+    fast = FastPath(reads_authz)
+    key = fast.key(base)
+    assert key is not None
+    for name, value in changed.items():
+        if name in reads.fields or (name == "query" and reads.query):
+            continue  # keyed for this policy
+        other = dataclasses.replace(base, **{name: value})
+        assert _answer(await reads_authz.check(other)) == want, name
+        other_key = fast.key(other)
+        assert other_key is not None and other_key[1] == key[1], name
+
+
+@pytest.mark.parametrize("policy", list(_PLAIN))
+async def test_every_keyed_input_changes_the_key(reads_authz: Authorizer, policy: str) -> None:
+    reads = reads_authz.runtime.by_name[policy].reads
+    assert reads is not None
+    base = _plain(policy)
+    fast = FastPath(reads_authz)
+    key = fast.key(base)
+    assert key is not None
+    others = [dataclasses.replace(base, **{name: getattr(base, name) + "x"})
+              for name in (*KEYED_FIELDS, *reads.fields)]
+    others += [dataclasses.replace(base, headers={**base.headers, name: base.headers.get(name, "") + "x"})
+               for name in (*reads.headers, *reads.secrets)]
+    others += [dataclasses.replace(base, headers={k: v for k, v in base.headers.items() if k != name})
+               for name in (*reads.headers, *reads.secrets)]
+    if reads.query:
+        others.append(dataclasses.replace(base, query=base.query + "x"))
+    assert len(others) > len(KEYED_FIELDS)
+    for other in others:
+        other_key = fast.key(other)
+        assert other_key is None or other_key[1] != key[1], other
+
+
+def test_invalidate_drops_one_users_entries() -> None:
+    memo_: AllowMemo[bytes] = AllowMemo(10, Clock())
+    for n, user in enumerate(["alice", "bob", "alice", None]):
+        memo_.put(n, b"r", valid_until=float("inf"), policy="p", client_ip=SRC, user=user)
+    assert memo_.invalidate("alice") == 2
+    assert len(memo_) == 2 and memo_.get(1) is not None and memo_.get(0) is None
