@@ -144,7 +144,8 @@ class ExtAuthServer:
                                      tagger=tagger, revocations=self.revocations)
         # A remembered plain-HTTP allow may be a revoked token's: every change forgets them all.
         self.revocations.on_change(lambda: self.authorizer.runtime.memo.clear())
-        self.admin = AdminServer(lambda: self.config, self.store, self.metrics, lambda: self.jail)
+        self.admin = AdminServer(lambda: self.config, self.store, self.metrics, lambda: self.jail,
+                                 revocations=self.revocations)
         self.health = HealthServicer()
         self.accesslog = AccessLogService(
             lambda: self.store, lambda: self.authorizer.runtime.config.lease_ttl_seconds, self.metrics,

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from extauth.addresses import split_host_port
@@ -23,7 +24,9 @@ from extauth.admin.render import (
     lease_dict,
     render_bans,
     render_leases,
+    render_revocations,
     render_stats,
+    revocation_dict,
     time_left,
     when,
 )
@@ -122,6 +125,72 @@ def _unban(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
     return f"unbanned {args.ip}" if unbanned else f"{args.ip} was not banned"
 
 
+def parse_instant(text: str) -> float:
+    """Unix seconds (``1767225600``) or an ISO 8601 time (``2026-01-01T00:00:00Z``; no zone: UTC)."""
+    s = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    try:
+        parsed = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"bad time {text!r}: use unix seconds or e.g. 2026-01-01T12:00:00Z") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _instant_arg(text: str) -> float:
+    try:
+        return parse_instant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _revocation_target_args(p: argparse.ArgumentParser, *, before: bool) -> None:
+    p.add_argument("--sub", required=True, metavar="SUBJECT",
+                   help="the user, as the policies' user_claim names it (sub by default); "
+                        "needed with --jti and --sid too: revocations live in the user's store slot")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--jti", help="one token, by its jti")
+    which.add_argument("--sid", help="one session's tokens, by their sid")
+    if before:
+        which.add_argument("--before", metavar="TIME", type=_instant_arg,
+                           help="every token of --sub issued before TIME (unix seconds or ISO 8601; "
+                                "default with --sub alone: now, i.e. log out everywhere)")
+
+
+def _revocation_target(args: argparse.Namespace) -> tuple[str, str]:
+    if args.jti is not None:
+        return "jti", args.jti
+    if args.sid is not None:
+        return "sid", args.sid
+    return "before", ""
+
+
+def _revoke(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    kind, value = _revocation_target(args)
+    resp = client.revoke(kind, args.sub, value, args.before or 0.0)
+    r = resp.revocation
+    if as_json:
+        return json.dumps({"recorded": resp.recorded, "revocation": revocation_dict(r)}, indent=2)
+    what = {"jti": f"token {r.value} of {r.subject}", "sid": f"session {r.value} of {r.subject}",
+            "before": f"every token of {r.subject} issued before {when(r.before)}"}[r.kind]
+    if not resp.recorded:
+        return f"nothing recorded: no token it covers can still be valid ({what})"
+    return f"revoked {what} until {when(r.expires_at)} ({time_left(r.expires_at, time.time())})"
+
+
+def _unrevoke(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    kind, value = _revocation_target(args)
+    found = client.unrevoke(kind, args.sub, value)
+    if as_json:
+        return json.dumps({"kind": kind, "subject": args.sub, "value": value or None, "unrevoked": found})
+    what = f"{kind} {value} of {args.sub}" if value else f"the 'issued before' revocation of {args.sub}"
+    return f"unrevoked {what}" if found else f"no revocation of {what.removeprefix('the ')} was in force"
+
+
+def _revocations(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    return render_revocations(client.list_revocations(), as_json=as_json)
+
+
 def _stats(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
     return render_stats(client.stats(), as_json=as_json)
 
@@ -133,6 +202,11 @@ COMMANDS: tuple[Command, ...] = (
     Command("ban", "ban an IP on every replica", _ban, _ban_args),
     Command("unban", "lift a ban", _unban, _unban_args),
     Command("stats", "active leases, bans and decisions by reason", _stats),
+    Command("revoke", "revoke tokens on every replica: --sub S [--before T] | --sub S --jti J | "
+            "--sub S --sid X", _revoke, lambda p: _revocation_target_args(p, before=True)),
+    Command("unrevoke", "lift a revocation (--sub S alone: its 'issued before' one)", _unrevoke,
+            lambda p: _revocation_target_args(p, before=False)),
+    Command("revocations", "revocations in force", _revocations),
 )
 
 

@@ -72,3 +72,15 @@ class AdminClient:
 
     def stats(self) -> Any:
         return self._call("Stats", admin_pb2.StatsRequest())
+
+    def revoke(self, kind: str, subject: str, value: str = "", before: float = 0.0) -> Any:
+        """The RevokeResponse: the revocation and whether it was recorded."""
+        return self._call("Revoke", admin_pb2.RevokeRequest(kind=kind, subject=subject, value=value,
+                                                            before=before))
+
+    def unrevoke(self, kind: str, subject: str, value: str = "") -> bool:
+        return bool(self._call("Unrevoke", admin_pb2.UnrevokeRequest(
+            kind=kind, subject=subject, value=value)).unrevoked)
+
+    def list_revocations(self) -> list[Any]:
+        return list(self._call("ListRevocations", admin_pb2.ListRevocationsRequest()).revocations)

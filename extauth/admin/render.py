@@ -55,6 +55,22 @@ def ban_dict(msg: Any) -> dict[str, Any]:
     return {"ip": msg.ip, "expires_at": msg.expires_at, "reason": msg.reason}
 
 
+def revocation_dict(msg: Any) -> dict[str, Any]:
+    return {"kind": msg.kind, "subject": msg.subject, "value": msg.value or None,
+            "before": msg.before if msg.kind == "before" else None, "expires_at": msg.expires_at}
+
+
+def render_revocations(revocations: Sequence[Any], *, as_json: bool, now: float | None = None) -> str:
+    if as_json:
+        return json.dumps([revocation_dict(r) for r in revocations], indent=2)
+    if not revocations:
+        return "no revocations in force"
+    now = time.time() if now is None else now
+    rows = [(r.kind, r.subject, r.value if r.kind != "before" else f"issued before {when(r.before)}",
+             when(r.expires_at), time_left(r.expires_at, now)) for r in revocations]
+    return format_table(("KIND", "SUBJECT", "TOKENS", "EXPIRES", "IN"), rows)
+
+
 def stats_dict(msg: Any) -> dict[str, Any]:
     return {
         "active_leases": msg.active_leases,

@@ -17,6 +17,7 @@ from extauth.admin.tls import server_credentials
 from extauth.config import Config, ConfigError
 from extauth.logs import log_event
 from extauth.metrics import Metrics
+from extauth.revocation import RevocationList
 from extauth.store.base import Store
 
 if TYPE_CHECKING:
@@ -71,9 +72,10 @@ class AdminServer:
     """The admin API on its own port. ``port`` is the bound port (``admin_listen`` may use port 0)."""
 
     def __init__(self, config: Callable[[], Config], store: Store, metrics: Metrics,
-                 jail: Callable[[], Jail | None] = lambda: None) -> None:
+                 jail: Callable[[], Jail | None] = lambda: None,
+                 revocations: RevocationList | None = None) -> None:
         self._config = config
-        self._servicer = AdminServicer(store, metrics, config, jail)
+        self._servicer = AdminServicer(store, metrics, config, jail, revocations=revocations)
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.requires_token = False

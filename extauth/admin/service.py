@@ -15,10 +15,22 @@ from extauth.config import MAX_BAN_SECONDS, Config
 from extauth.jail import in_networks, parse_networks
 from extauth.logs import log_event
 from extauth.metrics import Metrics
-from extauth.store.base import LeaseInfo, LeaseRef, Store, StoreError
+from extauth.revocation import RevocationList, revocation_seconds
+from extauth.store.base import (
+    MAX_REVOCATION_VALUE,
+    LeaseInfo,
+    LeaseRef,
+    Revocation,
+    RevocationKind,
+    RevocationLimitError,
+    Store,
+    StoreError,
+)
 
 if TYPE_CHECKING:
     from extauth.jail import Jail
+
+_KINDS: tuple[RevocationKind, ...] = ("jti", "sid", "before")
 
 log = logging.getLogger("extauth.admin")
 
@@ -34,6 +46,23 @@ def normalize_ip(ip: str, ipv6_prefix: int) -> str:
     if slash and (subject == canonical or length != subject.rpartition("/")[2]):
         raise ValueError(f"{ip!r}: give an address, or its /{ipv6_prefix} network for IPv6")
     return subject
+
+
+def _revocation_args(kind: str, subject: str, value: str) -> tuple[RevocationKind, str, str]:
+    """A revocation's kind, subject and value, checked (ValueError says what is wrong)."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    for name, text in (("subject", subject), *((("value", value),) if kind != "before" else ())):
+        if not text or len(text) > MAX_REVOCATION_VALUE or not text.isprintable():
+            raise ValueError(f"{name} must be 1 to {MAX_REVOCATION_VALUE} printable characters")
+    if kind == "before" and value:
+        raise ValueError("a 'before' revocation takes no value")
+    return kind, subject, value
+
+
+def _revocation_msg(r: Revocation) -> Any:
+    return admin_pb2.Revocation(kind=r.kind, subject=r.subject, value=r.value, before=r.before or 0.0,
+                                expires_at=r.expires_at)
 
 
 def _lease_msg(info: LeaseInfo) -> Any:
@@ -53,8 +82,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         config: Callable[[], Config],
         jail: Callable[[], Jail | None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        revocations: RevocationList | None = None,
     ) -> None:
         self._store = store
+        # The replica's copy, so a revocation made here applies here at once; else the store.
+        self._revocations = revocations or RevocationList(store, metrics)
         self._metrics = metrics
         self._config = config
         self._jail = jail
@@ -175,6 +207,49 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
         return await self._call(context, "unban", run)
 
+    async def Revoke(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            kind, subject, value = _revocation_args(request.kind, request.subject, request.value)
+            now = self._clock()
+            before = None
+            if kind == "before":
+                before = float(request.before) or now
+                if not 0 < before <= now + 366 * 86400:
+                    raise ValueError("before must be unix seconds, at most a year ahead")
+            ttl = revocation_seconds(self._config())
+            try:
+                expires = await self._revocations.revoke(Revocation(kind, subject, value, before), ttl)
+            except RevocationLimitError as e:
+                raise _Refused(str(e)) from None
+            recorded = expires > self._clock()
+            log_event(log, logging.WARNING, "revoke", event="revoke", kind=kind, subject=subject,
+                      value=value or None, before=before, expires_at=expires, recorded=recorded)
+            return admin_pb2.RevokeResponse(recorded=recorded, revocation=_revocation_msg(
+                Revocation(kind, subject, value, before, expires)))
+
+        try:
+            return await self._call(context, "revoke", run)
+        except _Refused as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    async def Unrevoke(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            kind, subject, value = _revocation_args(request.kind, request.subject, request.value)
+            found = await self._revocations.unrevoke(kind, subject, value)
+            log_event(log, logging.INFO, "unrevoke", event="unrevoke", kind=kind, subject=subject,
+                      value=value or None, was_revoked=found)
+            return admin_pb2.UnrevokeResponse(unrevoked=found)
+
+        return await self._call(context, "unrevoke", run)
+
+    async def ListRevocations(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            listing = await self._store.list_revocations()
+            return admin_pb2.ListRevocationsResponse(
+                revocations=[_revocation_msg(r) for r in listing.entries])
+
+        return await self._call(context, "list_revocations", run)
+
     async def Stats(self, request: Any, context: Any) -> Any:
         resp = admin_pb2.StatsResponse(active_leases=-1, bans=-1)
         errors = []
@@ -195,6 +270,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         for labels, value in _samples(self._metrics.bans):
             resp.bans_issued[labels.get("kind", "")] = int(value)
         return resp
+
+
+class _Refused(Exception):
+    """A request the store cannot take (too many revocations)."""
 
 
 def _samples(counter: Any) -> list[tuple[dict[str, str], float]]:

@@ -150,3 +150,63 @@ class StatsResponse(_message.Message):
     bans_issued: _containers.ScalarMap[str, int]
     store_error: str
     def __init__(self, active_leases: _Optional[int] = ..., bans: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[DecisionCount, _Mapping]]] = ..., hostile_signals: _Optional[_Mapping[str, int]] = ..., bans_issued: _Optional[_Mapping[str, int]] = ..., store_error: _Optional[str] = ...) -> None: ...
+
+class Revocation(_message.Message):
+    __slots__ = ("kind", "subject", "value", "before", "expires_at")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    subject: str
+    value: str
+    before: float
+    expires_at: float
+    def __init__(self, kind: _Optional[str] = ..., subject: _Optional[str] = ..., value: _Optional[str] = ..., before: _Optional[float] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("kind", "subject", "value", "before")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    subject: str
+    value: str
+    before: float
+    def __init__(self, kind: _Optional[str] = ..., subject: _Optional[str] = ..., value: _Optional[str] = ..., before: _Optional[float] = ...) -> None: ...
+
+class RevokeResponse(_message.Message):
+    __slots__ = ("revocation", "recorded")
+    REVOCATION_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    revocation: Revocation
+    recorded: bool
+    def __init__(self, revocation: _Optional[_Union[Revocation, _Mapping]] = ..., recorded: _Optional[bool] = ...) -> None: ...
+
+class UnrevokeRequest(_message.Message):
+    __slots__ = ("kind", "subject", "value")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    subject: str
+    value: str
+    def __init__(self, kind: _Optional[str] = ..., subject: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class UnrevokeResponse(_message.Message):
+    __slots__ = ("unrevoked",)
+    UNREVOKED_FIELD_NUMBER: _ClassVar[int]
+    unrevoked: bool
+    def __init__(self, unrevoked: _Optional[bool] = ...) -> None: ...
+
+class ListRevocationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRevocationsResponse(_message.Message):
+    __slots__ = ("revocations",)
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
+    def __init__(self, revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,21 @@ class AdminStub:
                 request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
                 response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/extauth.admin.v1.Admin/Revoke',
+                request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.RevokeResponse.FromString,
+                _registered_method=True)
+        self.Unrevoke = channel.unary_unary(
+                '/extauth.admin.v1.Admin/Unrevoke',
+                request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.UnrevokeRequest.SerializeToString,
+                response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.UnrevokeResponse.FromString,
+                _registered_method=True)
+        self.ListRevocations = channel.unary_unary(
+                '/extauth.admin.v1.Admin/ListRevocations',
+                request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsRequest.SerializeToString,
+                response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -108,6 +123,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Revoke tokens on every replica (docs/revocation.md): by jti or sid of a subject, or every
+        token of a subject issued before an instant. The next upgrade is refused at once, the
+        next plain-HTTP request within about a second; an open WebSocket lives to its session bound.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unrevoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevocations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +176,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.StatsRequest.FromString,
                     response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.StatsResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.RevokeRequest.FromString,
+                    response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.RevokeResponse.SerializeToString,
+            ),
+            'Unrevoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unrevoke,
+                    request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.UnrevokeRequest.FromString,
+                    response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.UnrevokeResponse.SerializeToString,
+            ),
+            'ListRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevocations,
+                    request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsRequest.FromString,
+                    response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +355,87 @@ class Admin:
             '/extauth.admin.v1.Admin/Stats',
             extauth_dot_admin_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
             extauth_dot_admin_dot_v1_dot_admin__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauth.admin.v1.Admin/Revoke',
+            extauth_dot_admin_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+            extauth_dot_admin_dot_v1_dot_admin__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unrevoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauth.admin.v1.Admin/Unrevoke',
+            extauth_dot_admin_dot_v1_dot_admin__pb2.UnrevokeRequest.SerializeToString,
+            extauth_dot_admin_dot_v1_dot_admin__pb2.UnrevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauth.admin.v1.Admin/ListRevocations',
+            extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsRequest.SerializeToString,
+            extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
