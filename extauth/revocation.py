@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+from extauth.aio import cancel_and_wait
 from extauth.config import DAY, Config
 from extauth.logs import log_event
 from extauth.metrics import Metrics
@@ -133,11 +134,8 @@ class RevocationList:
         self._poller = asyncio.create_task(self._poll())
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await cancel_and_wait(self._poller)
+        self._poller = None
 
     async def _poll(self) -> None:
         while True:
