@@ -37,13 +37,9 @@ METADATA_FIELD = "lease_tag"
 
 
 class LeaseTagger:
-    """Tags and checks leases. The key is read from the store once (``load``: the server
-    does it in the background from the start, and a check that finds it missing waits on
-    that same attempt, never longer than a store call), then checked
-    again every ``REFRESH_SECONDS`` (``refresh``), so that the replicas converge on one key
-    when the store loses it (a restart without persistence, FLUSHALL): the replicas still
-    running put theirs back; if a replica started in the meantime got its own in first, the
-    others adopt that one and every replica keeps accepting the old (``Store.lease_key``)."""
+    """Tags and checks leases under the store's shared key: read once (``load``), then checked
+    every ``REFRESH_SECONDS`` (``refresh``) so that replicas converge on one key when the store
+    loses it, every replica still accepting the keys it replaced (``KeyStore.lease_key``)."""
 
     def __init__(self) -> None:
         self._key: bytes | None = None

@@ -101,13 +101,9 @@ class AuthorizationService:
 
 
 def _past_deadline(context: Any) -> bool:
-    """Whether the caller's deadline (Envoy's ext_authz timeout, sent as grpc-timeout) has
-    passed: an answer now goes to a call that has ended. That happens to a check that ran to
-    its end while it should have been cancelled: the event loop stalled past the deadline (a
-    GC pause, a host that takes the CPU away), so nothing could cancel it. Envoy has answered
-    the client itself, never applies the allow and never logs its lease: the lease must be given
-    back now, or it holds its slot a whole TTL. (gRPC's ``cancelled()`` stays False for a
-    call that expired this way; the deadline is what tells.)"""
+    """Whether Envoy's deadline (grpc-timeout) has passed, so the answer reaches no one.
+    A loop stalled past it lets a check finish uncancelled (``cancelled()`` stays False);
+    Envoy then never applies the allow nor logs its lease, which must be given back now."""
     remaining = context.time_remaining() if context is not None else None
     return remaining is not None and remaining <= 0
 

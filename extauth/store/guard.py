@@ -268,9 +268,8 @@ class GuardedStore(Store):
         return await self._guard("unban", lambda: self.inner.unban(ip))
 
     async def list_bans(self) -> list[BanInfo]:
-        # The jail's once-a-second sync, off the request path: a long ban list read through
-        # the request timeout would fail, and three failures would open the breaker and
-        # refuse every check's acquire. Bounded by scan_timeout; never moves the breaker.
+        # The jail's sync, off the request path: a long list read under the request timeout
+        # would fail and open the breaker that refuses every acquire.
         return await self._background("list_bans", self.inner.list_bans)
 
     async def ping(self) -> None:
@@ -280,15 +279,10 @@ class GuardedStore(Store):
         def call() -> Awaitable[LeaseKeys]:
             return self.inner.lease_key(candidate, replaces)
 
-        if replaces:
-            # The periodic check of a key already loaded (LeaseTagger.refresh): off the request
-            # path, like refresh and release.
+        if replaces:  # the periodic check of a loaded key: off the request path
             return await self._background("lease_key", call)
-        # The first load: every check that issues a lease waits on it, so it is a request-path
-        # call: refused at once while the breaker is open, and its failures count (an outage
-        # met first here opens the breaker as an acquire's would). It keeps the long bound:
-        # LeaseTagger.load shares this one call among the checks and none of them waits on it
-        # longer than ``timeout``, so a slow first connect can still finish for later ones.
+        # The first load is a request-path call (refused while open, its failures count) with
+        # the long bound: LeaseTagger.load shares it and no check waits on it past ``timeout``.
         return await self._guard("lease_key", call, limit=self.scan_timeout)
 
     # Revocations are written by the admin API and read by every replica's poller

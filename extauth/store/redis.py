@@ -234,16 +234,9 @@ def client_from_url(url: str, *, socket_timeout: float = 1.0, connect_timeout: f
 
 
 class RedisStore(Store):
-    """The shared store on redis.asyncio. Give it a client (``decode_responses`` either way)
-    or use :meth:`from_url`. ``key_prefix`` namespaces every key (tests use one per test).
-
-    Round trips: acquire is one EVALSHA on a standalone Redis; refresh and release are one
-    pipelined round trip per ``batch_size`` refs (per node on a Cluster).
-
-    On a standalone server (TLS or not) the request path (the scripts and the lease
-    pipelines) runs over one multiplexed connection (``extauth.store.resp.RespLane``), about
-    a third of redis-py's CPU per call; the rest, and a Cluster, use the redis-py client.
-    """
+    """The shared store on redis.asyncio (a client, or :meth:`from_url`); ``key_prefix``
+    namespaces every key. Acquire is one EVALSHA on a standalone Redis, refresh and release one
+    pipeline per ``batch_size`` refs; there the request path runs on ``RespLane`` (resp.py)."""
 
     def __init__(self, client: RedisClient, *, key_prefix: str = "extauth", batch_size: int = 500) -> None:
         self._client = client

@@ -1,11 +1,10 @@
 """RespLane: one multiplexed RESP connection for the request path on a standalone Redis.
 
-Why: redis-py's asyncio client spends about 270 µs of CPU on one EVALSHA when calls are
-concurrent (pool checkout, per-argument encoding, its retry and timeout wrappers; measured on
-the 2-core bench machine), which was a fifth of extauth's CPU per WebSocket upgrade. Redis
-answers the commands of one connection in the order they arrive, so a single connection
-can carry every call in flight: a call is one write and one future, and replies are matched
-first in, first out. The same EVALSHA costs about 70 µs that way.
+Why: redis-py's asyncio client costs several times more CPU per concurrent EVALSHA (pool
+checkout, per-argument encoding, its retry and timeout wrappers; figures in
+docs/benchmarks.md). Redis answers the commands of one connection in the order they arrive,
+so a single connection can carry every call in flight: a call is one write and one future,
+and replies are matched first in, first out.
 
 Scope, on purpose small: one server (``redis://`` or ``rediss://``, with the TLS context
 redis-py builds for the same URL), RESP2, used by RedisStore for its scripts and lease
