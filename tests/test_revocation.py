@@ -156,3 +156,48 @@ async def test_unrevoke_and_expiry_on_every_replica(replicas: tuple[Replica, Rep
 
         await async_wait_until(expired, 6.0, "the revocation expired")
     assert (await a.server.store.list_revocations()).entries == ()
+
+
+async def test_an_upgrade_still_takes_exactly_one_store_round_trip(
+        jwks: JwksServer, redis_server: Any, key_prefix: str) -> None:
+    """The whole pipeline, with revocations in force and this replica's copy in use: each
+    upgrade is one EVALSHA (the acquire with its revocation block) and nothing else."""
+    import redis.asyncio as aioredis
+
+    from extauth.pipeline import Authorizer
+    from extauth.request import CheckInput
+    from extauth.revocation import RevocationList
+    from extauth.runtime import build_runtime
+    from extauth.store.redis import RedisStore
+    from tests.test_store_contract import CountingConnection
+
+    raw = config(jwks.url, store=redis_server.url)
+    raw["policies"][0]["quotas"]["connections_per_user"] = 100
+    pool = aioredis.ConnectionPool(host="127.0.0.1", port=redis_server.port,
+                                   connection_class=CountingConnection, decode_responses=True)
+    store = GuardedStore(RedisStore(aioredis.Redis(connection_pool=pool), key_prefix=key_prefix), timeout=1.0)
+    revocations = RevocationList(store)
+    authorizer = Authorizer(build_runtime(parse_config(raw)), store, revocations=revocations)
+    admin = redis_server.client()
+    try:
+        await revocations.revoke(Revocation("jti", "alice", "gone"), 60)
+        await revocations.revoke(Revocation("before", "bob", before=time.time()), 60)
+
+        def req(tok: str) -> CheckInput:
+            return CheckInput(method="GET", host="ws.example.com", path="/ws", query=f"token={tok}",
+                              headers=ws_headers(), source_ip="198.51.100.9")
+
+        tokens = [token("alice", jti=f"ok-{n}") for n in range(10)]
+        warm = await authorizer.check(req(token("alice", jti="warm")))  # lease key, scripts, keys
+        assert warm.allowed, warm.reason
+
+        evalshas, sends = admin.info("commandstats")["cmdstat_evalsha"]["calls"], CountingConnection.sends
+        for tok in tokens:
+            assert (await authorizer.check(req(tok))).allowed
+        revoked = await authorizer.check(req(token("alice", jti="gone")))
+        assert revoked.reason is not None and revoked.reason.value == "token_revoked"
+        assert CountingConnection.sends - sends == 10  # the revoked one never reached the store
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] - evalshas == 10  # one EVALSHA each
+    finally:
+        admin.close()
+        await store.close()

@@ -353,12 +353,12 @@ class EchoUpstream:
 # -- tokens and clients --------------------------------------------------------------------------
 
 
-def token(sub: str, aud: str = "ws", lifetime: int = 600) -> str:
-    """A token signed with the committed dev key (the demo's issuer)."""
+def token(sub: str, aud: str = "ws", lifetime: int = 600, **claims: Any) -> str:
+    """A token signed with the committed dev key (the demo's issuer); ``claims`` add to it."""
     from extauth.tokens.mint import mint_token
 
     return mint_token(key=DEV_KEY.read_bytes(), alg="RS256", kid=DEV_KID, lifetime=lifetime,
-                      claims={"sub": sub, "iss": ISSUER, "aud": aud})
+                      claims={"sub": sub, "iss": ISSUER, "aud": aud, **claims})
 
 
 @dataclass
