@@ -246,7 +246,7 @@ class JwtConfig(IssuerConfig):
         return tuple(JwtConfig.model_validate({**i.model_dump(), **shared}) for i in self.issuers)
 
 
-class Quotas(_Model):
+class QuotaLimits(_Model):
     """Limits held in the store across every replica; a denial is 429 with `Retry-After`. Unset: no limit."""
 
     connections_per_user: int | None = Field(
@@ -271,6 +271,67 @@ class Quotas(_Model):
                 self.attempts_per_user_per_minute,
             )
         )
+
+
+class IpQuota(_Model):
+    """Per-IP limits for the clients in one network (a known office NAT), instead of the tier's."""
+
+    cidr: str = Field(description="The network (`203.0.113.0/24`, `2001:db8::/48`); the longest match wins.")
+    connections_per_ip: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Concurrent WebSockets per client IP here.")
+    attempts_per_ip_per_minute: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Upgrade attempts per client IP per minute here.")
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise ValueError(f"not a network: {v[:64]!r}") from None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> IpQuota:
+        if self.connections_per_ip is None and self.attempts_per_ip_per_minute is None:
+            raise ValueError("give connections_per_ip and/or attempts_per_ip_per_minute")
+        return self
+
+
+_TIER_NAME = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Quotas(QuotaLimits):
+    """The default tier's limits (the keys above), tiers chosen by a claim, and per-network
+    per-IP limits (docs/authorization.md#quota-tiers-and-overrides)."""
+
+    tier_claim: str | list[str] | None = Field(
+        default=None,
+        description="The claim whose string value picks a tier (`plan`); other values get the default.")
+    tiers: dict[_TIER_NAME, QuotaLimits] = Field(
+        default_factory=dict, max_length=64,
+        description="Limits per `tier_claim` value (`{pro: {connections_per_user: 50}}`); a key a tier "
+        "leaves out keeps the default tier's value.")
+    ip_overrides: list[IpQuota] = Field(
+        default_factory=list, max_length=1024,
+        description="Per-IP limits per client network, over the tier's (an office NAT: 500 instead of 20).")
+
+    @model_validator(mode="after")
+    def _tiers(self) -> Quotas:
+        if self.tiers and self.tier_claim is None:
+            raise ValueError("tiers need tier_claim (the claim that names the tier)")
+        if self.tier_claim is not None:
+            if not self.tiers:
+                raise ValueError("tier_claim needs tiers")
+            _claim_path(self.tier_claim)
+        cidrs = [o.cidr for o in self.ip_overrides]
+        if len(set(cidrs)) != len(cidrs):
+            raise ValueError("ip_overrides: each cidr once")
+        return self
+
+    @property
+    def counts(self) -> bool:
+        """Whether any limit applies to some request (then every upgrade takes a lease)."""
+        return self.any or any(t.any for t in self.tiers.values()) or bool(self.ip_overrides)
 
 
 ClaimValue = Annotated[str, Field(max_length=1024)] | int | bool
@@ -441,7 +502,10 @@ class Policy(_Model):
     @model_validator(mode="after")
     def _quota_needs_user(self) -> Policy:
         q = self.quotas
-        if self.jwt is None and (q.connections_per_user or q.attempts_per_user_per_minute):
+        if self.jwt is None and q.tier_claim is not None:
+            raise ValueError("quota tiers need a jwt section (the tier is a claim)")
+        per_user = [t.connections_per_user or t.attempts_per_user_per_minute for t in [q, *q.tiers.values()]]
+        if self.jwt is None and any(per_user):
             raise ValueError("per-user quotas need a jwt section (there is no user without one)")
         if self.jwt is None and any(_TEMPLATE_FIELD_RE.search(t) for t in self.upstream_headers.values()):
             raise ValueError("claim placeholders in upstream_headers need a jwt section")

@@ -211,7 +211,7 @@ class Authorizer:
             self._authorize(policy, req, verified, pending_origin)
         elif pending_origin is not None:
             raise DenyError(Reason.ORIGIN_NOT_ALLOWED)
-        if ctx.websocket and policy.limits is not None:
+        if ctx.websocket and policy.quota_plan is not None:
             await self._acquire(rt, policy, ctx)
         return self._allow(ctx)
 
@@ -286,7 +286,8 @@ class Authorizer:
             raise DenyError(Reason.TOKEN_REVOKED)
 
     async def _acquire(self, rt: Runtime, policy: CompiledPolicy, ctx: _Ctx) -> None:
-        assert policy.limits is not None
+        assert policy.quota_plan is not None
+        limits = policy.quota_plan.limits(ctx.verified.claims if ctx.verified else None, ctx.client_address)
         if self.store is None:
             raise DenyError(Reason.STORE_UNAVAILABLE, "no store configured")
         user = ctx.verified.user if ctx.verified else None
@@ -296,12 +297,12 @@ class Authorizer:
         try:
             if not self.tagger.ready:  # once per process
                 await self.tagger.load(store, wait=store.timeout, retry=store.reset_seconds)
-            result = await store.acquire(ref, policy.limits, rt.config.lease_ttl_seconds, token)
+            result = await store.acquire(ref, limits, rt.config.lease_ttl_seconds, token)
             if result.denied is Reason.BANNED and self.jail is not None and self.jail.exempt(ctx.client_ip):
                 # never_ban outranks a ban the store already holds (made before the address was
                 # listed there): the jail no longer enforces it, so the store must not either.
                 # The ban check records nothing, so asking again counts the attempt once.
-                unbanned = dataclasses.replace(policy.limits, enforce_bans=False)
+                unbanned = dataclasses.replace(limits, enforce_bans=False)
                 result = await store.acquire(ref, unbanned, rt.config.lease_ttl_seconds, token)
         except StoreError as e:
             if rt.config.store_on_error == "allow":

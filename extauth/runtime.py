@@ -11,6 +11,7 @@ from extauth.config import Config, JwtConfig, Match, Policy
 from extauth.header_template import Template
 from extauth.memo import AllowMemo, Reads
 from extauth.origin import OriginPolicy
+from extauth.quotas import QuotaPlan
 from extauth.store.base import Limits
 from extauth.tokens.extract import TokenSources
 from extauth.tokens.jwks import KeySource, key_source_identity, make_key_source
@@ -23,9 +24,10 @@ class CompiledPolicy:
     origins: OriginPolicy
     sources: TokenSources | None
     verifier: JwtVerifier | None
-    limits: Limits | None  # None: nothing to count, the store is not touched
+    limits: Limits | None  # the default tier's; None: nothing to count, the store is not touched
     header_templates: tuple[tuple[str, Template], ...]
     claim_rules: ClaimRules
+    quota_plan: QuotaPlan | None  # the limits per request (tier, client network); None with limits
     metadata_claims: ClaimSelector
     origins_claim: tuple[str, ...] | None  # the claim path of a token's own allowed origins
     # Copied out of the pydantic model: read on every check by select_policy.
@@ -63,19 +65,10 @@ def _verifier_key(jwt: JwtConfig, cfg: Config) -> str:
     return f"{jwt.model_dump_json()}|{cfg.max_token_bytes}|{cfg.token_cache_size}"
 
 
-def _limits(policy: Policy, cfg: Config) -> Limits | None:
-    q = policy.quotas
-    if not q.any:
+def _quota_plan(policy: Policy, cfg: Config) -> QuotaPlan | None:
+    if not policy.quotas.counts:
         return None
-    return Limits(
-        connections_per_user=q.connections_per_user,
-        connections_per_ip=q.connections_per_ip,
-        attempts_per_user_per_minute=q.attempts_per_user_per_minute,
-        attempts_per_ip_per_minute=q.attempts_per_ip_per_minute,
-        # The jail enforces bans for every request; the acquire script checks them too (in
-        # the same round trip), so both follow abuse.enabled.
-        enforce_bans=cfg.abuse.enabled,
-    )
+    return QuotaPlan(policy.quotas, enforce_bans=cfg.abuse.enabled)
 
 
 def _plain_http_reads(p: Policy, cfg: Config, sources: TokenSources | None,
@@ -119,13 +112,15 @@ def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:
             verifiers[key] = verifier
         sources = TokenSources(p.jwt.token_sources) if p.jwt else None
         rules = compile_rules([r.spec() for r in p.claim_rules])
+        plan = _quota_plan(p, cfg)
         compiled.append(
             CompiledPolicy(
                 policy=p,
                 origins=OriginPolicy(p.origins),
                 sources=sources,
                 verifier=verifier,
-                limits=_limits(p, cfg),
+                limits=plan.default if plan is not None else None,
+                quota_plan=plan,
                 header_templates=tuple((k, Template(v)) for k, v in p.upstream_headers.items()),
                 claim_rules=rules,
                 metadata_claims=ClaimSelector(p.metadata_claims),

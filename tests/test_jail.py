@@ -37,6 +37,7 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    QuotaOverride,
     Revocation,
     RevocationKind,
     RevocationListing,
@@ -248,6 +249,19 @@ class FlakyStore(Store):
     async def revocation_epoch(self) -> str:
         self._check()
         return await self.inner.revocation_epoch()
+
+    async def set_quota_override(self, policy: str, user: str, override: QuotaOverride,
+                                 ttl: float | None) -> QuotaOverride:
+        self._check()
+        return await self.inner.set_quota_override(policy, user, override, ttl)
+
+    async def get_quota_override(self, policy: str, user: str) -> QuotaOverride | None:
+        self._check()
+        return await self.inner.get_quota_override(policy, user)
+
+    async def clear_quota_override(self, policy: str, user: str) -> bool:
+        self._check()
+        return await self.inner.clear_quota_override(policy, user)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -23,6 +23,7 @@ from extauth.store.base import (
     BanInfo,
     LeaseInfo,
     LeaseKeys,
+    QuotaOverride,
     Revocation,
     RevocationKind,
     RevocationListing,
@@ -273,6 +274,19 @@ class Scripted(Store):
     async def revocation_epoch(self) -> str:
         await self._go()
         return ""
+
+    async def set_quota_override(self, policy: str, user: str, override: QuotaOverride,
+                                 ttl: float | None) -> QuotaOverride:
+        await self._go()
+        return override
+
+    async def get_quota_override(self, policy: str, user: str) -> QuotaOverride | None:
+        await self._go()
+        return None
+
+    async def clear_quota_override(self, policy: str, user: str) -> bool:
+        await self._go()
+        return False
 
     async def close(self) -> None:
         pass

@@ -140,6 +140,18 @@ class RevocationListing:
     entries: tuple[Revocation, ...] = ()
 
 
+# -- per-user quota overrides (docs/authorization.md#quota-tiers-and-overrides) ---------------
+
+@dataclass(frozen=True, slots=True)
+class QuotaOverride:
+    """Per-user limits set at run time (``extauth admin quota set``): each one given replaces the
+    policy's (its tier's) for that user under that policy, on every replica; None keeps it."""
+
+    connections_per_user: int | None = None
+    attempts_per_user_per_minute: int | None = None
+    expires_at: float | None = None  # unix seconds; None: until cleared
+
+
 # Replaced lease-tag keys kept for verification: a bounded few, for a day (longer than the
 # generated Envoy config lets a WebSocket live, max_stream_duration).
 PREVIOUS_LEASE_KEYS = 8
@@ -264,7 +276,35 @@ class Revocations(Protocol):
         """The revocation epoch: one cheap read, for replicas polling for a change."""
 
 
-class Store(Leases, Bans, Revocations):
+def check_override(override: QuotaOverride) -> None:
+    """ValueError unless the override sets a limit, each at least 1."""
+    limits = (override.connections_per_user, override.attempts_per_user_per_minute)
+    given = [v for v in limits if v is not None]
+    if not given:
+        raise ValueError("an override sets connections_per_user and/or attempts_per_user_per_minute")
+    if any(v < 1 or v > 1_000_000_000 for v in given):
+        raise ValueError("override limits are whole numbers from 1 to 1000000000")
+
+
+class QuotaOverrides(Protocol):
+    """Per-user quota overrides (the admin API writes them); the acquire applies the user's
+    own in its one round trip (it lives in the user's hash slot)."""
+
+    @abc.abstractmethod
+    async def set_quota_override(self, policy: str, user: str, override: QuotaOverride,
+                                 ttl: float | None) -> QuotaOverride:
+        """Replace the user's override under ``policy`` (for ``ttl`` seconds, or until cleared);
+        returns it as stored. At least one limit must be given (ValueError otherwise)."""
+
+    @abc.abstractmethod
+    async def get_quota_override(self, policy: str, user: str) -> QuotaOverride | None: ...
+
+    @abc.abstractmethod
+    async def clear_quota_override(self, policy: str, user: str) -> bool:
+        """Remove the override; whether there was one."""
+
+
+class Store(Leases, Bans, Revocations, QuotaOverrides):
     """A complete backend (memory, Redis) and the guard around one."""
 
     @abc.abstractmethod

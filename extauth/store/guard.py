@@ -28,6 +28,7 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    QuotaOverride,
     Revocation,
     RevocationKind,
     RevocationListing,
@@ -299,6 +300,21 @@ class GuardedStore(Store):
 
     async def revocation_epoch(self) -> str:
         return await self._background("revocation_epoch", self.inner.revocation_epoch)
+
+    # Quota overrides are written and read by the admin API, off the request path.
+
+    async def set_quota_override(self, policy: str, user: str, override: QuotaOverride,
+                                 ttl: float | None) -> QuotaOverride:
+        return await self._background(
+            "set_quota_override", lambda: self.inner.set_quota_override(policy, user, override, ttl))
+
+    async def get_quota_override(self, policy: str, user: str) -> QuotaOverride | None:
+        return await self._background("get_quota_override",
+                                      lambda: self.inner.get_quota_override(policy, user))
+
+    async def clear_quota_override(self, policy: str, user: str) -> bool:
+        return await self._background("clear_quota_override",
+                                      lambda: self.inner.clear_quota_override(policy, user))
 
     async def close(self) -> None:
         """Closes the wrapped store; never refused by the breaker."""

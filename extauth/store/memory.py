@@ -11,6 +11,7 @@ State lives in this process only: with more than one replica use Redis.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import secrets
@@ -29,6 +30,7 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    QuotaOverride,
     Revocation,
     RevocationKind,
     RevocationLimitError,
@@ -36,6 +38,7 @@ from extauth.store.base import (
     Store,
     StoreError,
     TokenIds,
+    check_override,
     one_subject,
     retry_seconds,
 )
@@ -138,6 +141,7 @@ class MemoryStore(Store):
         self._previous_keys: tuple[str, ...] = ()
         # (kind, subject, value) -> revocation; value "" for "before" (one per subject).
         self._revoked: dict[tuple[str, str, str], Revocation] = {}
+        self._overrides: dict[tuple[str, str], QuotaOverride] = {}  # (policy, user)
         self._revocation_epoch = secrets.token_hex(8)
 
     # -- helpers ---------------------------------------------------------
@@ -230,6 +234,8 @@ class MemoryStore(Store):
         if token is not None and ref.user is not None and self._revoked_token(ref.user, token, now):
             return AcquireResult(False, Reason.TOKEN_REVOKED)
 
+        if ref.user is not None and self._overrides:
+            limits = self._with_override(limits, ref.policy, ref.user, now)
         ip_key: _SubjectKey = ("ip", ref.ip, ref.policy)
         if ref.lease_id in self._live(ip_key, now):
             return AcquireResult(True)  # idempotent, as acquire.lua: a retried call is admitted again
@@ -362,6 +368,41 @@ class MemoryStore(Store):
         return LeaseKeys(self._lease_key, self._previous_keys)
 
     # -- revocation --------------------------------------------------------
+
+    # -- per-user quota overrides ------------------------------------------------------------
+
+    def _override_of(self, policy: str, user: str, now: float) -> QuotaOverride | None:
+        found = self._overrides.get((policy, user))
+        if found is not None and found.expires_at is not None and found.expires_at <= now:
+            del self._overrides[(policy, user)]
+            return None
+        return found
+
+    def _with_override(self, limits: Limits, policy: str, user: str, now: float) -> Limits:
+        found = self._override_of(policy, user, now)
+        if found is None:
+            return limits
+        return dataclasses.replace(
+            limits,
+            connections_per_user=found.connections_per_user or limits.connections_per_user,
+            attempts_per_user_per_minute=found.attempts_per_user_per_minute
+            or limits.attempts_per_user_per_minute)
+
+    async def set_quota_override(self, policy: str, user: str, override: QuotaOverride,
+                                 ttl: float | None) -> QuotaOverride:
+        self._check_open()
+        check_override(override)
+        stored = dataclasses.replace(override, expires_at=None if ttl is None else self._clock() + ttl)
+        self._overrides[(policy, user)] = stored
+        return stored
+
+    async def get_quota_override(self, policy: str, user: str) -> QuotaOverride | None:
+        self._check_open()
+        return self._override_of(policy, user, self._clock())
+
+    async def clear_quota_override(self, policy: str, user: str) -> bool:
+        self._check_open()
+        return self._overrides.pop((policy, user), None) is not None
 
     async def revoke(self, revocation: Revocation, ttl: float) -> float:
         self._check_open()

@@ -21,9 +21,11 @@ key                                   type     content
 ``P:{revocations}``                   HASH     ``kind|<user>|<value>`` -> ``<expiry ms>|<before ms>``:
                                                the index every replica copies (docs/revocation.md)
 ``P:{revocations}:epoch``             STRING   random, replaced with every revocation change
+``P:{u:<user>}:quota:<policy>``       HASH     ``c`` / ``r``: the user's quota override (connections,
+                                               attempts per minute); PX only when set ``--for``
 ====================================  =======  ======================================================
 
-Every key has a PX expiry, so idle subjects vanish. Writes use the Redis
+Every key but an open-ended quota override has a PX expiry, so idle subjects vanish. Writes use the Redis
 server clock (``TIME`` inside the scripts), so replicas with skewed clocks
 agree on expiry; reads that filter live leases (count, list, count_all) use
 this replica's wall clock, which only shifts by the clock skew the instant
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
@@ -62,6 +65,7 @@ from extauth.store.base import (
     LeaseKeys,
     LeaseRef,
     Limits,
+    QuotaOverride,
     Revocation,
     RevocationKind,
     RevocationLimitError,
@@ -69,6 +73,7 @@ from extauth.store.base import (
     Store,
     StoreError,
     TokenIds,
+    check_override,
     one_subject,
     retry_seconds,
 )
@@ -84,6 +89,9 @@ _SAFE_RE = re.compile(r"[A-Za-z0-9._@:-]*")
 _SCRIPTS = ("acquire", "refresh", "hostile", "lease_key", "revoke")
 _KIND_CODES: dict[str, str] = {"jti": "j", "sid": "s", "before": "b"}
 _NO_REVOCATION_ARGS = ("0", "", "", "")
+_NO_OVERRIDE_ARGS = ("",)
+# A per-user quota override's fields (acquire.lua's quota override block).
+_OVERRIDE_FIELDS = {"connections_per_user": "c", "attempts_per_user_per_minute": "r"}
 # Slack before the ban index forgets an entry by its score (the ban key itself is authoritative).
 _BAN_INDEX_SLACK_MS = 300_000
 
@@ -175,6 +183,9 @@ class Keys:
 
     def revocations(self) -> str:
         return f"{self.prefix}:{{revocations}}"
+
+    def quota_override(self, user: str, policy: str) -> str:
+        return f"{self.prefix}:{self.user_tag(user)}:quota:{escape(policy)}"  # the user's slot
 
     def revocation_epoch(self) -> str:
         return f"{self.prefix}:{{revocations}}:epoch"  # the same slot as the index
@@ -355,20 +366,25 @@ class RedisStore(Store):
             await self._ready()
             if ref.user is None:
                 res = await self._script("acquire", [*ban, *ip_keys],
-                                         [attempt, ttl_ms, "1", has_ban, *_NO_REVOCATION_ARGS, *ip_args])
+                                         [attempt, ttl_ms, "1", has_ban, *_NO_REVOCATION_ARGS,
+                                          *_NO_OVERRIDE_ARGS, *ip_args])
                 return self._decode(res, [ip_subject])
             rev_keys, rev_args = self._revocation_block(ref.user, token)
+            # The user's quota override (issue 24), in the user's slot: subject 2 of a standalone
+            # call (after the IP), subject 1 of a Cluster's user-slot call.
+            ovr_key = k.quota_override(ref.user, ref.policy)
             user_tag = k.user_tag(ref.user)
             user_keys = [k.rate(user_tag, ref.policy), k.leases(user_tag, ref.policy)]
             user_args = [_lim(limits.attempts_per_user_per_minute), _lim(limits.connections_per_user),
                          k.user_member(ref)]
             if not self._cluster:
                 # Standalone: one EVALSHA over both subjects, one round trip, fully atomic.
-                res = await self._script("acquire", [*ban, *rev_keys, *ip_keys, *user_keys],
-                                         [attempt, ttl_ms, "1", has_ban, *rev_args, *ip_args, *user_args])
+                res = await self._script("acquire", [*ban, *rev_keys, ovr_key, *ip_keys, *user_keys],
+                                         [attempt, ttl_ms, "1", has_ban, *rev_args, "2", *ip_args,
+                                          *user_args])
                 return self._decode(res, [ip_subject, user_subject])
             return await self._acquire_cluster(ref, attempt, ttl_ms, ip_keys, ip_args,
-                                               [*rev_keys, *user_keys], [*rev_args, *user_args],
+                                               [*rev_keys, ovr_key, *user_keys], [*rev_args, "1", *user_args],
                                                limits.enforce_bans)
 
     async def _acquire_cluster(
@@ -381,8 +397,9 @@ class RedisStore(Store):
 
         1. IP slot: ban, rate_ip and quota_ip checks; when all pass it *records* the attempt
            and the lease under the IP.
-        2. User slot: the revocation check (``user_keys``/``user_args`` begin with the
-           revocation block), rate_user and quota_user; it records only when step 1 recorded.
+        2. User slot: the revocation check and the user's quota override (``user_keys``/
+           ``user_args`` begin with those two blocks), rate_user and quota_user; it records
+           only when step 1 recorded.
            When step 1 denied for quota_ip only, step 2 runs check-only so the reported reason
            follows the same order as on a standalone Redis (rate_user/quota_user before quota_ip).
         3. If step 2 denies after step 1 recorded, step 1 is rolled back (ZREM of the IP's
@@ -398,7 +415,8 @@ class RedisStore(Store):
         k = self.keys
         ban, has_ban = ([k.ban(ref.ip)], "1") if enforce_bans else ([], "0")
         ip_res = await self._script("acquire", [*ban, *ip_keys],
-                                    [attempt, ttl_ms, "1", has_ban, *_NO_REVOCATION_ARGS, *ip_args])
+                                    [attempt, ttl_ms, "1", has_ban, *_NO_REVOCATION_ARGS, *_NO_OVERRIDE_ARGS,
+                                     *ip_args])
         ip_code = int(ip_res[0])
         if ip_code in (1, 2):
             return self._decode(ip_res, [ip_subject])
@@ -669,6 +687,42 @@ class RedisStore(Store):
             await self._ready()
             epoch = await self._client.get(self.keys.revocation_epoch())
         return "" if epoch is None else _s(epoch)
+
+    # -- per-user quota overrides (acquire.lua's quota override block) -------------------
+
+    async def set_quota_override(self, policy: str, user: str, override: QuotaOverride,
+                                 ttl: float | None) -> QuotaOverride:
+        check_override(override)
+        key = self.keys.quota_override(user, policy)
+        given = {code: str(getattr(override, name)) for name, code in _OVERRIDE_FIELDS.items()
+                 if getattr(override, name) is not None}
+        absent = [code for code in _OVERRIDE_FIELDS.values() if code not in given]
+        # HSET first, then HDEL what it no longer sets: an acquire in between never sees no override.
+        commands: list[tuple[str | int, ...]] = [("HSET", key, *(x for kv in given.items() for x in kv))]
+        if absent:
+            commands.append(("HDEL", key, *absent))
+        commands.append(("PEXPIRE", key, max(1, round(ttl * 1000))) if ttl is not None else ("PERSIST", key))
+        with _errors():
+            await self._ready()
+            await self._pipeline(commands)
+        return dataclasses.replace(override, expires_at=None if ttl is None else time.time() + ttl)
+
+    async def get_quota_override(self, policy: str, user: str) -> QuotaOverride | None:
+        key = self.keys.quota_override(user, policy)
+        with _errors():
+            await self._ready()
+            values, pttl = await self._pipeline([("HMGET", key, *_OVERRIDE_FIELDS.values()), ("PTTL", key)])
+        limits = [int(v) if v is not None else None for v in values]
+        if all(v is None for v in limits):
+            return None
+        pttl = int(pttl)
+        return QuotaOverride(limits[0], limits[1], time.time() + pttl / 1000 if pttl >= 0 else None)
+
+    async def clear_quota_override(self, policy: str, user: str) -> bool:
+        with _errors():
+            await self._ready()
+            removed = await self._client.delete(self.keys.quota_override(user, policy))
+        return int(removed) == 1
 
     async def close(self) -> None:
         await self._tasks.wait(2.0)  # let rollbacks finish (bounded by the socket timeouts)

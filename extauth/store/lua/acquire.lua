@@ -5,6 +5,7 @@
 --
 -- KEYS: [ban_key] when ARGV[4] == '1',
 --       then the revocation block's keys when ARGV[5] == '2' (see below),
+--       then the quota override block's key when ARGV[9] ~= '' (see below),
 --       then for each subject, in check order:
 --       rate_key (ZSET attempt-log: member = lease id, score = attempt ms),
 --       leases_key (ZSET: member = lease id, score = expiry ms)
@@ -18,9 +19,13 @@
 --            user's hash slot; '0' = no revocation check (then ARGV[6..8] are '').
 --            ARGV[6] the token's jti, ARGV[7] its sid ('' = none), ARGV[8] its iat in ms
 --            ('' = none: revoked by any revoked-before)
--- ARGV[9 + 3*(i-1)] subject i attempts-per-minute limit ('' = unlimited, not logged)
--- ARGV[10 + 3*(i-1)] subject i concurrent-lease limit ('' = unlimited, lease still recorded)
--- ARGV[11 + 3*(i-1)] subject i lease member ("<lease id>|<the other subject>", so a
+-- ARGV[9] the quota override block (issue 24): the index i of the subject (the user) whose
+--         limits a per-user override may replace; its HASH key follows the revocation keys,
+--         in that subject's hash slot, fields 'c' (concurrent leases) and 'r' (attempts per
+--         minute), each replacing ARGV's limit when present. '' = no override key.
+-- ARGV[10 + 3*(i-1)] subject i attempts-per-minute limit ('' = unlimited, not logged)
+-- ARGV[11 + 3*(i-1)] subject i concurrent-lease limit ('' = unlimited, lease still recorded)
+-- ARGV[12 + 3*(i-1)] subject i lease member ("<lease id>|<the other subject>", so a
 --                    listing by user can name each lease's IP and vice versa)
 --
 -- Order: ban, revoked, then each subject's attempt rate in order, then each subject's
@@ -70,8 +75,25 @@ if ARGV[5] == '2' then
   first = first + 2
 end
 
+-- Quota override block (issue 24): read in the same call, so every replica applies it.
+local override_key, override_subject = nil, nil
+if ARGV[9] ~= '' then
+  override_key, override_subject = KEYS[first], tonumber(ARGV[9])
+  first = first + 1
+end
+
 local n = (#KEYS - first + 1) / 2
-local function arg(i, j) return ARGV[8 + 3 * (i - 1) + j] end
+local function arg(i, j) return ARGV[9 + 3 * (i - 1) + j] end
+local rate_limit, lease_limit = {}, {}
+for i = 1, n do
+  rate_limit[i], lease_limit[i] = arg(i, 1), arg(i, 2)
+end
+if override_key then
+  local o = redis.call('HMGET', override_key, 'c', 'r')
+  if o[1] then lease_limit[override_subject] = o[1] end
+  if o[2] then rate_limit[override_subject] = o[2] end
+end
+-- End of the quota override block: below, limits are rate_limit[i] and lease_limit[i].
 
 if ARGV[3] == '1' then
   local mine = redis.call('ZSCORE', KEYS[first + 1], arg(1, 3))
@@ -81,7 +103,7 @@ if ARGV[3] == '1' then
 end
 
 for i = 1, n do
-  local limit = arg(i, 1)
+  local limit = rate_limit[i]
   if limit ~= '' then
     local key = KEYS[first + 2 * (i - 1)]
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now - WINDOW)
@@ -97,7 +119,7 @@ end
 for i = n, 1, -1 do
   local key = KEYS[first + 2 * (i - 1) + 1]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  local limit = arg(i, 2)
+  local limit = lease_limit[i]
   if limit ~= '' and redis.call('ZCARD', key) >= tonumber(limit) then
     local earliest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
     local wait = ttl
@@ -111,7 +133,7 @@ if ARGV[3] == '1' then
   for i = 1, n do
     local rate_key = KEYS[first + 2 * (i - 1)]
     local leases_key = KEYS[first + 2 * (i - 1) + 1]
-    if arg(i, 1) ~= '' then
+    if rate_limit[i] ~= '' then
       redis.call('ZADD', rate_key, now, id)
       redis.call('PEXPIRE', rate_key, WINDOW)
     end
