@@ -351,15 +351,15 @@ def test_a_two_word_command_is_a_subcommand_of_its_group(monkeypatch: pytest.Mon
     def run(client: Any, args: argparse.Namespace, as_json: bool) -> str:
         return f"limit {args.limit} json {as_json}"
 
-    extra = admin_cli.Command("quota set", "set a quota", run, arguments)
+    extra = admin_cli.Command("example set", "set an example", run, arguments)
     monkeypatch.setattr(admin_cli, "COMMANDS", (*admin_cli.COMMANDS, extra))
     parser = argparse.ArgumentParser()
     admin_cli.add_admin_parser(parser.add_subparsers())
-    args = parser.parse_args(["admin", "quota", "set", "--limit", "3", "--json"])
+    args = parser.parse_args(["admin", "example", "set", "--limit", "3", "--json"])
     assert args.admin_run(None, args, bool(args.json)) == "limit 3 json True"
     assert parser.parse_args(["admin", "bans"]).admin_run is admin_cli.COMMANDS[2].run
     with pytest.raises(SystemExit):
-        parser.parse_args(["admin", "quota"])  # the group alone is not a command
+        parser.parse_args(["admin", "example"])  # the group alone is not a command
 
 
 # -- TLS ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from extauth.admin.render import (
     lease_dict,
     render_bans,
     render_leases,
+    render_overrides,
     render_revocations,
     render_stats,
     revocation_dict,
@@ -78,8 +79,51 @@ def _connections_args(p: argparse.ArgumentParser) -> None:
 
 
 def _connections(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
-    return render_leases(client.list_leases(user=args.user, ip=args.ip, policy=args.policy),
-                         as_json=as_json)
+    resp = client.connections(user=args.user, ip=args.ip, policy=args.policy)
+    out = render_leases(list(resp.leases), as_json=as_json)
+    if resp.quota_overrides and not as_json:  # --json stays the list of leases (quota get has them)
+        out += "\nquota overrides:\n" + render_overrides(list(resp.quota_overrides), as_json=False)
+    return out
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _quota_set_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user", required=True)
+    p.add_argument("--policy", required=True, help="the policy it applies under")
+    p.add_argument("--connections", type=_positive, metavar="N", help="concurrent WebSockets for this user")
+    p.add_argument("--attempts-per-minute", type=_positive, metavar="N", help="upgrade attempts per minute")
+    p.add_argument("--for", dest="duration", metavar="DURATION", help="how long (default: until cleared)")
+
+
+def _quota_set(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    if args.connections is None and args.attempts_per_minute is None:
+        raise ValueError("give --connections and/or --attempts-per-minute")
+    seconds = parse_duration(args.duration) if args.duration else 0.0
+    return render_overrides(client.set_quota(args.user, args.policy, connections=args.connections,
+                                             attempts_per_minute=args.attempts_per_minute, seconds=seconds),
+                            as_json=as_json)
+
+
+def _quota_who_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user", required=True)
+    p.add_argument("--policy", default="", help="one policy (default: every policy)")
+
+
+def _quota_get(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    return render_overrides(client.get_quota(args.user, args.policy), as_json=as_json)
+
+
+def _quota_clear(client: AdminClient, args: argparse.Namespace, as_json: bool) -> str:
+    cleared = client.clear_quota(args.user, args.policy)
+    if as_json:
+        return json.dumps({"user": args.user, "cleared": cleared})
+    return f"cleared the quota override of {args.user}" if cleared else f"{args.user} had no quota override"
 
 
 def _release_args(p: argparse.ArgumentParser) -> None:
@@ -202,6 +246,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("ban", "ban an IP on every replica", _ban, _ban_args),
     Command("unban", "lift a ban", _unban, _unban_args),
     Command("stats", "active leases, bans and decisions by reason", _stats),
+    Command("quota set", "override a user's quota on every replica", _quota_set, _quota_set_args),
+    Command("quota get", "a user's quota overrides", _quota_get, _quota_who_args),
+    Command("quota clear", "remove a user's quota override", _quota_clear, _quota_who_args),
     Command("revoke", "revoke tokens on every replica: --sub S [--before T] | --sub S --jti J | "
             "--sub S --sid X", _revoke, lambda p: _revocation_target_args(p, before=True)),
     Command("unrevoke", "lift a revocation (--sub S alone: its 'issued before' one)", _unrevoke,

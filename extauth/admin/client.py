@@ -49,12 +49,31 @@ class AdminClient:
             raise AdminError(f"{code.name.lower()}: {details}") from None
 
     def list_leases(self, *, user: str | None = None, ip: str | None = None, policy: str = "") -> list[Any]:
+        return list(self.connections(user=user, ip=ip, policy=policy).leases)
+
+    def connections(self, *, user: str | None = None, ip: str | None = None, policy: str = "") -> Any:
+        """The ListLeasesResponse: the leases, and for a user their quota overrides."""
         req = admin_pb2.ListLeasesRequest(policy=policy)
         if user is not None:
             req.user = user
         if ip is not None:
             req.ip = ip
-        return list(self._call("ListLeases", req).leases)
+        return self._call("ListLeases", req)
+
+    def set_quota(self, user: str, policy: str, *, connections: int | None = None,
+                  attempts_per_minute: int | None = None, seconds: float = 0.0) -> list[Any]:
+        req = admin_pb2.SetQuotaRequest(user=user, policy=policy, seconds=seconds)
+        if connections is not None:
+            req.connections_per_user = connections
+        if attempts_per_minute is not None:
+            req.attempts_per_user_per_minute = attempts_per_minute
+        return list(self._call("SetQuota", req).overrides)
+
+    def get_quota(self, user: str, policy: str = "") -> list[Any]:
+        return list(self._call("GetQuota", admin_pb2.GetQuotaRequest(user=user, policy=policy)).overrides)
+
+    def clear_quota(self, user: str, policy: str = "") -> bool:
+        return bool(self._call("ClearQuota", admin_pb2.ClearQuotaRequest(user=user, policy=policy)).cleared)
 
     def release(self, lease_id: str, *, user: str | None = None, ip: str | None = None,
                 policy: str = "") -> Any:

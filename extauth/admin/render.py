@@ -127,3 +127,33 @@ def render_stats(stats: Any, *, as_json: bool) -> str:
     else:
         lines.append("no decisions yet")
     return "\n".join(lines)
+
+
+def override_dict(o: Any) -> dict[str, Any]:
+    return {
+        "policy": o.policy, "user": o.user,
+        "connections_per_user": o.connections_per_user if o.HasField("connections_per_user") else None,
+        "attempts_per_user_per_minute": o.attempts_per_user_per_minute
+        if o.HasField("attempts_per_user_per_minute") else None,
+        "expires_at": o.expires_at or None,
+    }
+
+
+def render_overrides(overrides: Sequence[Any], *, as_json: bool, now: float | None = None) -> str:
+    if as_json:
+        return json.dumps([override_dict(o) for o in overrides], indent=2)
+    if not overrides:
+        return "no quota override (the configured limits apply)"
+    now = time.time() if now is None else now
+    rows = []
+    for o in overrides:
+        d = override_dict(o)
+        rows.append((d["policy"], d["user"], _or_dash(d["connections_per_user"]),
+                     _or_dash(d["attempts_per_user_per_minute"]),
+                     when(o.expires_at) if o.expires_at else "until cleared",
+                     time_left(o.expires_at, now) if o.expires_at else "-"))
+    return format_table(("POLICY", "USER", "CONNECTIONS", "ATTEMPTS/MIN", "EXPIRES", "IN"), rows)
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)

@@ -20,11 +20,13 @@ from extauth.store.base import (
     MAX_REVOCATION_VALUE,
     LeaseInfo,
     LeaseRef,
+    QuotaOverride,
     Revocation,
     RevocationKind,
     RevocationLimitError,
     Store,
     StoreError,
+    check_override,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +65,15 @@ def _revocation_args(kind: str, subject: str, value: str) -> tuple[RevocationKin
 def _revocation_msg(r: Revocation) -> Any:
     return admin_pb2.Revocation(kind=r.kind, subject=r.subject, value=r.value, before=r.before or 0.0,
                                 expires_at=r.expires_at)
+
+
+def _override_msg(policy: str, user: str, o: QuotaOverride) -> Any:
+    msg = admin_pb2.QuotaOverride(policy=policy, user=user, expires_at=o.expires_at or 0.0)
+    if o.connections_per_user is not None:
+        msg.connections_per_user = o.connections_per_user
+    if o.attempts_per_user_per_minute is not None:
+        msg.attempts_per_user_per_minute = o.attempts_per_user_per_minute
+    return msg
 
 
 def _lease_msg(info: LeaseInfo) -> Any:
@@ -128,7 +139,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
         async def run() -> Any:
             leases = await self._leases(request.policy, user, ip)
-            return admin_pb2.ListLeasesResponse(leases=[_lease_msg(li) for li in leases])
+            overrides = await self._overrides(request.policy, user) if user is not None else []
+            return admin_pb2.ListLeasesResponse(leases=[_lease_msg(li) for li in leases],
+                                                quota_overrides=overrides)
 
         return await self._call(context, "list_leases", run)
 
@@ -249,6 +262,59 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 revocations=[_revocation_msg(r) for r in listing.entries])
 
         return await self._call(context, "list_revocations", run)
+
+    # -- per-user quota overrides (docs/authorization.md#quota-tiers-and-overrides) ------------
+
+    async def _overrides(self, policy: str, user: str) -> list[Any]:
+        out = []
+        for name in self._policies(policy):
+            found = await self._store.get_quota_override(name, user)
+            if found is not None:
+                out.append(_override_msg(name, user, found))
+        return out
+
+    async def SetQuota(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            if not request.policy or not request.user:
+                raise ValueError("policy and user are required")
+            (policy,) = self._policies(request.policy)
+            seconds = float(request.seconds)
+            if seconds < 0 or seconds > MAX_BAN_SECONDS:
+                raise ValueError(f"seconds must be in [0, {MAX_BAN_SECONDS}] (0: until cleared)")
+            override = QuotaOverride(
+                int(request.connections_per_user) if request.HasField("connections_per_user") else None,
+                int(request.attempts_per_user_per_minute)
+                if request.HasField("attempts_per_user_per_minute") else None)
+            check_override(override)  # here: the guard would take a ValueError for a store failure
+            stored = await self._store.set_quota_override(policy, request.user, override, seconds or None)
+            log_event(log, logging.INFO, "quota override set", event="quota_set", policy=policy,
+                      user=request.user, connections_per_user=stored.connections_per_user,
+                      attempts_per_user_per_minute=stored.attempts_per_user_per_minute,
+                      seconds=seconds or None)
+            return admin_pb2.QuotaResponse(overrides=[_override_msg(policy, request.user, stored)])
+
+        return await self._call(context, "set_quota", run)
+
+    async def GetQuota(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            if not request.user:
+                raise ValueError("user is required")
+            return admin_pb2.QuotaResponse(overrides=await self._overrides(request.policy, request.user))
+
+        return await self._call(context, "get_quota", run)
+
+    async def ClearQuota(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            if not request.user:
+                raise ValueError("user is required")
+            cleared = False
+            for name in self._policies(request.policy):
+                cleared |= await self._store.clear_quota_override(name, request.user)
+            log_event(log, logging.INFO, "quota override cleared", event="quota_clear",
+                      policy=request.policy or None, user=request.user, was_set=cleared)
+            return admin_pb2.ClearQuotaResponse(cleared=cleared)
+
+        return await self._call(context, "clear_quota", run)
 
     async def Stats(self, request: Any, context: Any) -> Any:
         resp = admin_pb2.StatsResponse(active_leases=-1, bans=-1)

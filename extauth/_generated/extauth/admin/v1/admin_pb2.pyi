@@ -32,10 +32,12 @@ class ListLeasesRequest(_message.Message):
     def __init__(self, user: _Optional[str] = ..., ip: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class ListLeasesResponse(_message.Message):
-    __slots__ = ("leases",)
+    __slots__ = ("leases", "quota_overrides")
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedCompositeFieldContainer[Lease]
-    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ...) -> None: ...
+    quota_overrides: _containers.RepeatedCompositeFieldContainer[QuotaOverride]
+    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., quota_overrides: _Optional[_Iterable[_Union[QuotaOverride, _Mapping]]] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("lease_id", "policy", "user", "ip")
@@ -210,3 +212,59 @@ class ListRevocationsResponse(_message.Message):
     REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
     revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
     def __init__(self, revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
+
+class QuotaOverride(_message.Message):
+    __slots__ = ("policy", "user", "connections_per_user", "attempts_per_user_per_minute", "expires_at")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_PER_USER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_PER_USER_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    user: str
+    connections_per_user: int
+    attempts_per_user_per_minute: int
+    expires_at: float
+    def __init__(self, policy: _Optional[str] = ..., user: _Optional[str] = ..., connections_per_user: _Optional[int] = ..., attempts_per_user_per_minute: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class SetQuotaRequest(_message.Message):
+    __slots__ = ("policy", "user", "connections_per_user", "attempts_per_user_per_minute", "seconds")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_PER_USER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_PER_USER_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    user: str
+    connections_per_user: int
+    attempts_per_user_per_minute: int
+    seconds: float
+    def __init__(self, policy: _Optional[str] = ..., user: _Optional[str] = ..., connections_per_user: _Optional[int] = ..., attempts_per_user_per_minute: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class GetQuotaRequest(_message.Message):
+    __slots__ = ("user", "policy")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    policy: str
+    def __init__(self, user: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class QuotaResponse(_message.Message):
+    __slots__ = ("overrides",)
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    overrides: _containers.RepeatedCompositeFieldContainer[QuotaOverride]
+    def __init__(self, overrides: _Optional[_Iterable[_Union[QuotaOverride, _Mapping]]] = ...) -> None: ...
+
+class ClearQuotaRequest(_message.Message):
+    __slots__ = ("user", "policy")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    policy: str
+    def __init__(self, user: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class ClearQuotaResponse(_message.Message):
+    __slots__ = ("cleared",)
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    cleared: bool
+    def __init__(self, cleared: _Optional[bool] = ...) -> None: ...

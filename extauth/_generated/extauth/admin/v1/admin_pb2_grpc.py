@@ -79,6 +79,21 @@ class AdminStub:
                 request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsRequest.SerializeToString,
                 response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsResponse.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/extauth.admin.v1.Admin/SetQuota',
+                request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.QuotaResponse.FromString,
+                _registered_method=True)
+        self.GetQuota = channel.unary_unary(
+                '/extauth.admin.v1.Admin/GetQuota',
+                request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.QuotaResponse.FromString,
+                _registered_method=True)
+        self.ClearQuota = channel.unary_unary(
+                '/extauth.admin.v1.Admin/ClearQuota',
+                request_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ClearQuotaRequest.SerializeToString,
+                response_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ClearQuotaResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -144,6 +159,26 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Per-user quota overrides (docs/authorization.md#quota-tiers-and-overrides): held in the
+        store, applied by every replica at the user's next upgrade; open connections are untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +226,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListRevocations,
                     request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsRequest.FromString,
                     response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.SetQuotaRequest.FromString,
+                    response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.QuotaResponse.SerializeToString,
+            ),
+            'GetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuota,
+                    request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.GetQuotaRequest.FromString,
+                    response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.QuotaResponse.SerializeToString,
+            ),
+            'ClearQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearQuota,
+                    request_deserializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ClearQuotaRequest.FromString,
+                    response_serializer=extauth_dot_admin_dot_v1_dot_admin__pb2.ClearQuotaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +486,87 @@ class Admin:
             '/extauth.admin.v1.Admin/ListRevocations',
             extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsRequest.SerializeToString,
             extauth_dot_admin_dot_v1_dot_admin__pb2.ListRevocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauth.admin.v1.Admin/SetQuota',
+            extauth_dot_admin_dot_v1_dot_admin__pb2.SetQuotaRequest.SerializeToString,
+            extauth_dot_admin_dot_v1_dot_admin__pb2.QuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauth.admin.v1.Admin/GetQuota',
+            extauth_dot_admin_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
+            extauth_dot_admin_dot_v1_dot_admin__pb2.QuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extauth.admin.v1.Admin/ClearQuota',
+            extauth_dot_admin_dot_v1_dot_admin__pb2.ClearQuotaRequest.SerializeToString,
+            extauth_dot_admin_dot_v1_dot_admin__pb2.ClearQuotaResponse.FromString,
             options,
             channel_credentials,
             insecure,
