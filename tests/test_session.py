@@ -94,3 +94,31 @@ def test_session_config_is_checked() -> None:
         parse_config({"policies": [{"name": "p", "session": {"max_second": 5}}]})
     cfg = parse_config({"policies": [{"name": "p", "session": {"max_seconds": 30}}]})
     assert cfg.policies[0].session is not None and cfg.policies[0].session.max_seconds == 30
+
+
+async def test_the_lease_streams_end_entries_count_sessions_ended_at_their_bound() -> None:
+    from extauth.accesslog import AccessLogService
+    from extauth.lease_tag import METADATA_FIELD, LeaseTagger
+    from extauth.metrics import Metrics
+    from extauth.store.base import LeaseRef, Limits
+    from tests.envoy_msgs import log_entry
+
+    store, metrics, tagger = MemoryStore(), Metrics(), LeaseTagger()
+    await tagger.load(store)
+    service = AccessLogService(lambda: store, lambda: 60.0, metrics, tagger)
+    entries = []
+    for n, details in enumerate(("max_duration_timeout", "via_upstream", "")):
+        ref = LeaseRef(f"lease-{n}", "chat", "alice", "198.51.100.9")
+        assert (await store.acquire(ref, Limits(), 60)).granted
+        entry = log_entry({"lease_id": ref.lease_id, "policy": "chat", "user": "alice",
+                           "client_ip": ref.ip, METADATA_FIELD: tagger.tag(ref)}, "DownstreamEnd")
+        entry.response.response_code_details = details
+        entries.append(entry)
+    forged = log_entry({"lease_id": "x", "policy": "made-up", "client_ip": "1.2.3.4",
+                        METADATA_FIELD: "bad"}, "DownstreamEnd")
+    await service.handle_entries([*entries, forged])
+    ended = metrics.sessions_ended
+    assert ended.labels("chat", "bound")._value.get() == 1
+    assert ended.labels("chat", "other")._value.get() == 2
+    assert ("made-up", "other") not in {tuple(k) for k in ended._metrics}  # forged: never a label
+    assert await store.count("chat", user="alice") == 0
