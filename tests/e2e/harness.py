@@ -477,9 +477,7 @@ class Stack:
                 "--admin-port", "0", "--flush-interval", str(self.cfg.flush_interval)]
         for e in self.extauth:
             args += ["--extauth", e.address]
-        if self.cfg.tls:
-            if self.cert is None:
-                self.cert = write_self_signed(self.dir / "tls")
+        if self.cert is not None:
             args += ["--tls-listen", f"127.0.0.1:{self.tls_port}", "--tls-cert", str(self.cert.cert_file),
                      "--tls-key", str(self.cert.key_file), *(["--http3"] if self.cfg.http3 else [])]
         return args
@@ -499,6 +497,8 @@ class Stack:
                             for i in range(self.cfg.replicas)]
             for e in self.extauth:
                 e.start()
+            if self.cfg.tls:
+                self.cert = write_self_signed(self.dir / "tls")
             self.write_bootstrap()
             self.envoy = Envoy("envoy", self.bootstrap_path, self.port, self.dir).start()
         except BaseException:
