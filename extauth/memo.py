@@ -44,7 +44,8 @@ NOT_KEYED: Mapping[str, str] = {
     "query": "keyed as a digest when the policy's token sources read it (Reads.query)",
     "context": "chooses the policy: chosen again on a hit, and keyed by its name",
     "host": "chooses the policy, as context does",
-    "path": "chooses the policy, as context does; keyed when claim rules read it (Reads.fields)",
+    "path": "chooses the policy, as context does; keyed when claim rules read it (Reads.fields); "
+            "a path with parameters takes the pipeline when token sources read them (Reads.parameters)",
     "request_id": "logged with denials only",
 }
 KEYED_FIELDS: tuple[str, ...] = tuple(
@@ -64,20 +65,23 @@ class Reads:
     """What a plain-HTTP decision under one policy reads of a request beyond ``KEYED_FIELDS``,
     and the memo key of a request under it (``key``)."""
 
-    __slots__ = ("_kept", "fields", "headers", "query", "secrets")
+    __slots__ = ("_kept", "fields", "headers", "parameters", "query", "secrets")
 
     def __init__(self, *, fields: tuple[str, ...] = (), headers: tuple[str, ...] = (),
-                 secrets: tuple[str, ...] = (), query: bool = False) -> None:
+                 secrets: tuple[str, ...] = (), query: bool = False, parameters: bool = False) -> None:
         self.fields = fields  # more CheckInput fields, kept as they are (path, for claim rules)
         self.headers = headers  # kept as they are (X-Forwarded-For, when trusted)
         self.secrets = secrets  # kept as one digest: they carry the credential
         self.query = query  # the query string, in that digest
+        self.parameters = parameters  # path parameters may alias a token name: never keyed
         names = tuple(dict.fromkeys(KEYED_FIELDS + fields))
         self._kept = operator.attrgetter(*names) if len(names) > 1 else (
             lambda req: (getattr(req, names[0]),) if names else ())
 
     def key(self, req: CheckInput) -> Hashable | None:
         """The inputs as one hashable value; None when they are too large (or not plain values)."""
+        if self.parameters and ";" in req.path:
+            return None
         kept: tuple[Any, ...] = self._kept(req)
         headers = req.headers
         if self.headers:

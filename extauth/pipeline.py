@@ -28,6 +28,7 @@ from extauth.metrics import Metrics
 from extauth.origin import claim_allows
 from extauth.policy import select_policy
 from extauth.reasons import DenyError, Reason
+from extauth.redact import loggable_path
 from extauth.request import CheckInput
 from extauth.revocation import RevocationList, token_ids
 from extauth.runtime import CompiledPolicy, Runtime
@@ -190,6 +191,8 @@ class Authorizer:
 
     async def _run(self, rt: Runtime, req: CheckInput, ctx: _Ctx) -> Decision:
         ctx.client_address, ctx.own_address = _client_address(req, rt.config.xff_hops)
+        if canonical_ip(ctx.client_address) is None:
+            raise DenyError(Reason.SOURCE_NOT_IP, "the client address is not an IP")
         ctx.client_ip = client_subject(ctx.client_address, rt.config.ipv6_prefix_length)
         ctx.websocket = is_upgrade_attempt(req.headers)
         ctx.extended_connect = ctx.websocket and is_extended_connect(req.protocol)
@@ -253,7 +256,7 @@ class Authorizer:
         """Record the edits that remove every credential copy; the token, if any.
         Raises DenyError when the transports are ambiguous (then nothing is recorded)."""
         assert policy.sources is not None
-        extracted = policy.sources.extract(req.headers, req.query)
+        extracted = policy.sources.extract(req.headers, req.query, req.path)
         strip = extracted.stripping
         ctx.headers_to_remove.extend(strip.headers_to_remove)
         ctx.headers_to_set.update(strip.headers_to_set)
@@ -418,7 +421,7 @@ class Authorizer:
         return True
 
     def _log(self, level: int, msg: str, req: CheckInput, ctx: _Ctx, reason: Reason, detail: str) -> None:
-        # Path without its query string (it may hold a token); never the token itself.
+        # Path without its query string or path parameters (they may hold a token); never the token.
         log_event(
             log, level, msg,
             reason=reason.value, status=reason.status,
@@ -426,7 +429,7 @@ class Authorizer:
             client_ip=ctx.client_ip,
             user=ctx.verified.user if ctx.verified else None,
             decision_id=ctx.decision_id, request_id=req.request_id,
-            host=req.host[:256], route=req.path[:256], protocol=req.protocol[:16], detail=detail,
+            host=req.host[:256], route=loggable_path(req.path), protocol=req.protocol[:16], detail=detail,
             # An IPv6 client is counted by its network: the address itself too, for forensics.
             **({"client_address": ctx.client_address} if ctx.client_address != ctx.client_ip else {}),
         )

@@ -38,6 +38,7 @@ class Reason(enum.StrEnum):
     NO_POLICY = "no_policy"
     CLAIMS_FORBIDDEN = "claims_forbidden"
     BANNED = "banned"
+    SOURCE_NOT_IP = "source_not_ip"
     UNSUPPORTED_VERSION = "unsupported_version"
     QUOTA_USER = "quota_user"
     QUOTA_IP = "quota_ip"
@@ -90,6 +91,9 @@ _INFO: dict[Reason, ReasonInfo] = {
     # A verified token whose claims a policy's claim_rules refuse: authentic, so never hostile.
     Reason.CLAIMS_FORBIDDEN: ReasonInfo(403, "the token does not grant access to this resource"),
     Reason.BANNED: ReasonInfo(403, "this client is temporarily banned"),
+    # The connection's source (Envoy's view of the peer) is no IP address: a Unix socket, a
+    # pipe, a forged Check. It can be neither counted nor jailed, so it is never allowed.
+    Reason.SOURCE_NOT_IP: ReasonInfo(403, "the client address is not an IP address"),
     Reason.UNSUPPORTED_VERSION: ReasonInfo(426, "only WebSocket version 13 is supported"),
     Reason.QUOTA_USER: ReasonInfo(429, "too many open connections for this user"),
     Reason.QUOTA_IP: ReasonInfo(429, "too many open connections from this address"),

@@ -1,4 +1,5 @@
-"""URLs for logs: userinfo may hold a password, a query or fragment an API key."""
+"""URLs and paths for logs: userinfo may hold a password, a query, fragment or path parameter
+a credential."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def scrub_url(text: str, url: str) -> str:
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def loggable_path(path: str, limit: int = 256) -> str:
+    """A request path (without its query) for a log line: path parameters (``;name=value``, in
+    any segment) cut, as a client may put a token there, then at most ``limit`` characters."""
+    if ";" in path:
+        path = "/".join(segment.partition(";")[0] for segment in path.split("/"))
+    return path[:limit]

@@ -81,7 +81,8 @@ def _plain_http_reads(p: Policy, cfg: Config, sources: TokenSources | None,
     return Reads(
         fields=("path",) if rules.scoped else (),  # claim rules scoped by method or path
         headers=("x-forwarded-for",) if cfg.xff_hops else (),  # the client address
-        secrets=secrets, query=query)  # the token sources
+        secrets=secrets, query=query,  # the token sources
+        parameters=sources.reads_path_parameters if sources else False)
 
 
 def build_runtime(cfg: Config, previous: Runtime | None = None) -> Runtime:

@@ -230,3 +230,78 @@ def test_several_tokens_denial_still_strips_every_copy() -> None:
 def test_token_never_in_repr() -> None:
     e = ALL.extract({}, f"token={TOK}")
     assert TOK not in repr(e) and TOK not in str(e)
+
+
+# -- names common parsers map onto a source name (issue 22) ----------------------------
+
+
+# PHP, Rails and Node's qs read ``token[]``/``token[0]``/``token[x]`` as ``token``, qs with
+# allowDots ``token.x``; PHP reads ``to.ken`` or ``to ken`` as ``to_ken``.
+@pytest.mark.parametrize("key", ["token[]", "token[0]", "token[x]", "token%5B%5D", "Token[]", "token.x",
+                                 "token%2Ex", "TOKEN.a.b"])
+def test_query_key_read_as_the_name_by_an_array_parser_is_a_bad_handshake(key: str) -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({}, f"token={TOK}&{key}=d.e.f")
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert "d.e.f" not in err.value.detail
+    assert err.value.stripping.query_params_to_remove == ["token", key]
+
+
+@pytest.mark.parametrize("key", ["access.token", "access+token", "access%20token", "access[token",
+                                 "access.token[]", "ACCESS.TOKEN"])
+def test_query_key_php_reads_as_the_name_is_a_bad_handshake(key: str) -> None:
+    src = TokenSources(["query:access_token"])
+    with pytest.raises(ExtractDenied) as err:
+        src.extract({}, f"{key}={TOK}")
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+
+
+@pytest.mark.parametrize("query", ["tokens=1", "tokenx=1", "token_type=bearer", "my.token=1", "x[token]=1",
+                                   "token2[]=1"])
+def test_query_keys_near_the_name_are_not_aliases(query: str) -> None:
+    e = ALL.extract({}, f"token={TOK}&{query}")
+    assert e.token == TOK
+    assert e.stripping.query_params_to_remove == ["token"]
+
+
+@pytest.mark.parametrize("cookie", ["access.token=d.e.f", "access%5Ftoken=d.e.f", "access_token[]=d.e.f",
+                                    "access_token[0]=d.e.f", "access[token=d.e.f", "access%2Etoken=d.e.f",
+                                    "access+token=d.e.f", "Access.Token=d.e.f"])
+def test_cookie_read_as_the_name_by_php_or_an_array_parser_is_a_bad_handshake(cookie: str) -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({"cookie": f"access_token={TOK}; {cookie}; lang=en"}, "")
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert "d.e.f" not in err.value.detail
+    # Cut with the real one: a shadow allow forwards neither.
+    assert err.value.stripping.headers_to_set == {"cookie": "lang=en"}
+
+
+@pytest.mark.parametrize("path", ["/ws;token=d.e.f", "/ws;jsessionid=1;token=d.e.f", "/a;Token=d.e.f/ws",
+                                  "/ws;%74oken=d.e.f", "/ws;token[]=d.e.f", "/x/ws;access_token=d.e.f",
+                                  "/ws;access.token=d.e.f"])
+def test_a_path_parameter_named_like_a_query_or_cookie_source_is_a_bad_handshake(path: str) -> None:
+    with pytest.raises(ExtractDenied) as err:
+        ALL.extract({}, f"token={TOK}", path)
+    assert err.value.reason is Reason.BAD_HANDSHAKE
+    assert "d.e.f" not in err.value.detail and "path parameter" in err.value.detail
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws;jsessionid=1", "/a;v=1/ws;tokens=2", "/ws;authorization=x"])
+def test_other_path_parameters_pass(path: str) -> None:
+    assert ALL.extract({}, f"token={TOK}", path).token == TOK
+
+
+def test_path_parameters_only_matter_for_query_and_cookie_sources() -> None:
+    src = TokenSources(["header:authorization"])
+    assert src.extract({"authorization": f"Bearer {TOK}"}, "", "/ws;token=x").token == TOK
+
+
+def test_a_header_source_strips_its_underscore_spellings_on_every_request() -> None:
+    src = TokenSources(["header:x-auth-token"])
+    for headers in ({"x-auth-token": TOK}, {}):
+        removed = src.extract(headers, "").stripping.headers_to_remove
+        assert {"x_auth_token", "x_auth-token", "x-auth_token"} <= set(removed)
+    e = src.extract({"x-auth-token": TOK, "x_auth_token": "d.e.f"}, "")
+    assert e.token == TOK and "x_auth_token" in e.stripping.headers_to_remove
+    assert "x-auth-token" in TokenSources(["header:x_auth_token"]).extract({}, "").stripping.headers_to_remove
+    assert TokenSources(["header:authorization"]).extract({}, "").stripping.headers_to_remove == []

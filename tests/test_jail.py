@@ -77,6 +77,7 @@ EXPECTED_HOSTILE: dict[Reason, bool] = {
     Reason.NO_POLICY: False,
     Reason.CLAIMS_FORBIDDEN: False,  # an authentic token without the role: an honest user
     Reason.BANNED: False,  # counting it would extend bans forever
+    Reason.SOURCE_NOT_IP: False,  # there is no address to count
     Reason.UNSUPPORTED_VERSION: False,
     Reason.QUOTA_USER: False,
     Reason.QUOTA_IP: False,

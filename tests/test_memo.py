@@ -19,6 +19,7 @@ from extauth.decision import Decision
 from extauth.envoy_api import decision_id_field
 from extauth.memo import KEYED_FIELDS, MEMO_TTL_SECONDS, NOT_KEYED, AllowMemo, FastPath, Reads
 from extauth.pipeline import Authorizer
+from extauth.reasons import Reason
 from extauth.request import CheckInput
 from extauth.runtime import build_runtime
 from extauth.server import ExtAuthServer
@@ -550,3 +551,21 @@ def test_invalidate_drops_one_users_entries() -> None:
         memo_.put(n, b"r", valid_until=float("inf"), policy="p", client_ip=SRC, user=user)
     assert memo_.invalidate("alice") == 2
     assert len(memo_) == 2 and memo_.get(1) is not None and memo_.get(0) is None
+
+
+async def test_a_path_parameter_named_like_a_token_is_never_answered_from_memory(
+        reads_authz: Authorizer) -> None:
+    # The api policy reads query:token and cookie:session: a remembered allow for its path must
+    # not answer the same request with ``;token=`` added (the path is not keyed for it).
+    fast = FastPath(reads_authz)
+    base = _plain("api", context={"policy": "api"})
+    decision = await reads_authz.check(base)
+    key = fast.key(base)
+    assert decision.allowed and key is not None
+    fast.remember(key, decision, b"payload")
+    aliased = dataclasses.replace(base, path=base.path + ";token=a.b.c")
+    assert fast.key(aliased) is None
+    denied = await reads_authz.check(aliased)
+    assert denied.reason is Reason.BAD_HANDSHAKE
+    # A policy that reads no query or cookie source keys its paths as before.
+    assert fast.key(_plain("scoped", path="/scoped/items;token=x")) is not None

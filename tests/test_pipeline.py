@@ -350,3 +350,41 @@ async def test_forgeries_over_http2_jail_the_client_as_over_http1(jwks_file: str
     await authz.jail.drain()  # type: ignore[attr-defined]
     d = await authz.check(h2_req(f"token={token()}"))
     assert not d.allowed and d.reason is Reason.BANNED
+
+
+@pytest.mark.parametrize("source", ["not-an-ip", "", "unix:/run/envoy.sock", "@abstract", "10.0.0.300"])
+async def test_a_source_that_is_not_an_ip_is_denied(jwks_file: str, source: str) -> None:
+    store = MemoryStore()
+    authz = Authorizer(build_runtime(cfg(jwks_file)), GuardedStore(store))
+    d = await authz.check(CheckInput(method="GET", host="h", path="/ws", query=f"token={token()}",
+                                     headers=ws_headers(), source_ip=source))
+    assert not d.allowed and d.reason is Reason.SOURCE_NOT_IP and d.status == 403
+    assert d.deny_headers["x-extauth-reason"] == "source_not_ip"
+    assert await store.count_all() == 0
+
+
+async def test_a_forwarded_client_behind_a_source_that_is_no_ip_is_counted(jwks_file: str) -> None:
+    authz = Authorizer(build_runtime(cfg(jwks_file, client_ip="xff:1")), GuardedStore(MemoryStore()))
+    ok = await authz.check(CheckInput(method="GET", host="h", path="/ws", query=f"token={token()}",
+                                      headers={**ws_headers(), "x-forwarded-for": "203.0.113.5"},
+                                      source_ip="unix:/run/envoy.sock"))
+    assert ok.allowed and ok.client_ip == "203.0.113.5"
+    garbled = await authz.check(CheckInput(method="GET", host="h", path="/ws", query=f"token={token()}",
+                                           headers={**ws_headers(), "x-forwarded-for": "junk"},
+                                           source_ip="unix:/run/envoy.sock"))
+    assert garbled.reason is Reason.SOURCE_NOT_IP
+
+
+async def test_a_path_parameter_alias_is_refused_and_never_logged(
+        jwks_file: str, caplog: pytest.LogCaptureFixture) -> None:
+    authz = Authorizer(build_runtime(cfg(jwks_file, shadow=True)), GuardedStore(MemoryStore()))
+    secret = token("mallory")
+    with caplog.at_level(logging.INFO, logger="extauth.decision"):
+        d = await authz.check(CheckInput(method="GET", host="h", path=f"/ws;token={secret}/x",
+                                         query=f"token={token()}", headers=ws_headers(),
+                                         source_ip="198.51.100.9"))
+    # Envoy cannot strip a path parameter: even a shadow policy denies for real.
+    assert not d.allowed and d.reason is Reason.BAD_HANDSHAKE
+    (record,) = [r for r in caplog.records if r.name == "extauth.decision"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["route"] == "/ws/x" and secret not in json.dumps(fields)
