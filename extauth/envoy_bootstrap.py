@@ -41,7 +41,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     SocketAddressProtocol,
     SubstitutionFormatString,
     TransportSocket,
-    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CoreHttpProtocolOptions
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -87,7 +86,6 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerUpgradeConfig,
     HttpFilter,
 )
-from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
 )
@@ -389,11 +387,7 @@ def stdout_access_log() -> AccessLog:
         # Final entries only: the periodic/tunnel entries exist for the lease stream.
         filter=AccessLogFilter(log_type_filter=LogTypeFilter(types=[AccessLogType.DownstreamEnd])),
         typed_config=PbAny.pack(StdoutAccessLog(log_format=SubstitutionFormatString(
-            json_format=Struct.from_dict(ACCESS_LOG_FORMAT),
-            # %REQ_WITHOUT_QUERY(...)% is an extension formatter: it must be named here.
-            formatters=[TypedExtensionConfig(
-                name="envoy.formatter.req_without_query",
-                typed_config=PbAny.pack(ReqWithoutQuery()))],
+            json_format=Struct.from_dict(ACCESS_LOG_FORMAT),  # %CEL% is built in
         ))),
     )
 

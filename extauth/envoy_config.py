@@ -30,9 +30,13 @@ EXTAUTH_CLUSTER = "extauth"
 ALS_BUFFER_LIMIT_BYTES = 32 * 1024 * 1024
 ALS_LOG_NAME = "extauth_leases"
 
-# The stdout access log: one JSON object per request. Never the query string (it can
-# carry a token): the path is %REQ_WITHOUT_QUERY(:PATH)%. The deny reason, decision id,
-# policy and user come from the dynamic metadata extauth returned.
+# The access log's path: without the query, and withheld when it has path parameters (either
+# can carry a token). CEL, since no other formatter can test for a ';'.
+ACCESS_LOG_PATH = "%CEL(request.url_path.contains(';') ? '(path-parameters-withheld)' : request.url_path)%"
+
+# The stdout access log: one JSON object per request. Never the query string nor a path
+# parameter (ACCESS_LOG_PATH). The deny reason, decision id, policy and user come from the
+# dynamic metadata extauth returned.
 ACCESS_LOG_FORMAT: dict[str, str] = {
     "time": "%START_TIME%",
     "log_type": "%ACCESS_LOG_TYPE%",
@@ -41,7 +45,7 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     # HTTP/1.1, HTTP/2 or HTTP/3: with ``upgrade`` it tells an RFC 8441 WebSocket from an RFC 6455 one.
     "protocol": "%PROTOCOL%",
     "authority": "%REQ(:AUTHORITY)%",
-    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
+    "path": ACCESS_LOG_PATH,
     "upgrade": "%REQ(UPGRADE)%",
     "origin": "%REQ(ORIGIN)%",
     "status": "%RESPONSE_CODE%",

@@ -165,8 +165,9 @@ def _cookie_split(header: str, names: frozenset[str]) -> tuple[dict[str, list[st
     also splits on whitespace (``theme=dark access_token=``), RFC 2109 parsers on ','
     (``theme=dark, access_token=``), some frameworks ignore the name's case
     (``Access_Token=``), PHP decodes names and maps '.' and '[' to '_' or builds arrays
-    (``access.token=``, ``access%5Ftoken=``, ``access_token[]=``). Such a pair could carry a credential extauth never verified past
-    the cut, so it is reported as an alias and cut too, not kept."""
+    (``access.token=``, ``access%5Ftoken=``, ``access_token[]=``). Such a pair could carry a
+    credential extauth never verified past the cut, so it is reported as an alias and cut
+    too, not kept."""
     found: dict[str, list[str]] = {}
     kept: list[str] = []
     aliased: set[str] = set()

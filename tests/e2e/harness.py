@@ -461,6 +461,15 @@ class Stack:
                     "upstream_headers": {"x-user-id": "{sub}"},
                 },
                 {
+                    # Every transport with a name an upstream parser can alias (tests/e2e/test_aliases.py).
+                    "name": "aliases",
+                    "match": {"path_prefix": "/alias"},
+                    "websocket_only": False,
+                    "jwt": {**jwt_common, "audiences": ["ws"],
+                            "token_sources": ["query:token", "cookie:access_token", "header:x-auth-token"]},
+                    "upstream_headers": {"x-user-id": "{sub}"},
+                },
+                {
                     "name": "api",
                     "match": {"path_prefix": "/api"},
                     "websocket_only": False,
