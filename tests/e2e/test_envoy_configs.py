@@ -256,7 +256,7 @@ def test_generated_default_routes_one_per_prefix_naming_no_policy(shared_stack: 
     doc = yaml.safe_load(generate_bootstrap(shared_stack.envoy_args()))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert sorted(r["match"]["prefix"] for r in routes) == ["/api", "/api", "/ws", "/ws"]
+    assert sorted(r["match"]["prefix"] for r in routes) == ["/alias", "/alias", "/api", "/api", "/ws", "/ws"]
     assert not any("typed_per_filter_config" in r for r in routes)
 
 
